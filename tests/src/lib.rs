@@ -1,0 +1,1 @@
+//! Integration-test support: starting `siterep serve` and driving real NBD clients.
