@@ -1,1 +1,14 @@
+//! The NBD protocol and the server that drives it.
+//!
+//! - [`proto`] is the protocol, sans-IO: the fixed-newstyle handshake as a state machine, request
+//!   parsing and validation into typed commands, reply encoding.
+//! - [`backend`] is the image (a regular file or a block device) and its synchronous operations.
+//! - [`engine`] runs a connection's transmission phase: [`engine::uring`] on io_uring (the
+//!   default), [`engine::sync`] on plain pread/pwrite where io_uring is unavailable.
+//! - [`server`] accepts connections on Unix and TCP sockets (or systemd-activated ones), does the
+//!   handshake, and hands each connection to an engine thread.
+//!
+//! Every acknowledged WRITE, TRIM and WRITE_ZEROES is marked in the export's
+//! [`tracker::DirtyMap`] before its reply is queued.
 
+pub mod proto;
