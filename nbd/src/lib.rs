@@ -11,4 +11,15 @@
 //! Every acknowledged WRITE, TRIM and WRITE_ZEROES is marked in the export's
 //! [`tracker::DirtyMap`] before its reply is queued.
 
+pub mod backend;
+pub mod buf;
+pub mod engine;
+pub mod export;
 pub mod proto;
+pub mod server;
+pub mod sys;
+
+pub use backend::{Backend, ImageKind, OpenError};
+pub use engine::EngineKind;
+pub use export::Export;
+pub use server::{Listener, Server, Shutdown};

@@ -1,1 +1,48 @@
-fn main() {}
+//! `siterep`: continuous block-level replication and disaster recovery for Linux.
+//!
+//! One binary, one subcommand per role. This file only parses the command line and wires the
+//! crates together; the work lives in `nbd`, `tracker` and (later) `agent`.
+#![forbid(unsafe_code)]
+
+mod serve;
+
+use std::io::IsTerminal;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "siterep", version, about = "Continuous block-level replication and disaster recovery")]
+struct Cli {
+    /// Log filter (RUST_LOG syntax), e.g. "info" or "nbd=debug".
+    #[arg(long, global = true, default_value = "info", env = "SITEREP_LOG")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve a disk image or block device over NBD, tracking every change (the tracking shim).
+    Serve(serve::ServeArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| {
+        eprintln!("siterep: invalid --log filter {:?}", cli.log);
+        std::process::exit(2);
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .init();
+    let result = match cli.command {
+        Command::Serve(args) => serve::run(args),
+    };
+    if let Err(e) = result {
+        eprintln!("siterep: {e:#}");
+        std::process::exit(1);
+    }
+}

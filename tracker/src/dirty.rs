@@ -136,7 +136,7 @@ impl DirtyMap {
     pub fn dirty_bytes(&self) -> u64 {
         let blocks = self.dirty_blocks.load(Ordering::Relaxed);
         let bytes = blocks << self.shift;
-        if blocks > 0 && self.size % self.granularity() != 0 && self.is_dirty_block(self.blocks - 1) {
+        if blocks > 0 && !self.size.is_multiple_of(self.granularity()) && self.is_dirty_block(self.blocks - 1) {
             bytes - (self.granularity() - self.size % self.granularity())
         } else {
             bytes

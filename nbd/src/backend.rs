@@ -1,0 +1,302 @@
+//! The image behind an export: a regular file or a block device, and its synchronous
+//! operations (the engines run READ, WRITE and FLUSH themselves; the rest runs here).
+#![forbid(unsafe_code)]
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{fallocate, posix_fadvise, FallocateFlags, PosixFadviseAdvice};
+use nix::unistd::{lseek, Whence};
+
+use crate::buf::AlignedBuf;
+use crate::proto::Errno;
+use crate::sys;
+
+/// Why an image could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    #[error("cannot open {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("{path} is neither a regular file nor a block device")]
+    NotAnImage { path: PathBuf },
+    #[error("cannot read the size of {path}: {source}")]
+    Size { path: PathBuf, source: io::Error },
+}
+
+/// What the image is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageKind {
+    File,
+    BlockDevice,
+}
+
+/// An open image.
+#[derive(Debug)]
+pub struct Backend {
+    file: File,
+    size: u64,
+    kind: ImageKind,
+    direct: bool,
+    /// Smallest request granularity the image can honour (1 for buffered files).
+    min_block: u32,
+}
+
+/// Chunk size of the zero-writing fallback.
+const ZERO_CHUNK: usize = 1 << 20;
+
+impl Backend {
+    /// Opens `path` for reading (and writing unless `read_only`), with O_DIRECT if `direct`.
+    pub fn open(path: &Path, read_only: bool, direct: bool) -> Result<Self, OpenError> {
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(!read_only);
+        if direct {
+            opts.custom_flags(libc::O_DIRECT);
+        }
+        let file = opts.open(path).map_err(|source| OpenError::Open { path: path.into(), source })?;
+        let meta = file.metadata().map_err(|source| OpenError::Open { path: path.into(), source })?;
+        let ft = meta.file_type();
+        let (kind, size, min_block) = if ft.is_block_device() {
+            let size = sys::block_device_size(file.as_fd())
+                .map_err(|source| OpenError::Size { path: path.into(), source })?;
+            let sector = sys::block_device_sector(file.as_fd())
+                .map_err(|source| OpenError::Size { path: path.into(), source })?;
+            (ImageKind::BlockDevice, size, sector.max(512))
+        } else if ft.is_file() {
+            // O_DIRECT on a file: 4 KiB covers every filesystem block size we expect.
+            (ImageKind::File, meta.len(), if direct { 4096 } else { 1 })
+        } else {
+            return Err(OpenError::NotAnImage { path: path.into() });
+        };
+        Ok(Self { file, size, kind, direct, min_block })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn kind(&self) -> ImageKind {
+        self.kind
+    }
+
+    pub fn min_block(&self) -> u32 {
+        self.min_block
+    }
+
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    pub fn raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    /// Writes all of `buf` at `offset`; with `fua`, durably before returning.
+    pub fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)?;
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Makes every completed write durable (fdatasync covers all connections' writes).
+    pub fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// Deallocates a range (advisory: a device or filesystem that cannot is not an error).
+    pub fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        let r = match self.kind {
+            ImageKind::File => fallocate(
+                self.file.as_raw_fd(),
+                FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                offset as i64,
+                len as i64,
+            )
+            .map_err(io::Error::from),
+            ImageKind::BlockDevice => sys::block_discard(self.file.as_fd(), offset, len),
+        };
+        match r {
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+            other => other?,
+        }
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Zeroes a range. Without `no_hole` it may deallocate. With `fast` it fails with
+    /// `ENOTSUP` rather than write zeroes one by one.
+    pub fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        no_hole: bool,
+        fast: bool,
+        fua: bool,
+    ) -> Result<(), Errno> {
+        let fd = self.file.as_raw_fd();
+        let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        let zero = FallocateFlags::FALLOC_FL_ZERO_RANGE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        let io_err = |e: io::Error| Errno::from_io(&e);
+        let done = match self.kind {
+            ImageKind::File => {
+                let modes: &[FallocateFlags] = if no_hole { &[zero] } else { &[punch, zero] };
+                let mut ok = false;
+                for m in modes {
+                    match fallocate(fd, *m, offset as i64, len as i64) {
+                        Ok(()) => {
+                            ok = true;
+                            break;
+                        }
+                        Err(nix::errno::Errno::EOPNOTSUPP) => {}
+                        Err(e) => return Err(io_err(e.into())),
+                    }
+                }
+                ok
+            }
+            ImageKind::BlockDevice if fast => {
+                // On a block device, PUNCH_HOLE zeroes by unmapping and never falls back to
+                // writing; that is the only fast zero we can promise.
+                if no_hole {
+                    return Err(Errno::NotSup);
+                }
+                match fallocate(fd, punch, offset as i64, len as i64) {
+                    Ok(()) => true,
+                    Err(nix::errno::Errno::EOPNOTSUPP) => return Err(Errno::NotSup),
+                    Err(e) => return Err(io_err(e.into())),
+                }
+            }
+            ImageKind::BlockDevice => {
+                sys::block_zeroout(self.file.as_fd(), offset, len).map_err(io_err)?;
+                true
+            }
+        };
+        if !done {
+            if fast {
+                return Err(Errno::NotSup);
+            }
+            self.write_zero_bytes(offset, len).map_err(io_err)?;
+        }
+        if fua {
+            self.flush().map_err(io_err)?;
+        }
+        Ok(())
+    }
+
+    fn write_zero_bytes(&self, mut offset: u64, len: u64) -> io::Result<()> {
+        let end = offset + len;
+        let zeros = AlignedBuf::zeroed(ZERO_CHUNK.min(len as usize));
+        while offset < end {
+            let n = (end - offset).min(zeros.len() as u64) as usize;
+            self.file.write_all_at(&zeros.as_slice()[..n], offset)?;
+            offset += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Asks the kernel to read a range ahead into its cache.
+    pub fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+        posix_fadvise(
+            self.file.as_raw_fd(),
+            offset as i64,
+            len as i64,
+            PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+        )?;
+        Ok(())
+    }
+
+    /// The allocation of `[offset, offset+len)` as (length, is_hole) runs, at most `max` runs.
+    /// Holes read as zeroes. A block device reports one data run.
+    pub fn allocation(&self, offset: u64, len: u64, max: usize) -> io::Result<Vec<(u64, bool)>> {
+        let end = offset + len;
+        if self.kind == ImageKind::BlockDevice {
+            return Ok(vec![(len, false)]);
+        }
+        let fd = self.file.as_raw_fd();
+        let mut runs = Vec::new();
+        let mut pos = offset;
+        while pos < end && runs.len() < max {
+            let data = match lseek(fd, pos as i64, Whence::SeekData) {
+                Ok(d) => d as u64,
+                Err(nix::errno::Errno::ENXIO) => end,
+                Err(nix::errno::Errno::EINVAL | nix::errno::Errno::EOPNOTSUPP) => {
+                    // No SEEK_DATA support on this filesystem: everything is data.
+                    runs.push((end - pos, false));
+                    break;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if data > pos {
+                let stop = data.min(end);
+                runs.push((stop - pos, true));
+                pos = stop;
+                continue;
+            }
+            let hole = match lseek(fd, pos as i64, Whence::SeekHole) {
+                Ok(h) => h as u64,
+                Err(e) => return Err(e.into()),
+            };
+            let stop = hole.clamp(pos + 1, end);
+            runs.push((stop - pos, false));
+            pos = stop;
+        }
+        Ok(runs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(size: u64) -> (tempfile::TempDir, PathBuf) {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("img");
+        let f = File::create(&p).unwrap();
+        f.set_len(size).unwrap();
+        (d, p)
+    }
+
+    #[test]
+    fn allocation_sees_holes_and_data() {
+        let (_d, p) = image(8 << 20);
+        let b = Backend::open(&p, false, false).unwrap();
+        b.write_at(&vec![7u8; 1 << 20], 2 << 20, false).unwrap();
+        let runs = b.allocation(0, 8 << 20, 100).unwrap();
+        assert_eq!(runs, vec![(2 << 20, true), (1 << 20, false), (5 << 20, true)]);
+        let runs = b.allocation((2 << 20) + 100, 1000, 100).unwrap();
+        assert_eq!(runs, vec![(1000, false)]);
+    }
+
+    #[test]
+    fn zeroes_and_trim_read_back_as_zero() {
+        let (_d, p) = image(4 << 20);
+        let b = Backend::open(&p, false, false).unwrap();
+        b.write_at(&vec![1u8; 4 << 20], 0, false).unwrap();
+        b.write_zeroes(100, 5000, true, false, false).unwrap();
+        b.write_zeroes(1 << 20, 1 << 20, false, true, true).unwrap();
+        b.trim(3 << 20, 4096, false).unwrap();
+        let mut got = vec![0u8; 4 << 20];
+        b.read_at(&mut got, 0).unwrap();
+        assert!(got[100..5100].iter().all(|&x| x == 0));
+        assert_eq!(got[99], 1);
+        assert_eq!(got[5100], 1);
+        assert!(got[1 << 20..2 << 20].iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn rejects_directories() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(matches!(Backend::open(d.path(), true, false), Err(OpenError::NotAnImage { .. })));
+    }
+}

@@ -1,0 +1,613 @@
+//! The io_uring engine: one ring per connection drives the socket and the image.
+//!
+//! The connection's thread posts a RECV on the socket, parses every complete request that
+//! arrived, submits READ/WRITE/FSYNC on the image for each, and answers them in completion order
+//! with batched SENDMSGs. A large WRITE payload is received straight into its aligned buffer.
+//!
+//! Ownership rule for every buffer handed to the kernel: it is owned by this `Engine` (the
+//! receive buffer, the pending write, the op slab, the send queue and its iovec/msghdr) and is
+//! neither moved nor freed until the operation's completion has been reaped. `run` does not
+//! return while any operation is in flight, so the engine outlives every submission.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+
+use io_uring::{opcode, squeue, types, IoUring};
+
+use super::{ConnError, Ending};
+use crate::buf::{AlignedBuf, BufPool};
+use crate::export::Conn;
+use crate::proto::consts::REQUEST_LEN;
+use crate::proto::transmission::{self, Command, RawRequest};
+use crate::proto::Errno;
+use crate::server::Shutdown;
+
+const RING_ENTRIES: u32 = 256;
+/// Most image operations in flight per connection; more requests wait in the receive buffer.
+const MAX_OPS: usize = 128;
+/// Most reply bytes queued per connection before we stop reading requests.
+const MAX_QUEUED: usize = 64 << 20;
+const RBUF_SIZE: usize = 256 << 10;
+const MAX_IOVECS: usize = 64;
+
+const UD_RECV: u64 = u64::MAX;
+const UD_SEND: u64 = u64::MAX - 1;
+const UD_WAKE: u64 = u64::MAX - 2;
+const UD_CANCEL: u64 = u64::MAX - 3;
+
+enum OpKind {
+    Read { buf: AlignedBuf, offset: u64, df: bool, done: usize },
+    Write { buf: AlignedBuf, offset: u64, fua: bool, done: usize },
+    Flush,
+}
+
+struct Op {
+    cookie: u64,
+    kind: OpKind,
+}
+
+/// A WRITE whose payload is still arriving: kept (`buf`) or discarded because it was rejected.
+struct PendingWrite {
+    cookie: u64,
+    offset: u64,
+    fua: bool,
+    buf: Option<AlignedBuf>,
+    filled: usize,
+    discard: u64,
+    error: Errno,
+}
+
+struct OutMsg {
+    head: Vec<u8>,
+    data: Option<AlignedBuf>,
+}
+
+impl OutMsg {
+    fn len(&self) -> usize {
+        self.head.len() + self.data.as_ref().map_or(0, |d| d.len())
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RecvTarget {
+    Rbuf,
+    Payload,
+}
+
+struct Engine<'a> {
+    conn: &'a Conn,
+    ring: IoUring,
+    sock: RawFd,
+    wake: RawFd,
+    rbuf: Box<[u8]>,
+    rstart: usize,
+    rend: usize,
+    recv: Option<RecvTarget>,
+    pending: Option<PendingWrite>,
+    ops: Vec<Option<Op>>,
+    free_ops: Vec<usize>,
+    n_ops: usize,
+    outq: VecDeque<OutMsg>,
+    queued: usize,
+    front_sent: usize,
+    sending: bool,
+    iovecs: Vec<libc::iovec>,
+    msghdr: Box<libc::msghdr>,
+    wake_armed: bool,
+    cancel_sent: bool,
+    stop_recv: bool,
+    stop_parse: bool,
+    eof: bool,
+    ending: Option<Ending>,
+    error: Option<ConnError>,
+    pool: BufPool,
+    scratch: Vec<u8>,
+}
+
+/// Serves the connection on `sock` until the client disconnects or the server shuts down.
+pub fn serve(conn: &Conn, sock: &impl AsRawFd, shutdown: &Shutdown) -> Result<Ending, ConnError> {
+    let ring = IoUring::new(RING_ENTRIES).map_err(ConnError::Ring)?;
+    // SAFETY: msghdr is a plain C struct for which all-zeroes is a valid (empty) value.
+    let msghdr: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
+    let mut e = Engine {
+        conn,
+        ring,
+        sock: sock.as_raw_fd(),
+        wake: std::os::fd::AsRawFd::as_raw_fd(&shutdown.fd()),
+        rbuf: vec![0u8; RBUF_SIZE].into_boxed_slice(),
+        rstart: 0,
+        rend: 0,
+        recv: None,
+        pending: None,
+        ops: Vec::with_capacity(MAX_OPS),
+        free_ops: Vec::new(),
+        n_ops: 0,
+        outq: VecDeque::new(),
+        queued: 0,
+        front_sent: 0,
+        sending: false,
+        iovecs: Vec::with_capacity(MAX_IOVECS),
+        msghdr,
+        wake_armed: false,
+        cancel_sent: false,
+        stop_recv: false,
+        stop_parse: false,
+        eof: false,
+        ending: None,
+        error: None,
+        pool: BufPool::default(),
+        scratch: Vec::with_capacity(256),
+    };
+    e.run(shutdown)
+}
+
+impl Engine<'_> {
+    fn run(&mut self, shutdown: &Shutdown) -> Result<Ending, ConnError> {
+        self.arm_wake();
+        if shutdown.is_set() {
+            self.begin_shutdown();
+        }
+        let mut cqes: Vec<(u64, i32)> = Vec::with_capacity(RING_ENTRIES as usize);
+        loop {
+            self.post_recv();
+            self.post_send();
+            if self.finished() {
+                break;
+            }
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) || e.raw_os_error() == Some(libc::EBUSY) => {}
+                Err(e) => {
+                    // The ring itself failed; nothing more can complete, so nothing is in flight
+                    // that we could wait for.
+                    return Err(ConnError::Ring(e));
+                }
+            }
+            cqes.clear();
+            cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+            for &(ud, res) in &cqes {
+                self.complete(ud, res);
+            }
+            self.parse();
+        }
+        if let Some(err) = self.error.take() {
+            return Err(err);
+        }
+        Ok(self.ending.take().unwrap_or(Ending::ClientDone))
+    }
+
+    /// True when the session is over and nothing is in flight.
+    fn finished(&mut self) -> bool {
+        // Once receiving has stopped, `parse` has consumed every whole request; a write whose
+        // payload never arrived is dropped unacknowledged.
+        let over = self.error.is_some() || (self.stop_recv && self.outq.is_empty() && self.n_ops == 0);
+        if !over {
+            return false;
+        }
+        if self.recv.is_some() || self.wake_armed {
+            if !self.cancel_sent {
+                self.cancel_sent = true;
+                if self.recv.is_some() {
+                    self.push(opcode::AsyncCancel::new(UD_RECV).build().user_data(UD_CANCEL));
+                }
+                if self.wake_armed {
+                    self.push(opcode::PollRemove::new(UD_WAKE).build().user_data(UD_CANCEL));
+                }
+            }
+            return false;
+        }
+        !self.sending && self.n_ops == 0
+    }
+
+    fn push(&mut self, sqe: squeue::Entry) {
+        loop {
+            // SAFETY: every buffer an SQE built by this engine points to is owned by the engine
+            // and stays put until its completion is reaped (see the module documentation).
+            if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
+                return;
+            }
+            if let Err(e) = self.ring.submit() {
+                if e.raw_os_error() != Some(libc::EBUSY) && e.raw_os_error() != Some(libc::EINTR) {
+                    self.fail(ConnError::Ring(e));
+                }
+            }
+        }
+    }
+
+    fn fail(&mut self, err: ConnError) {
+        if self.error.is_none() {
+            self.error = Some(err);
+        }
+        self.stop_recv = true;
+        self.stop_parse = true;
+    }
+
+    fn arm_wake(&mut self) {
+        self.wake_armed = true;
+        let sqe = opcode::PollAdd::new(types::Fd(self.wake), libc::POLLIN as u32).build().user_data(UD_WAKE);
+        self.push(sqe);
+    }
+
+    fn begin_shutdown(&mut self) {
+        self.stop_recv = true;
+        if self.ending.is_none() {
+            self.ending = Some(Ending::Shutdown);
+        }
+    }
+
+    fn throttled(&self) -> bool {
+        self.n_ops >= MAX_OPS || self.queued >= MAX_QUEUED
+    }
+
+    fn post_recv(&mut self) {
+        if self.recv.is_some() || self.stop_recv || self.throttled() {
+            return;
+        }
+        let (ptr, len, target) = match &mut self.pending {
+            Some(p) if self.rstart == self.rend && p.buf.is_some() => {
+                let buf = p.buf.as_mut().expect("checked");
+                let rest = &mut buf.as_mut_slice()[p.filled..];
+                (rest.as_mut_ptr(), rest.len(), RecvTarget::Payload)
+            }
+            _ => {
+                if self.rstart > 0 && (self.rstart == self.rend || self.rstart > RBUF_SIZE / 2) {
+                    self.rbuf.copy_within(self.rstart..self.rend, 0);
+                    self.rend -= self.rstart;
+                    self.rstart = 0;
+                }
+                if self.rend == RBUF_SIZE {
+                    return; // full of requests waiting for the throttle to lift
+                }
+                let rest = &mut self.rbuf[self.rend..];
+                (rest.as_mut_ptr(), rest.len(), RecvTarget::Rbuf)
+            }
+        };
+        self.recv = Some(target);
+        let sqe = opcode::Recv::new(types::Fd(self.sock), ptr, len as u32).build().user_data(UD_RECV);
+        self.push(sqe);
+    }
+
+    fn post_send(&mut self) {
+        if self.sending || self.outq.is_empty() {
+            return;
+        }
+        self.iovecs.clear();
+        let mut skip = self.front_sent;
+        for m in self.outq.iter() {
+            let data = m.data.as_ref().map(|d| d.as_slice()).unwrap_or(&[]);
+            for part in [&m.head[..], data] {
+                if part.len() <= skip {
+                    skip -= part.len();
+                    continue;
+                }
+                let part = &part[skip..];
+                skip = 0;
+                self.iovecs
+                    .push(libc::iovec { iov_base: part.as_ptr() as *mut libc::c_void, iov_len: part.len() });
+            }
+            if self.iovecs.len() + 2 > MAX_IOVECS {
+                break;
+            }
+        }
+        self.msghdr.msg_iov = self.iovecs.as_mut_ptr();
+        self.msghdr.msg_iovlen = self.iovecs.len();
+        self.sending = true;
+        let sqe = opcode::SendMsg::new(types::Fd(self.sock), &*self.msghdr as *const libc::msghdr)
+            .flags(libc::MSG_NOSIGNAL as u32)
+            .build()
+            .user_data(UD_SEND);
+        self.push(sqe);
+    }
+
+    fn queue(&mut self, head: Vec<u8>, data: Option<AlignedBuf>) {
+        let m = OutMsg { head, data };
+        self.queued += m.len();
+        self.outq.push_back(m);
+    }
+
+    fn queue_scratch(&mut self) {
+        let head = std::mem::replace(&mut self.scratch, Vec::with_capacity(256));
+        self.queue(head, None);
+    }
+
+    fn complete(&mut self, ud: u64, res: i32) {
+        match ud {
+            UD_RECV => self.on_recv(res),
+            UD_SEND => self.on_send(res),
+            UD_WAKE => {
+                self.wake_armed = false;
+                if res != -libc::ECANCELED {
+                    self.begin_shutdown();
+                }
+            }
+            UD_CANCEL => {}
+            idx => self.on_op(idx as usize, res),
+        }
+    }
+
+    fn on_recv(&mut self, res: i32) {
+        let target = self.recv.take().expect("a recv was in flight");
+        if res == -libc::ECANCELED {
+            return;
+        }
+        if res < 0 {
+            if res == -libc::EINTR || res == -libc::EAGAIN {
+                return;
+            }
+            self.fail(ConnError::Socket(io::Error::from_raw_os_error(-res)));
+            return;
+        }
+        if res == 0 {
+            self.eof = true;
+            self.stop_recv = true;
+            return;
+        }
+        let n = res as usize;
+        match target {
+            RecvTarget::Rbuf => self.rend += n,
+            RecvTarget::Payload => {
+                let p = self.pending.as_mut().expect("payload recv without a pending write");
+                p.filled += n;
+                if p.buf.as_ref().is_some_and(|b| p.filled == b.len()) {
+                    let p = self.pending.take().expect("checked");
+                    self.submit_write(p);
+                }
+            }
+        }
+    }
+
+    fn on_send(&mut self, res: i32) {
+        self.sending = false;
+        if res < 0 {
+            if res == -libc::EINTR || res == -libc::EAGAIN {
+                return;
+            }
+            self.fail(ConnError::Socket(io::Error::from_raw_os_error(-res)));
+            self.outq.clear();
+            self.queued = 0;
+            return;
+        }
+        let mut sent = res as usize + self.front_sent;
+        while let Some(front) = self.outq.front() {
+            let l = front.len();
+            if sent < l {
+                break;
+            }
+            sent -= l;
+            self.queued -= l;
+            let m = self.outq.pop_front().expect("front exists");
+            if let Some(d) = m.data {
+                self.pool.put(d);
+            }
+        }
+        self.front_sent = sent;
+        if self.error.is_some() {
+            self.outq.clear();
+            self.queued = 0;
+        }
+    }
+
+    fn alloc_op(&mut self, op: Op) -> u64 {
+        self.n_ops += 1;
+        if let Some(i) = self.free_ops.pop() {
+            self.ops[i] = Some(op);
+            i as u64
+        } else {
+            self.ops.push(Some(op));
+            (self.ops.len() - 1) as u64
+        }
+    }
+
+    fn submit_op(&mut self, idx: u64) {
+        let fd = types::Fd(self.conn.export.backend.raw_fd());
+        let sqe = match &mut self.ops[idx as usize].as_mut().expect("live op").kind {
+            OpKind::Read { buf, offset, done, .. } => {
+                let rest = &mut buf.as_mut_slice()[*done..];
+                opcode::Read::new(fd, rest.as_mut_ptr(), rest.len() as u32)
+                    .offset(*offset + *done as u64)
+                    .build()
+            }
+            OpKind::Write { buf, offset, fua, done } => {
+                let rest = &buf.as_slice()[*done..];
+                let flags = if *fua { libc::RWF_DSYNC } else { 0 };
+                opcode::Write::new(fd, rest.as_ptr(), rest.len() as u32)
+                    .offset(*offset + *done as u64)
+                    .rw_flags(flags)
+                    .build()
+            }
+            OpKind::Flush => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
+        };
+        self.push(sqe.user_data(idx));
+    }
+
+    fn submit_write(&mut self, p: PendingWrite) {
+        let Some(buf) = p.buf else {
+            transmission::error_reply(&mut self.scratch, p.cookie, self.conn.structured(), p.error);
+            self.queue_scratch();
+            return;
+        };
+        // Invariant 1: the extent is dirty before the write can be acknowledged.
+        self.conn.export.mark(p.offset, buf.len() as u64);
+        let idx = self.alloc_op(Op {
+            cookie: p.cookie,
+            kind: OpKind::Write { buf, offset: p.offset, fua: p.fua, done: 0 },
+        });
+        self.submit_op(idx);
+    }
+
+    fn on_op(&mut self, idx: usize, res: i32) {
+        let structured = self.conn.structured();
+        let op = self.ops[idx].as_mut().expect("completion for a live op");
+        // A short transfer continues where it stopped.
+        let short = match &mut op.kind {
+            OpKind::Read { buf, done, .. } | OpKind::Write { buf, done, .. } if res > 0 => {
+                *done += res as usize;
+                *done < buf.len()
+            }
+            _ => false,
+        };
+        if short {
+            self.submit_op(idx as u64);
+            return;
+        }
+        let op = self.ops[idx].take().expect("live op");
+        self.free_ops.push(idx);
+        self.n_ops -= 1;
+        let errno = match res {
+            r if r < 0 => Some(Errno::from_io(&io::Error::from_raw_os_error(-r))),
+            // A read that hits the end of a file that shrank under us.
+            0 if matches!(op.kind, OpKind::Read { .. }) => Some(Errno::Io),
+            _ => None,
+        };
+        let mut head = std::mem::replace(&mut self.scratch, Vec::with_capacity(256));
+        match (op.kind, errno) {
+            (OpKind::Read { buf, .. } | OpKind::Write { buf, .. }, Some(e)) => {
+                self.pool.put(buf);
+                transmission::error_reply(&mut head, op.cookie, structured, e);
+                self.queue(head, None);
+            }
+            (OpKind::Flush, Some(e)) => {
+                transmission::error_reply(&mut head, op.cookie, structured, e);
+                self.queue(head, None);
+            }
+            (OpKind::Read { buf, offset, df, .. }, None) => {
+                match self.conn.sparse_read_reply(op.cookie, offset, buf.as_slice(), df) {
+                    Some(reply) => {
+                        self.pool.put(buf);
+                        self.queue(reply, None);
+                    }
+                    None => {
+                        transmission::read_data_header(
+                            &mut head,
+                            op.cookie,
+                            structured,
+                            offset,
+                            buf.len() as u32,
+                            true,
+                        );
+                        self.queue(head, Some(buf));
+                    }
+                }
+            }
+            (OpKind::Write { buf, .. }, None) => {
+                self.pool.put(buf);
+                transmission::ok_reply(&mut head, op.cookie, structured);
+                self.queue(head, None);
+            }
+            (OpKind::Flush, None) => {
+                transmission::ok_reply(&mut head, op.cookie, structured);
+                self.queue(head, None);
+            }
+        }
+    }
+
+    /// Consumes received bytes: payload of a pending write, then whole requests.
+    fn parse(&mut self) {
+        loop {
+            if let Some(p) = &mut self.pending {
+                let avail = self.rend - self.rstart;
+                if let Some(buf) = &mut p.buf {
+                    let n = avail.min(buf.len() - p.filled);
+                    buf.as_mut_slice()[p.filled..p.filled + n]
+                        .copy_from_slice(&self.rbuf[self.rstart..self.rstart + n]);
+                    p.filled += n;
+                    self.rstart += n;
+                    if p.filled < buf.len() {
+                        break;
+                    }
+                } else {
+                    let n = (avail as u64).min(p.discard);
+                    p.discard -= n;
+                    self.rstart += n as usize;
+                    if p.discard > 0 {
+                        break;
+                    }
+                }
+                let p = self.pending.take().expect("checked");
+                self.submit_write(p);
+                continue;
+            }
+            if self.stop_parse || self.throttled() || self.rend - self.rstart < REQUEST_LEN {
+                break;
+            }
+            let hdr: &[u8; REQUEST_LEN] =
+                self.rbuf[self.rstart..self.rstart + REQUEST_LEN].try_into().expect("len");
+            let raw = match RawRequest::parse(hdr) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.fail(e.into());
+                    break;
+                }
+            };
+            self.rstart += REQUEST_LEN;
+            self.request(raw);
+        }
+        if self.rstart == self.rend && self.recv != Some(RecvTarget::Rbuf) {
+            self.rstart = 0;
+            self.rend = 0;
+        }
+        if self.eof
+            && self.error.is_none()
+            && (self.pending.is_some() || self.rend > self.rstart)
+            && !self.stop_parse
+        {
+            self.pending = None;
+            self.fail(ConnError::Truncated);
+        }
+    }
+
+    fn request(&mut self, raw: RawRequest) {
+        let structured = self.conn.structured();
+        match self.conn.session.validate(&raw) {
+            Err(error) => {
+                let discard = u64::from(raw.payload_len());
+                if discard > 0 {
+                    self.pending = Some(PendingWrite {
+                        cookie: raw.cookie,
+                        offset: 0,
+                        fua: false,
+                        buf: None,
+                        filled: 0,
+                        discard,
+                        error,
+                    });
+                } else {
+                    transmission::error_reply(&mut self.scratch, raw.cookie, structured, error);
+                    self.queue_scratch();
+                }
+            }
+            Ok(Command::Write { offset, len, fua }) => {
+                let buf = self.pool.get(len as usize);
+                self.pending = Some(PendingWrite {
+                    cookie: raw.cookie,
+                    offset,
+                    fua,
+                    buf: Some(buf),
+                    filled: 0,
+                    discard: 0,
+                    error: Errno::Io,
+                });
+            }
+            Ok(Command::Read { offset, len, df }) => {
+                let buf = self.pool.get(len as usize);
+                let idx =
+                    self.alloc_op(Op { cookie: raw.cookie, kind: OpKind::Read { buf, offset, df, done: 0 } });
+                self.submit_op(idx);
+            }
+            Ok(Command::Flush) => {
+                let idx = self.alloc_op(Op { cookie: raw.cookie, kind: OpKind::Flush });
+                self.submit_op(idx);
+            }
+            Ok(Command::Disconnect) => {
+                self.stop_parse = true;
+                self.stop_recv = true;
+                self.ending.get_or_insert(Ending::ClientDone);
+            }
+            Ok(cmd) => {
+                self.conn.execute_inline(raw.cookie, cmd, &mut self.scratch);
+                self.queue_scratch();
+            }
+        }
+    }
+}
