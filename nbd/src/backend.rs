@@ -114,7 +114,9 @@ impl Backend {
     }
 
     /// Deallocates a range (advisory: a device or filesystem that cannot is not an error).
-    pub fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+    /// Returns whether the range now reads as zeroes (a punched hole in a file; a discarded
+    /// block device range is undefined).
+    pub fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<bool> {
         let r = match self.kind {
             ImageKind::File => fallocate(
                 self.file.as_raw_fd(),
@@ -125,14 +127,15 @@ impl Backend {
             .map_err(io::Error::from),
             ImageKind::BlockDevice => sys::block_discard(self.file.as_fd(), offset, len),
         };
-        match r {
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
-            other => other?,
-        }
+        let zeroed = match r {
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => false,
+            Err(e) => return Err(e),
+            Ok(()) => self.kind == ImageKind::File,
+        };
         if fua {
             self.flush()?;
         }
-        Ok(())
+        Ok(zeroed)
     }
 
     /// Zeroes a range. Without `no_hole` it may deallocate. With `fast` it fails with

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use tracker::DirtyMap;
+use tracker::{BlockState, DirtyMap};
 
 use crate::backend::Backend;
 use crate::proto::consts::{STATE_DIRTY, STATE_HOLE, STATE_ZERO};
@@ -54,6 +54,14 @@ impl Export {
             d.mark(offset, len);
         }
     }
+
+    /// Records that a range now reads as zeroes (after a successful TRIM or WRITE_ZEROES that
+    /// was marked as a change before it ran), so it can be shipped as metadata.
+    pub fn mark_zero(&self, offset: u64, len: u64) {
+        if let Some(d) = &self.dirty {
+            d.mark_zero(offset, len);
+        }
+    }
 }
 
 impl Conn {
@@ -69,11 +77,23 @@ impl Conn {
             Command::Flush => b.flush().map_err(|e| Errno::from_io(&e)),
             Command::Trim { offset, len, fua } => {
                 self.export.mark(offset, len.into());
-                b.trim(offset, len.into(), fua).map_err(|e| Errno::from_io(&e))
+                match b.trim(offset, len.into(), fua) {
+                    Ok(zeroed) => {
+                        if zeroed {
+                            self.export.mark_zero(offset, len.into());
+                        }
+                        Ok(())
+                    }
+                    Err(e) => Err(Errno::from_io(&e)),
+                }
             }
             Command::WriteZeroes { offset, len, fua, no_hole, fast } => {
                 self.export.mark(offset, len.into());
-                b.write_zeroes(offset, len.into(), no_hole, fast, fua)
+                let r = b.write_zeroes(offset, len.into(), no_hole, fast, fua);
+                if r.is_ok() {
+                    self.export.mark_zero(offset, len.into());
+                }
+                r
             }
             Command::Cache { offset, len } => b.cache(offset, len.into()).map_err(|e| Errno::from_io(&e)),
             Command::BlockStatus { offset, len, req_one } => {
@@ -116,7 +136,7 @@ impl Conn {
                     Some(d) => d
                         .runs(offset, len.into(), max)
                         .into_iter()
-                        .map(|(e, dirty)| (e.len as u32, if dirty { STATE_DIRTY } else { 0 }))
+                        .map(|(e, st)| (e.len as u32, if st == BlockState::Clean { 0 } else { STATE_DIRTY }))
                         .collect(),
                     None => vec![(len, 0)],
                 },

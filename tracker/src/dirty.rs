@@ -1,17 +1,13 @@
 //! The dirty map: one bit per block, sparse, lock-free to mark.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
+
+use crate::bits::SparseBits;
 
 /// Smallest tracking granularity in bytes.
 pub const MIN_GRANULARITY: u64 = 512;
 /// Largest tracking granularity in bytes.
 pub const MAX_GRANULARITY: u64 = 1 << 20;
-
-/// Bits per leaf: 2^15 bits = 4 KiB of bitmap, 128 MiB of disk at a 4 KiB granularity.
-const LEAF_SHIFT: u32 = 15;
-const LEAF_BITS: u64 = 1 << LEAF_SHIFT;
-const LEAF_WORDS: usize = (LEAF_BITS / 64) as usize;
 
 /// A byte range of a disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -36,9 +32,18 @@ impl Extent {
 #[error("granularity {0} is not a power of two from 512 to 1048576 bytes")]
 pub struct GranularityError(pub u64);
 
-type Leaf = Box<[AtomicU64]>;
+/// What the tracker knows of a block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BlockState {
+    /// Not changed.
+    Clean,
+    /// Changed: its data must be read and shipped.
+    Data,
+    /// Changed, and known to read as zeroes (trimmed or zeroed whole): ship as metadata.
+    Zero,
+}
 
-/// The set of dirty blocks of a disk.
+/// The set of dirty blocks of a disk, with the subset known to be zero.
 ///
 /// Marking is lock-free apart from the first mark of a leaf, which allocates it once (a
 /// concurrent marker of the same leaf waits for that allocation only). Reads of the map are
@@ -47,7 +52,8 @@ pub struct DirtyMap {
     size: u64,
     shift: u32,
     blocks: u64,
-    leaves: Box<[OnceLock<Leaf>]>,
+    dirty: SparseBits,
+    zero: SparseBits,
     dirty_blocks: AtomicU64,
 }
 
@@ -69,9 +75,19 @@ impl DirtyMap {
         }
         let shift = granularity.trailing_zeros();
         let blocks = size.div_ceil(granularity);
-        let nleaves = blocks.div_ceil(LEAF_BITS) as usize;
-        let leaves = (0..nleaves).map(|_| OnceLock::new()).collect();
-        Ok(Self { size, shift, blocks, leaves, dirty_blocks: AtomicU64::new(0) })
+        Ok(Self {
+            size,
+            shift,
+            blocks,
+            dirty: SparseBits::new(blocks),
+            zero: SparseBits::new(blocks),
+            dirty_blocks: AtomicU64::new(0),
+        })
+    }
+
+    /// A clean map with the same geometry.
+    pub fn empty_like(&self) -> Self {
+        Self::new(self.size, self.granularity()).expect("same geometry")
     }
 
     /// Size of the tracked disk in bytes.
@@ -84,104 +100,114 @@ impl DirtyMap {
         1 << self.shift
     }
 
-    /// Marks every block that `[offset, offset+len)` touches. Bytes past the end are ignored.
-    pub fn mark(&self, offset: u64, len: u64) {
+    /// Number of blocks.
+    pub fn blocks(&self) -> u64 {
+        self.blocks
+    }
+
+    /// Blocks `[first, end)` that `[offset, offset+len)` touches, clipped to the disk.
+    pub fn block_range(&self, offset: u64, len: u64) -> Option<(u64, u64)> {
         if len == 0 || offset >= self.size {
-            return;
+            return None;
         }
         let end = offset.saturating_add(len).min(self.size);
-        let first = offset >> self.shift;
-        let last = (end - 1) >> self.shift;
-        let mut b = first;
-        while b <= last {
-            let leaf_idx = (b >> LEAF_SHIFT) as usize;
-            let leaf = self.leaves[leaf_idx].get_or_init(new_leaf);
-            let leaf_end = ((leaf_idx as u64 + 1) << LEAF_SHIFT).min(last + 1);
-            let mut newly = 0u64;
-            while b < leaf_end {
-                let bit = b & (LEAF_BITS - 1);
-                let word = (bit / 64) as usize;
-                let lo = bit % 64;
-                let n = (leaf_end - b).min(64 - lo);
-                let mask = if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << lo };
-                // Relaxed is enough for the bit itself: the caller's reply (a syscall) orders it.
-                let w = &leaf[word];
-                if w.load(Ordering::Relaxed) & mask != mask {
-                    let old = w.fetch_or(mask, Ordering::AcqRel);
-                    newly += u64::from((mask & !old).count_ones());
-                }
-                b += n;
-            }
-            if newly > 0 {
-                self.dirty_blocks.fetch_add(newly, Ordering::Relaxed);
-            }
+        Some((offset >> self.shift, ((end - 1) >> self.shift) + 1))
+    }
+
+    /// Marks every block that `[offset, offset+len)` touches as changed data.
+    pub fn mark(&self, offset: u64, len: u64) {
+        if let Some((first, end)) = self.block_range(offset, len) {
+            self.zero.clear_range(first, end);
+            self.add_dirty(first, end);
+        }
+    }
+
+    /// Marks a trimmed or zeroed range: every touched block is dirty; the blocks it covers
+    /// whole (or up to the end of the disk) are known to be zero.
+    pub fn mark_zero(&self, offset: u64, len: u64) {
+        let Some((first, end)) = self.block_range(offset, len) else { return };
+        let g = self.granularity();
+        let stop = offset.saturating_add(len).min(self.size);
+        let zfirst = offset.div_ceil(g);
+        let zend = if stop == self.size { self.blocks } else { stop / g };
+        if zfirst < zend {
+            self.zero.set_range(zfirst, zend);
+        }
+        self.add_dirty(first, end);
+    }
+
+    fn add_dirty(&self, first: u64, end: u64) {
+        let newly = self.dirty.set_range(first, end);
+        if newly > 0 {
+            self.dirty_blocks.fetch_add(newly, Ordering::Relaxed);
+        }
+    }
+
+    /// Marks a whole block range dirty (as data), e.g. a recovered hot region.
+    pub fn mark_blocks(&self, first: u64, end: u64) {
+        let end = end.min(self.blocks);
+        if first < end {
+            self.zero.clear_range(first, end);
+            self.add_dirty(first, end);
         }
     }
 
     /// Whether block number `block` is dirty.
     pub fn is_dirty_block(&self, block: u64) -> bool {
-        if block >= self.blocks {
-            return false;
+        self.dirty.get(block)
+    }
+
+    /// Whether any block in `[first, end)` is dirty.
+    pub fn any_dirty(&self, first: u64, end: u64) -> bool {
+        self.dirty.any(first, end)
+    }
+
+    /// The state of one block.
+    pub fn block_state(&self, block: u64) -> BlockState {
+        if !self.dirty.get(block) {
+            BlockState::Clean
+        } else if self.zero.get(block) {
+            BlockState::Zero
+        } else {
+            BlockState::Data
         }
-        match self.leaves[(block >> LEAF_SHIFT) as usize].get() {
-            None => false,
-            Some(leaf) => {
-                let bit = block & (LEAF_BITS - 1);
-                leaf[(bit / 64) as usize].load(Ordering::Acquire) & (1 << (bit % 64)) != 0
-            }
+    }
+
+    fn block_bytes(&self, blocks: u64, includes_last: bool) -> u64 {
+        let bytes = blocks << self.shift;
+        let tail = self.size % self.granularity();
+        if includes_last && tail != 0 {
+            bytes - (self.granularity() - tail)
+        } else {
+            bytes
         }
     }
 
     /// Number of dirty bytes (dirty blocks times granularity, the last block clipped).
     pub fn dirty_bytes(&self) -> u64 {
         let blocks = self.dirty_blocks.load(Ordering::Relaxed);
-        let bytes = blocks << self.shift;
-        if blocks > 0 && !self.size.is_multiple_of(self.granularity()) && self.is_dirty_block(self.blocks - 1) {
-            bytes - (self.granularity() - self.size % self.granularity())
-        } else {
-            bytes
+        self.block_bytes(blocks, blocks > 0 && self.is_dirty_block(self.blocks - 1))
+    }
+
+    /// Number of dirty bytes known to be zero (a scan of the zero set).
+    pub fn zero_bytes(&self) -> u64 {
+        let mut n = 0;
+        for (e, s) in self.runs(0, self.size, usize::MAX) {
+            if s == BlockState::Zero {
+                n += e.len;
+            }
         }
+        n
     }
 
     /// Heap bytes the map uses now.
     pub fn memory_bytes(&self) -> usize {
-        let allocated = self.leaves.iter().filter(|l| l.get().is_some()).count();
-        std::mem::size_of_val(&*self.leaves) + allocated * LEAF_WORDS * 8
+        self.dirty.memory_bytes() + self.zero.memory_bytes()
     }
 
-    /// First block in `[block, end)` whose dirtiness is `want`, or `end`.
-    fn next_block(&self, mut block: u64, end: u64, want: bool) -> u64 {
-        while block < end {
-            let leaf_idx = (block >> LEAF_SHIFT) as usize;
-            let leaf_end = ((leaf_idx as u64 + 1) << LEAF_SHIFT).min(end);
-            let Some(leaf) = self.leaves[leaf_idx].get() else {
-                if !want {
-                    return block;
-                }
-                block = leaf_end;
-                continue;
-            };
-            while block < leaf_end {
-                let bit = block & (LEAF_BITS - 1);
-                let mut w = leaf[(bit / 64) as usize].load(Ordering::Acquire);
-                if !want {
-                    w = !w;
-                }
-                w &= u64::MAX << (bit % 64);
-                if w != 0 {
-                    let found = (block & !63) + u64::from(w.trailing_zeros());
-                    return found.min(end);
-                }
-                block = (block & !63) + 64;
-            }
-            block = block.min(end);
-        }
-        end
-    }
-
-    /// The runs of equal dirtiness covering `[offset, offset+len)`, clipped to that range and to
+    /// The runs of equal state covering `[offset, offset+len)`, clipped to that range and to
     /// the disk, at most `max_runs` of them (the last run may then end early).
-    pub fn runs(&self, offset: u64, len: u64, max_runs: usize) -> Vec<(Extent, bool)> {
+    pub fn runs(&self, offset: u64, len: u64, max_runs: usize) -> Vec<(Extent, BlockState)> {
         let mut out = Vec::new();
         let end = offset.saturating_add(len).min(self.size);
         if offset >= end || max_runs == 0 {
@@ -191,28 +217,91 @@ impl DirtyMap {
         let mut pos = offset;
         while pos < end && out.len() < max_runs {
             let block = pos >> self.shift;
-            let dirty = self.is_dirty_block(block);
-            let next = self.next_block(block + 1, end_block, !dirty);
+            let state = self.block_state(block);
+            let next = match state {
+                BlockState::Clean => self.dirty.next(block + 1, end_block, true),
+                BlockState::Data => {
+                    let a = self.dirty.next(block + 1, end_block, false);
+                    self.zero.next(block + 1, a, true)
+                }
+                BlockState::Zero => {
+                    let a = self.dirty.next(block + 1, end_block, false);
+                    self.zero.next(block + 1, a, false)
+                }
+            };
             let run_end = (next << self.shift).min(end);
-            out.push((Extent::new(pos, run_end - pos), dirty));
+            out.push((Extent::new(pos, run_end - pos), state));
             pos = run_end;
         }
         out
     }
 
-    /// Every dirty extent, coalesced, in order.
+    /// Every dirty extent (data or zero), coalesced, in order.
     pub fn dirty_extents(&self) -> Vec<Extent> {
-        self.runs(0, self.size, usize::MAX).into_iter().filter(|(_, d)| *d).map(|(e, _)| e).collect()
+        let mut out: Vec<Extent> = Vec::new();
+        for (e, s) in self.runs(0, self.size, usize::MAX) {
+            if s == BlockState::Clean {
+                continue;
+            }
+            match out.last_mut() {
+                Some(l) if l.end() == e.offset => l.len += e.len,
+                _ => out.push(e),
+            }
+        }
+        out
     }
-}
 
-fn new_leaf() -> Leaf {
-    (0..LEAF_WORDS).map(|_| AtomicU64::new(0)).collect()
+    /// Adds every dirty block of `other` (same geometry) to this map, keeping zero knowledge
+    /// only where both agree or this map had the block clean.
+    pub fn merge_from(&self, other: &DirtyMap) {
+        assert_eq!((self.size, self.shift), (other.size, other.shift), "merging maps of different geometry");
+        for (e, s) in other.runs(0, other.size, usize::MAX) {
+            match s {
+                BlockState::Clean => {}
+                BlockState::Data => self.mark(e.offset, e.len),
+                BlockState::Zero => {
+                    let (first, end) = self.block_range(e.offset, e.len).expect("non-empty run");
+                    // A block already holding data stays data: we cannot know which came last.
+                    let mut b = first;
+                    while b < end {
+                        let clean_end = self.dirty.next(b, end, true);
+                        if clean_end > b {
+                            self.zero.set_range(b, clean_end);
+                            self.add_dirty(b, clean_end);
+                        }
+                        b = self.dirty.next(clean_end, end, false);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The dirty and zero sets as serialized leaves (for the state file).
+    pub(crate) fn export(&self) -> (Vec<(u32, Vec<u8>)>, Vec<(u32, Vec<u8>)>) {
+        (self.dirty.export_leaves(), self.zero.export_leaves())
+    }
+
+    /// Number of leaves of each set (for bounds-checking serialized indexes).
+    pub(crate) fn leaf_count(&self) -> usize {
+        self.dirty.leaf_count()
+    }
+
+    /// ORs serialized leaves in (indexes and lengths already checked).
+    pub(crate) fn import(&self, dirty: &[(u32, Vec<u8>)], zero: &[(u32, Vec<u8>)]) {
+        for (i, bytes) in dirty {
+            let newly = self.dirty.import_leaf(*i, bytes);
+            self.dirty_blocks.fetch_add(newly, Ordering::Relaxed);
+        }
+        for (i, bytes) in zero {
+            self.zero.import_leaf(*i, bytes);
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bits::LEAF_BITS;
     use proptest::prelude::*;
     use std::collections::BTreeSet;
 
@@ -264,14 +353,14 @@ mod tests {
         assert_eq!(m.runs(0, m.size(), 10).len(), 3);
     }
 
-    fn model_runs(set: &BTreeSet<u64>, g: u64, size: u64, off: u64, len: u64) -> Vec<(Extent, bool)> {
-        let mut out: Vec<(Extent, bool)> = Vec::new();
+    fn model_runs(set: &BTreeSet<u64>, g: u64, size: u64, off: u64, len: u64) -> Vec<(Extent, BlockState)> {
+        let mut out: Vec<(Extent, BlockState)> = Vec::new();
         let end = (off + len).min(size);
         let mut pos = off;
         while pos < end {
             let b = pos / g;
             let next = ((b + 1) * g).min(end);
-            let d = set.contains(&b);
+            let d = if set.contains(&b) { BlockState::Data } else { BlockState::Clean };
             match out.last_mut() {
                 Some((e, dd)) if *dd == d => e.len += next - pos,
                 _ => out.push((Extent::new(pos, next - pos), d)),

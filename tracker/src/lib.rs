@@ -9,6 +9,7 @@
 //! leaves that are allocated on first mark, and an untouched leaf costs one pointer-sized slot.
 #![forbid(unsafe_code)]
 
+mod bits;
 mod dirty;
 
-pub use dirty::{DirtyMap, Extent, GranularityError, MAX_GRANULARITY, MIN_GRANULARITY};
+pub use dirty::{BlockState, DirtyMap, Extent, GranularityError, MAX_GRANULARITY, MIN_GRANULARITY};
