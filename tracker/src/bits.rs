@@ -12,6 +12,9 @@ pub(crate) const LEAF_BYTES: usize = LEAF_WORDS * 8;
 
 type Leaf = Box<[AtomicU64]>;
 
+/// Serialized leaves: (leaf index, `LEAF_BYTES` little-endian bytes).
+pub(crate) type Leaves = Vec<(u32, Vec<u8>)>;
+
 fn new_leaf() -> Leaf {
     (0..LEAF_WORDS).map(|_| AtomicU64::new(0)).collect()
 }
@@ -37,14 +40,16 @@ fn for_words(first: u64, end: u64, mut f: impl FnMut(usize, usize, u64)) {
     }
 }
 
+impl std::fmt::Debug for SparseBits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SparseBits").field("nbits", &self.nbits).finish()
+    }
+}
+
 impl SparseBits {
     pub(crate) fn new(nbits: u64) -> Self {
         let nleaves = nbits.div_ceil(LEAF_BITS) as usize;
         Self { nbits, leaves: (0..nleaves).map(|_| OnceLock::new()).collect() }
-    }
-
-    pub(crate) fn len(&self) -> u64 {
-        self.nbits
     }
 
     /// Sets bits `[first, end)`; returns how many were clear before.
@@ -124,15 +129,6 @@ impl SparseBits {
         end
     }
 
-    /// Number of set bits (a scan; callers keep their own counters on hot paths).
-    pub(crate) fn count(&self) -> u64 {
-        self.leaves
-            .iter()
-            .filter_map(|l| l.get())
-            .map(|l| l.iter().map(|w| u64::from(w.load(Ordering::Acquire).count_ones())).sum::<u64>())
-            .sum()
-    }
-
     /// Heap bytes in use.
     pub(crate) fn memory_bytes(&self) -> usize {
         let allocated = self.leaves.iter().filter(|l| l.get().is_some()).count();
@@ -140,7 +136,7 @@ impl SparseBits {
     }
 
     /// Allocated leaves with at least one bit set, as (leaf index, little-endian words).
-    pub(crate) fn export_leaves(&self) -> Vec<(u32, Vec<u8>)> {
+    pub(crate) fn export_leaves(&self) -> Leaves {
         let mut out = Vec::new();
         for (i, l) in self.leaves.iter().enumerate() {
             let Some(l) = l.get() else { continue };

@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::bits::SparseBits;
+use crate::bits::{Leaves, SparseBits};
 
 /// Smallest tracking granularity in bytes.
 pub const MIN_GRANULARITY: u64 = 512;
@@ -277,7 +277,7 @@ impl DirtyMap {
     }
 
     /// The dirty and zero sets as serialized leaves (for the state file).
-    pub(crate) fn export(&self) -> (Vec<(u32, Vec<u8>)>, Vec<(u32, Vec<u8>)>) {
+    pub(crate) fn export(&self) -> (Leaves, Leaves) {
         (self.dirty.export_leaves(), self.zero.export_leaves())
     }
 

@@ -11,5 +11,15 @@
 
 mod bits;
 mod dirty;
+mod format;
+pub mod media;
+mod preserve;
+mod tracker;
 
 pub use dirty::{BlockState, DirtyMap, Extent, GranularityError, MAX_GRANULARITY, MIN_GRANULARITY};
+pub use format::{FormatError, AL_MAX_REGIONS};
+pub use media::{DirMedia, Media, SimMedia};
+pub use tracker::{
+    CutInfo, Generation, GenerationStatus, ImageRead, Options, Recovery, Status, TrackError, Tracker,
+    WriteTicket, MAX_GENERATIONS,
+};
