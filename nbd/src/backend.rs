@@ -258,6 +258,24 @@ impl Backend {
     }
 }
 
+impl tracker::ImageRead for Backend {
+    /// Reads for pre-images; with O_DIRECT, through an aligned bounce buffer.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if !self.direct {
+            return Backend::read_at(self, buf, offset);
+        }
+        let align = u64::from(self.min_block.max(512));
+        let start = offset / align * align;
+        let end = (offset + buf.len() as u64).div_ceil(align) * align;
+        let mut bounce = AlignedBuf::zeroed((end - start) as usize);
+        let len = bounce.len().min((self.size - start) as usize);
+        Backend::read_at(self, &mut bounce.as_mut_slice()[..len], start)?;
+        let lo = (offset - start) as usize;
+        buf.copy_from_slice(&bounce.as_slice()[lo..lo + buf.len()]);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

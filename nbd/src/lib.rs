@@ -21,5 +21,5 @@ pub mod sys;
 
 pub use backend::{Backend, ImageKind, OpenError};
 pub use engine::EngineKind;
-pub use export::Export;
+pub use export::{Catalog, Export, ExportKind, StaticCatalog, TrackedCatalog};
 pub use server::{Listener, Server, Shutdown};

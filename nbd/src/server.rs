@@ -21,7 +21,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::socket::{getsockname, AddressFamily, SockaddrLike, SockaddrStorage};
 
 use crate::engine::{self, Ending, EngineKind};
-use crate::export::{Conn, Export};
+use crate::export::{Catalog, Conn, Export};
 use crate::proto::handshake::{Handshake, Outcome};
 use crate::proto::transmission::Session;
 
@@ -129,17 +129,16 @@ impl Listener {
 
 /// The NBD server: its exports, listeners and engine.
 pub struct Server {
-    exports: Vec<Arc<Export>>,
+    catalog: Arc<dyn Catalog>,
     listeners: Vec<Listener>,
     engine: EngineKind,
     shutdown: Arc<Shutdown>,
 }
 
 impl Server {
-    /// A server offering `exports` (the first is the default) on `listeners`.
-    pub fn new(exports: Vec<Arc<Export>>, listeners: Vec<Listener>, engine: EngineKind) -> io::Result<Self> {
-        assert!(!exports.is_empty(), "a server needs an export");
-        Ok(Self { exports, listeners, engine, shutdown: Arc::new(Shutdown::new()?) })
+    /// A server offering the exports of `catalog` (the first is the default) on `listeners`.
+    pub fn new(catalog: Arc<dyn Catalog>, listeners: Vec<Listener>, engine: EngineKind) -> io::Result<Self> {
+        Ok(Self { catalog, listeners, engine, shutdown: Arc::new(Shutdown::new()?) })
     }
 
     /// The handle that stops `run`.
@@ -178,12 +177,12 @@ impl Server {
                 } {
                     next_id += 1;
                     let id = next_id;
-                    let exports = self.exports.clone();
+                    let catalog = self.catalog.clone();
                     let shutdown = self.shutdown.clone();
                     let engine = self.engine;
                     let t = std::thread::Builder::new()
                         .name(format!("nbd-conn-{id}"))
-                        .spawn(move || serve_connection(id, peer, sock, &exports, engine, &shutdown))?;
+                        .spawn(move || serve_connection(id, peer, sock, &*catalog, engine, &shutdown))?;
                     threads.push(t);
                 }
             }
@@ -232,11 +231,12 @@ fn serve_connection(
     id: u64,
     peer: String,
     sock: OwnedFd,
-    exports: &[Arc<Export>],
+    catalog: &dyn Catalog,
     engine: EngineKind,
     shutdown: &Shutdown,
 ) {
     let mut file = File::from(sock);
+    let exports: Vec<Arc<Export>> = catalog.exports();
     let mut hs = Handshake::new(exports.iter().map(|e| e.info.clone()).collect());
     let mut buf = Vec::new();
     let negotiated = loop {

@@ -4,7 +4,10 @@
 //! crates together; the work lives in `nbd`, `tracker` and (later) `agent`.
 #![forbid(unsafe_code)]
 
+mod control;
 mod serve;
+mod size;
+mod status;
 
 use std::io::IsTerminal;
 
@@ -24,6 +27,17 @@ struct Cli {
 enum Command {
     /// Serve a disk image or block device over NBD, tracking every change (the tracking shim).
     Serve(serve::ServeArgs),
+    /// Freeze the current dirty set as a new generation (served as export `gen-N`).
+    Cut(status::ControlArgs),
+    /// Drop generation N and free its preserved pre-images.
+    Release {
+        /// The generation to release.
+        generation: u64,
+        #[command(flatten)]
+        control: status::ControlArgs,
+    },
+    /// Show generations, dirty bytes, preserve usage, the over-report bound and resync state.
+    Status(status::ControlArgs),
 }
 
 fn main() {
@@ -40,6 +54,9 @@ fn main() {
         .init();
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
+        Command::Cut(c) => status::cut(&c),
+        Command::Release { generation, control } => status::release(&control, generation),
+        Command::Status(c) => status::status(&c),
     };
     if let Err(e) = result {
         eprintln!("siterep: {e:#}");

@@ -1,13 +1,16 @@
 //! `siterep serve`: the tracking NBD shim.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use nbd::{Backend, EngineKind, Export, Listener, Server};
+use nbd::{Backend, Catalog, EngineKind, Export, Listener, Server, StaticCatalog, TrackedCatalog};
 use nix::sys::signal::{SigSet, Signal};
-use tracker::DirtyMap;
+use tracker::{DirMedia, Media, Options, Tracker};
+
+use crate::control;
+use crate::size::parse_size;
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -31,9 +34,19 @@ pub struct ServeArgs {
     /// Do not track changes (benchmark baselines only: nothing is recorded for replication).
     #[arg(long)]
     no_track: bool,
-    /// Dirty-tracking granularity in bytes: a power of two from 512 to 1048576.
-    #[arg(long, default_value_t = 4096, value_name = "BYTES")]
+    /// Dirty-tracking granularity in bytes: a power of two from 512 to 1048576 (K/M suffixes).
+    #[arg(long, default_value = "4096", value_name = "BYTES", value_parser = parse_size)]
     granularity: u64,
+    /// Keep the tracking state here so it survives restarts and crashes (one directory per disk).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Most pre-image bytes kept for unreleased generations (e.g. 1G); beyond it a generation
+    /// is marked inconsistent instead of blocking writes.
+    #[arg(long, default_value = "1G", value_name = "BYTES", value_parser = parse_size)]
+    preserve_limit: u64,
+    /// Control socket for `siterep cut|release|status` (default: the NBD socket path + ".ctl").
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
     /// I/O engine: io_uring, plain pread/pwrite, or auto (io_uring when the kernel allows).
     #[arg(long, value_enum, default_value_t = EngineArg::Auto)]
     engine: EngineArg,
@@ -72,14 +85,23 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if listeners.is_empty() {
         bail!("nothing to listen on: give --socket PATH, --listen HOST:PORT, or start by socket activation");
     }
+    if args.no_track && args.state_dir.is_some() {
+        bail!("--no-track and --state-dir contradict each other");
+    }
 
-    let backend = Backend::open(&args.image, args.read_only, args.direct)?;
-    let dirty = if args.no_track {
+    let backend = Arc::new(Backend::open(&args.image, args.read_only, args.direct)?);
+    let tracker = if args.no_track {
         tracing::warn!("--no-track: changes are NOT recorded; use this for benchmark baselines only");
         None
     } else {
-        Some(Arc::new(DirtyMap::new(backend.size(), args.granularity)?))
+        Some(open_tracker(&args, backend.clone())?)
     };
+    let control = match (&tracker, &args.socket, &args.control) {
+        (None, _, _) => None,
+        (Some(_), Some(sock), c) => Some(control::control_path(sock, c.as_deref())),
+        (Some(_), None, c) => c.clone(),
+    };
+    let control_listener = control.as_deref().map(control::bind).transpose()?;
     let engine = match args.engine {
         EngineArg::Auto => EngineKind::detect(),
         EngineArg::Uring => EngineKind::Uring,
@@ -93,21 +115,102 @@ pub fn run(args: ServeArgs) -> Result<()> {
         read_only = args.read_only,
         granularity = args.granularity,
         tracking = !args.no_track,
+        state_dir = ?args.state_dir,
+        control = ?control,
         "serving"
     );
-    let export = Arc::new(Export::new(&args.export, backend, args.read_only, dirty));
-    let server = Server::new(vec![export], listeners, engine)?;
+    let live = Arc::new(Export::live(&args.export, backend, args.read_only, tracker.clone()));
+    let catalog: Arc<dyn Catalog> = match &tracker {
+        Some(t) => Arc::new(TrackedCatalog::new(live, t.clone())),
+        None => Arc::new(StaticCatalog(vec![live])),
+    };
+    let server = Server::new(catalog, listeners, engine)?;
     let shutdown = server.shutdown_handle();
+    let control_thread = match (control_listener, &tracker) {
+        (Some(l), Some(t)) => {
+            let (t, s) = (t.clone(), shutdown.clone());
+            Some(std::thread::Builder::new().name("control".into()).spawn(move || control::serve(l, t, s))?)
+        }
+        _ => None,
+    };
+    let s = shutdown.clone();
     std::thread::Builder::new().name("signals".into()).spawn(move || {
         if let Ok(sig) = signals.wait() {
             tracing::info!("{sig:?}: finishing in-flight requests");
         }
-        shutdown.trigger();
+        s.trigger();
     })?;
     server.run()?;
-    if let Some(path) = &args.socket {
+    if let Some(t) = control_thread {
+        let _ = t.join();
+    }
+    if let Some(t) = &tracker {
+        // Every connection has finished: write the complete state.
+        t.close().context("writing the tracking state at shutdown")?;
+    }
+    for path in args.socket.iter().chain(control.iter()) {
         let _ = std::fs::remove_file(path);
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Opens the tracker: persistent with `--state-dir` (recovering what it holds), else in memory
+/// with pre-images in an anonymous file under /var/tmp.
+fn open_tracker(args: &ServeArgs, backend: Arc<Backend>) -> Result<Arc<Tracker>> {
+    let opts =
+        Options { granularity: args.granularity, preserve_limit: args.preserve_limit, ..Options::default() };
+    let (media, preserve): (Option<Box<dyn Media>>, std::fs::File) = match &args.state_dir {
+        Some(dir) => {
+            let media = DirMedia::open(dir)
+                .with_context(|| format!("cannot use state directory {}", dir.display()))?;
+            claim_state_dir(dir, &args.image)?;
+            let preserve = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(dir.join("preserve.dat"))
+                .context("opening the preserve store")?;
+            (Some(Box::new(media)), preserve)
+        }
+        None => {
+            (None, anonymous_file(Path::new("/var/tmp")).context("creating the preserve store in /var/tmp")?)
+        }
+    };
+    let (tracker, recovery) = Tracker::open(backend.size(), &opts, backend, media, preserve)?;
+    if let Some(why) = &recovery.resync_required {
+        tracing::warn!("resync required: {why}");
+    }
+    if recovery.after_crash {
+        tracing::warn!(
+            hot_regions = recovery.hot_regions,
+            generations = recovery.generations,
+            "recovered tracking state after an unclean shutdown (hot regions marked dirty whole)"
+        );
+    }
+    Ok(tracker)
+}
+
+/// Records which image a state directory tracks, and refuses another image's directory.
+fn claim_state_dir(dir: &Path, image: &Path) -> Result<()> {
+    let image = std::fs::canonicalize(image)?;
+    let marker = dir.join("image");
+    match std::fs::read_to_string(&marker) {
+        Ok(owner) if Path::new(owner.trim_end()) != image => {
+            bail!("state directory {} tracks {}, not {}", dir.display(), owner.trim_end(), image.display())
+        }
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::write(&marker, format!("{}\n", image.display()))?;
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A file with no name (O_TMPFILE) in `dir`: it disappears with the process.
+fn anonymous_file(dir: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_TMPFILE).mode(0o600).open(dir)
 }

@@ -70,7 +70,8 @@ pub fn serve(conn: &Conn, sock: File, shutdown: &Shutdown) -> Result<Ending, Con
             }
             Ok(Command::Read { offset, len, df }) => {
                 let mut buf = pool.get(len as usize);
-                match backend.read_at(buf.as_mut_slice(), offset) {
+                let r = backend.read_at(buf.as_mut_slice(), offset);
+                match r.and_then(|()| conn.export.after_read(buf.as_mut_slice(), offset)) {
                     Err(e) => transmission::error_reply(&mut out, raw.cookie, structured, Errno::from_io(&e)),
                     Ok(()) => match conn.sparse_read_reply(raw.cookie, offset, buf.as_slice(), df) {
                         Some(reply) => out = reply,
@@ -90,8 +91,10 @@ pub fn serve(conn: &Conn, sock: File, shutdown: &Shutdown) -> Result<Ending, Con
             Ok(Command::Write { offset, len, fua }) => {
                 let mut buf = pool.get(len as usize);
                 rd.read_exact(buf.as_mut_slice()).map_err(read_err)?;
-                conn.export.mark(offset, len.into());
-                match backend.write_at(buf.as_slice(), offset, fua) {
+                let ticket = conn.export.begin_write(offset, len.into());
+                let r = backend.write_at(buf.as_slice(), offset, fua);
+                conn.export.end_write(ticket, offset, len.into(), false);
+                match r {
                     Ok(()) => transmission::ok_reply(&mut out, raw.cookie, structured),
                     Err(e) => transmission::error_reply(&mut out, raw.cookie, structured, Errno::from_io(&e)),
                 }

@@ -22,6 +22,7 @@ use crate::proto::consts::REQUEST_LEN;
 use crate::proto::transmission::{self, Command, RawRequest};
 use crate::proto::Errno;
 use crate::server::Shutdown;
+use tracker::WriteTicket;
 
 const RING_ENTRIES: u32 = 256;
 /// Most image operations in flight per connection; more requests wait in the receive buffer.
@@ -38,7 +39,7 @@ const UD_CANCEL: u64 = u64::MAX - 3;
 
 enum OpKind {
     Read { buf: AlignedBuf, offset: u64, df: bool, done: usize },
-    Write { buf: AlignedBuf, offset: u64, fua: bool, done: usize },
+    Write { buf: AlignedBuf, offset: u64, fua: bool, done: usize, ticket: Option<WriteTicket> },
     Flush,
 }
 
@@ -408,7 +409,7 @@ impl Engine<'_> {
                     .offset(*offset + *done as u64)
                     .build()
             }
-            OpKind::Write { buf, offset, fua, done } => {
+            OpKind::Write { buf, offset, fua, done, .. } => {
                 let rest = &buf.as_slice()[*done..];
                 let flags = if *fua { libc::RWF_DSYNC } else { 0 };
                 opcode::Write::new(fd, rest.as_ptr(), rest.len() as u32)
@@ -428,11 +429,9 @@ impl Engine<'_> {
             return;
         };
         // Invariant 1: the extent is dirty before the write can be acknowledged.
-        self.conn.export.mark(p.offset, buf.len() as u64);
-        let idx = self.alloc_op(Op {
-            cookie: p.cookie,
-            kind: OpKind::Write { buf, offset: p.offset, fua: p.fua, done: 0 },
-        });
+        let ticket = self.conn.export.begin_write(p.offset, buf.len() as u64);
+        let kind = OpKind::Write { buf, offset: p.offset, fua: p.fua, done: 0, ticket };
+        let idx = self.alloc_op(Op { cookie: p.cookie, kind });
         self.submit_op(idx);
     }
 
@@ -459,6 +458,17 @@ impl Engine<'_> {
             // A read that hits the end of a file that shrank under us.
             0 if matches!(op.kind, OpKind::Read { .. }) => Some(Errno::Io),
             _ => None,
+        };
+        let mut op = op;
+        let errno = match (&mut op.kind, errno) {
+            (OpKind::Write { offset, ticket, buf, .. }, e) => {
+                self.conn.export.end_write(*ticket, *offset, buf.len() as u64, false);
+                e
+            }
+            (OpKind::Read { buf, offset, .. }, None) => {
+                self.conn.export.after_read(buf.as_mut_slice(), *offset).err().map(|e| Errno::from_io(&e))
+            }
+            (_, e) => e,
         };
         let mut head = std::mem::replace(&mut self.scratch, Vec::with_capacity(256));
         match (op.kind, errno) {

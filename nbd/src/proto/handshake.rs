@@ -322,12 +322,8 @@ impl Handshake {
             let matches = if queries.is_empty() {
                 !set
             } else {
-                queries.iter().any(|q| {
-                    *q == n.as_str()
-                        || (!set
-                            && (*q == "base:" || *q == "qemu:" || *q == "qemu:dirty-bitmap:")
-                            && n.starts_with(q))
-                })
+                // LIST also takes a namespace (or namespace prefix ending in ':') as a wildcard.
+                queries.iter().any(|q| *q == n.as_str() || (!set && q.ends_with(':') && n.starts_with(q)))
             };
             if matches {
                 selected.push(i);
@@ -601,6 +597,8 @@ mod tests {
         c.option(OPT_LIST_META_CONTEXT, &meta_data("disk", &[]));
         let r = c.replies();
         assert_eq!(r.len(), 3);
+        c.option(OPT_LIST_META_CONTEXT, &meta_data("disk", &["qemu:dirty-bitmap:"]));
+        assert_eq!(c.replies().len(), 2);
         assert_eq!(&r[1].2[4..], b"qemu:dirty-bitmap:live");
         c.option(OPT_LIST_META_CONTEXT, &meta_data("disk", &["qemu:", "x-unknown:foo"]));
         assert_eq!(c.replies().len(), 2);

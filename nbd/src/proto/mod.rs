@@ -77,8 +77,10 @@ pub struct BlockSizes {
 pub enum MetaContext {
     /// `base:allocation`: holes and zeroes of the image.
     Allocation,
-    /// `qemu:dirty-bitmap:NAME`: a dirty set in qemu's format.
+    /// `qemu:dirty-bitmap:NAME`: a dirty set in qemu's format (bit 0: dirty).
     DirtyBitmap(String),
+    /// `siterep:changes:NAME`: the same set, bit 1 marking dirty blocks known to be zero.
+    Changes(String),
 }
 
 impl MetaContext {
@@ -86,6 +88,7 @@ impl MetaContext {
         match self {
             MetaContext::Allocation => "base:allocation".to_string(),
             MetaContext::DirtyBitmap(n) => format!("qemu:dirty-bitmap:{n}"),
+            MetaContext::Changes(n) => format!("siterep:changes:{n}"),
         }
     }
 }
