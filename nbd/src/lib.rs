@@ -15,6 +15,7 @@ pub mod backend;
 pub mod buf;
 pub mod engine;
 pub mod export;
+pub mod kernel;
 pub mod proto;
 pub mod server;
 pub mod sys;

@@ -130,6 +130,8 @@ impl Listener {
 /// The NBD server: its exports, listeners and engine.
 pub struct Server {
     catalog: Arc<dyn Catalog>,
+    /// Threads of connections that did not come through a listener.
+    extra: std::sync::Mutex<Vec<JoinHandle<()>>>,
     listeners: Vec<Listener>,
     engine: EngineKind,
     shutdown: Arc<Shutdown>,
@@ -138,12 +140,31 @@ pub struct Server {
 impl Server {
     /// A server offering the exports of `catalog` (the first is the default) on `listeners`.
     pub fn new(catalog: Arc<dyn Catalog>, listeners: Vec<Listener>, engine: EngineKind) -> io::Result<Self> {
-        Ok(Self { catalog, listeners, engine, shutdown: Arc::new(Shutdown::new()?) })
+        Ok(Self {
+            catalog,
+            extra: Default::default(),
+            listeners,
+            engine,
+            shutdown: Arc::new(Shutdown::new()?),
+        })
     }
 
     /// The handle that stops `run`.
     pub fn shutdown_handle(&self) -> Arc<Shutdown> {
         self.shutdown.clone()
+    }
+
+    /// Serves a socket that is already in the transmission phase (a kernel NBD device's
+    /// connection) on its own thread; `run` waits for it at shutdown.
+    pub fn spawn_transmission(&self, sock: OwnedFd, conn: Conn, peer: String) -> io::Result<()> {
+        let shutdown = self.shutdown.clone();
+        let engine = self.engine;
+        let t = std::thread::Builder::new().name("nbd-kernel".into()).spawn(move || {
+            let file = File::from(sock);
+            run_engine(0, &peer, &conn, file, engine, &shutdown);
+        })?;
+        lock(&self.extra).push(t);
+        Ok(())
     }
 
     /// Accepts and serves connections until shutdown, then waits for every connection.
@@ -188,12 +209,17 @@ impl Server {
             }
             threads.retain(|t| !t.is_finished());
         }
+        threads.append(&mut lock(&self.extra));
         tracing::info!("shutting down: waiting for {} connection(s) to finish", threads.len());
         for t in threads {
             let _ = t.join();
         }
         Ok(())
     }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Reads exactly `buf.len()` bytes, giving up on shutdown or after the handshake timeout.
@@ -270,9 +296,13 @@ fn serve_connection(
     let session = Session::new(&export.info, negotiated.structured, !negotiated.contexts.is_empty());
     let conn = Conn { export, session, contexts: negotiated.contexts };
     tracing::debug!(id, %peer, export = %conn.export.info.name, structured = session.structured, "connected");
+    run_engine(id, &peer, &conn, file, engine, shutdown);
+}
+
+fn run_engine(id: u64, peer: &str, conn: &Conn, file: File, engine: EngineKind, shutdown: &Shutdown) {
     let result = match engine {
-        EngineKind::Uring => engine::uring::serve(&conn, &file, shutdown),
-        EngineKind::Sync => engine::sync::serve(&conn, file, shutdown),
+        EngineKind::Uring => engine::uring::serve(conn, &file, shutdown),
+        EngineKind::Sync => engine::sync::serve(conn, file, shutdown),
     };
     match result {
         Ok(Ending::ClientDone) => tracing::debug!(id, %peer, "disconnected"),

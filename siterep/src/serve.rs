@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
+use nbd::kernel::KernelDevice;
 use nbd::{Backend, Catalog, EngineKind, Export, Listener, Server, StaticCatalog, TrackedCatalog};
 use nix::sys::signal::{SigSet, Signal};
 use tracker::{DirMedia, Media, Options, Tracker};
@@ -44,6 +45,13 @@ pub struct ServeArgs {
     /// is marked inconsistent instead of blocking writes.
     #[arg(long, default_value = "1G", value_name = "BYTES", value_parser = parse_size)]
     preserve_limit: u64,
+    /// Connect the kernel's NBD driver to the shim: the disk appears as this device
+    /// (e.g. /dev/nbd0; needs the nbd module). SIGTERM flushes and detaches it.
+    #[arg(long, value_name = "DEVICE")]
+    attach: Option<PathBuf>,
+    /// Connections between the kernel device and the shim (multi-queue).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    connections: u16,
     /// Control socket for `siterep cut|release|status` (default: the NBD socket path + ".ctl").
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
@@ -82,8 +90,19 @@ pub fn run(args: ServeArgs) -> Result<()> {
     for addr in &args.listen {
         listeners.push(Listener::tcp(addr).with_context(|| format!("cannot listen on {addr}"))?);
     }
-    if listeners.is_empty() {
-        bail!("nothing to listen on: give --socket PATH, --listen HOST:PORT, or start by socket activation");
+    if listeners.is_empty() && args.attach.is_none() {
+        bail!("nothing to serve: give --socket PATH, --listen HOST:PORT, --attach DEVICE, or use socket activation");
+    }
+    if args.attach.is_some() {
+        // The shim may back a filesystem on this very machine: it must not wait on reclaim that
+        // waits on it, nor be paged out.
+        if let Err(e) = nbd::sys::set_io_flusher() {
+            tracing::warn!("PR_SET_IO_FLUSHER failed ({e}); under memory pressure the device may stall");
+        }
+        nix::sys::mman::mlockall(
+            nix::sys::mman::MlockAllFlags::MCL_CURRENT | nix::sys::mman::MlockAllFlags::MCL_FUTURE,
+        )
+        .context("locking memory (mlockall)")?;
     }
     if args.no_track && args.state_dir.is_some() {
         bail!("--no-track and --state-dir contradict each other");
@@ -121,11 +140,18 @@ pub fn run(args: ServeArgs) -> Result<()> {
     );
     let live = Arc::new(Export::live(&args.export, backend, args.read_only, tracker.clone()));
     let catalog: Arc<dyn Catalog> = match &tracker {
-        Some(t) => Arc::new(TrackedCatalog::new(live, t.clone())),
-        None => Arc::new(StaticCatalog(vec![live])),
+        Some(t) => Arc::new(TrackedCatalog::new(live.clone(), t.clone())),
+        None => Arc::new(StaticCatalog(vec![live.clone()])),
     };
     let server = Server::new(catalog, listeners, engine)?;
     let shutdown = server.shutdown_handle();
+    let device = match &args.attach {
+        Some(dev) => Some(
+            KernelDevice::attach(dev, live, args.connections.into(), &server)
+                .with_context(|| format!("cannot attach {}", dev.display()))?,
+        ),
+        None => None,
+    };
     let control_thread = match (control_listener, &tracker) {
         (Some(l), Some(t)) => {
             let (t, s) = (t.clone(), shutdown.clone());
@@ -137,6 +163,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
     std::thread::Builder::new().name("signals".into()).spawn(move || {
         if let Ok(sig) = signals.wait() {
             tracing::info!("{sig:?}: finishing in-flight requests");
+        }
+        if let Some(dev) = device {
+            // The kernel flushes and disconnects first, so its last requests are answered.
+            if let Err(e) = dev.detach() {
+                tracing::error!("detaching the kernel device: {e}");
+            }
         }
         s.trigger();
     })?;
