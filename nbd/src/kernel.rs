@@ -57,8 +57,8 @@ impl KernelDevice {
         // Clears a stale configuration; harmless on an idle device.
         let _ = nbd_ioctl(dev.as_fd(), NbdIoctl::ClearSock);
         let size = export.info.size;
-        let block = if size % 4096 == 0 { 4096u32 } else { 512 };
-        if size % u64::from(block) != 0 {
+        let block = if size.is_multiple_of(4096) { 4096u32 } else { 512 };
+        if !size.is_multiple_of(u64::from(block)) {
             return Err(io::Error::other("the image size must be a multiple of 512 bytes to attach it"));
         }
         let block = block.max(export.info.block_sizes.minimum);
