@@ -131,8 +131,10 @@ impl Session {
         if len == 0 {
             return Err(Errno::Inval);
         }
+        // "Block size constraints": a payload above the advertised maximum is EINVAL (EOVERFLOW
+        // is reserved for DF reads the server would have to fragment, which we never do).
         if (raw.kind == CMD_READ || raw.kind == CMD_WRITE) && len > MAX_PAYLOAD {
-            return Err(Errno::Overflow);
+            return Err(Errno::Inval);
         }
         let min = u64::from(self.min_block.max(1));
         if offset % min != 0 || u64::from(len) % min != 0 {
@@ -276,8 +278,8 @@ mod tests {
         assert_eq!(s.validate(&req(CMD_WRITE_ZEROES, 0, size, 1)), Err(Errno::NoSpc));
         assert_eq!(s.validate(&req(CMD_READ, 0, size - 1, 2)), Err(Errno::Inval));
         assert_eq!(s.validate(&req(CMD_TRIM, 0, u64::MAX, 2)), Err(Errno::Inval));
-        assert_eq!(s.validate(&req(CMD_READ, 0, 0, MAX_PAYLOAD + 1)), Err(Errno::Overflow));
-        assert_eq!(s.validate(&req(CMD_WRITE, 0, 0, MAX_PAYLOAD + 1)), Err(Errno::Overflow));
+        assert_eq!(s.validate(&req(CMD_READ, 0, 0, MAX_PAYLOAD + 1)), Err(Errno::Inval));
+        assert_eq!(s.validate(&req(CMD_WRITE, 0, 0, MAX_PAYLOAD + 1)), Err(Errno::Inval));
         assert_eq!(s.validate(&req(CMD_READ, 0, 0, 0)), Err(Errno::Inval));
         assert_eq!(s.validate(&req(42, 0, 0, 1)), Err(Errno::Inval));
         assert_eq!(s.validate(&req(CMD_READ, 1 << 9, 0, 1)), Err(Errno::Inval), "unknown flag");
