@@ -13,6 +13,7 @@
 
 pub mod backend;
 pub mod buf;
+pub mod client;
 pub mod engine;
 pub mod export;
 pub mod kernel;

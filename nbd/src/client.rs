@@ -1,0 +1,382 @@
+//! A small blocking NBD client (fixed newstyle, structured replies, metadata contexts), for the
+//! agent to read generation exports of a local shim. One request in flight per client; open
+//! several clients for parallelism (exports advertise CAN_MULTI_CONN).
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use crate::proto::consts::*;
+use crate::proto::transmission::RawRequest;
+use crate::proto::{MAX_EXTENTS, MAX_PAYLOAD, MAX_STRING_LEN};
+
+/// Why a client operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    #[error("connection: {0}")]
+    Io(#[from] io::Error),
+    #[error("the server broke the protocol: {0}")]
+    Protocol(String),
+    #[error("the server refused option {option}: reply {reply:#x} {message}")]
+    Refused { option: u32, reply: u32, message: String },
+    #[error("the server failed the request: errno {0}")]
+    Errno(u32),
+    #[error("the export has no metadata context {0}")]
+    NoContext(String),
+}
+
+fn proto(msg: impl Into<String>) -> ClientError {
+    ClientError::Protocol(msg.into())
+}
+
+/// A connected client in the transmission phase.
+pub struct Client {
+    rd: BufReader<UnixStream>,
+    wr: BufWriter<UnixStream>,
+    size: u64,
+    flags: u16,
+    contexts: HashMap<String, u32>,
+    cookie: u64,
+}
+
+fn read_u16(r: &mut impl Read) -> io::Result<u16> {
+    let mut b = [0u8; 2];
+    r.read_exact(&mut b)?;
+    Ok(u16::from_be_bytes(b))
+}
+fn read_u32(r: &mut impl Read) -> io::Result<u32> {
+    let mut b = [0u8; 4];
+    r.read_exact(&mut b)?;
+    Ok(u32::from_be_bytes(b))
+}
+fn read_u64(r: &mut impl Read) -> io::Result<u64> {
+    let mut b = [0u8; 8];
+    r.read_exact(&mut b)?;
+    Ok(u64::from_be_bytes(b))
+}
+
+impl Client {
+    /// Connects to `export` on the Unix socket `path`, negotiating structured replies and the
+    /// metadata `contexts` (all must exist).
+    pub fn connect_unix(path: &Path, export: &str, contexts: &[&str]) -> Result<Self, ClientError> {
+        let sock = UnixStream::connect(path)?;
+        let mut c = Self {
+            rd: BufReader::with_capacity(1 << 20, sock.try_clone()?),
+            wr: BufWriter::with_capacity(64 << 10, sock),
+            size: 0,
+            flags: 0,
+            contexts: HashMap::new(),
+            cookie: 0,
+        };
+        c.handshake(export, contexts)?;
+        Ok(c)
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn flags(&self) -> u16 {
+        self.flags
+    }
+
+    fn option(&mut self, option: u32, data: &[u8]) -> Result<(), ClientError> {
+        self.wr.write_all(&IHAVEOPT.to_be_bytes())?;
+        self.wr.write_all(&option.to_be_bytes())?;
+        self.wr.write_all(&(data.len() as u32).to_be_bytes())?;
+        self.wr.write_all(data)?;
+        self.wr.flush()?;
+        Ok(())
+    }
+
+    /// Reads one option reply: (type, data).
+    fn reply(&mut self, option: u32) -> Result<(u32, Vec<u8>), ClientError> {
+        if read_u64(&mut self.rd)? != REPLY_MAGIC_OPT {
+            return Err(proto("bad option reply magic"));
+        }
+        if read_u32(&mut self.rd)? != option {
+            return Err(proto("option reply for another option"));
+        }
+        let kind = read_u32(&mut self.rd)?;
+        let len = read_u32(&mut self.rd)?;
+        if len as usize > 64 << 10 {
+            return Err(proto("option reply too long"));
+        }
+        let mut data = vec![0u8; len as usize];
+        self.rd.read_exact(&mut data)?;
+        if kind & (1 << 31) != 0 {
+            return Err(ClientError::Refused {
+                option,
+                reply: kind,
+                message: String::from_utf8_lossy(&data).into(),
+            });
+        }
+        Ok((kind, data))
+    }
+
+    fn handshake(&mut self, export: &str, contexts: &[&str]) -> Result<(), ClientError> {
+        if read_u64(&mut self.rd)? != NBDMAGIC || read_u64(&mut self.rd)? != IHAVEOPT {
+            return Err(proto("not a fixed-newstyle NBD server"));
+        }
+        let hflags = read_u16(&mut self.rd)?;
+        if hflags & FLAG_FIXED_NEWSTYLE == 0 {
+            return Err(proto("server lacks fixed newstyle"));
+        }
+        let mut cflags = FLAG_C_FIXED_NEWSTYLE;
+        if hflags & FLAG_NO_ZEROES != 0 {
+            cflags |= FLAG_C_NO_ZEROES;
+        }
+        self.wr.write_all(&cflags.to_be_bytes())?;
+        self.option(OPT_STRUCTURED_REPLY, &[])?;
+        let (kind, _) = self.reply(OPT_STRUCTURED_REPLY)?;
+        if kind != REP_ACK {
+            return Err(proto("structured replies not acknowledged"));
+        }
+        if export.len() > MAX_STRING_LEN {
+            return Err(proto("export name too long"));
+        }
+        if !contexts.is_empty() {
+            let mut d = (export.len() as u32).to_be_bytes().to_vec();
+            d.extend_from_slice(export.as_bytes());
+            d.extend_from_slice(&(contexts.len() as u32).to_be_bytes());
+            for q in contexts {
+                d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+                d.extend_from_slice(q.as_bytes());
+            }
+            self.option(OPT_SET_META_CONTEXT, &d)?;
+            loop {
+                let (kind, data) = self.reply(OPT_SET_META_CONTEXT)?;
+                match kind {
+                    REP_ACK => break,
+                    REP_META_CONTEXT if data.len() >= 4 => {
+                        let id = u32::from_be_bytes(data[..4].try_into().expect("4 bytes"));
+                        self.contexts.insert(String::from_utf8_lossy(&data[4..]).into_owned(), id);
+                    }
+                    _ => return Err(proto("unexpected reply to SET_META_CONTEXT")),
+                }
+            }
+            for q in contexts {
+                if !self.contexts.contains_key(*q) {
+                    return Err(ClientError::NoContext(q.to_string()));
+                }
+            }
+        }
+        let mut d = (export.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(export.as_bytes());
+        d.extend_from_slice(&0u16.to_be_bytes());
+        self.option(OPT_GO, &d)?;
+        loop {
+            let (kind, data) = self.reply(OPT_GO)?;
+            match kind {
+                REP_ACK => break,
+                REP_INFO if data.len() >= 2 => {
+                    if u16::from_be_bytes([data[0], data[1]]) == INFO_EXPORT && data.len() == 12 {
+                        self.size = u64::from_be_bytes(data[2..10].try_into().expect("8 bytes"));
+                        self.flags = u16::from_be_bytes([data[10], data[11]]);
+                    }
+                }
+                _ => return Err(proto("unexpected reply to GO")),
+            }
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, kind: u16, flags: u16, offset: u64, length: u32) -> Result<u64, ClientError> {
+        self.cookie += 1;
+        let r = RawRequest { flags, kind, cookie: self.cookie, offset, length };
+        self.wr.write_all(&r.encode())?;
+        self.wr.flush()?;
+        Ok(self.cookie)
+    }
+
+    /// Reads one structured chunk header: (flags, type, length).
+    fn chunk_header(&mut self, cookie: u64) -> Result<(u16, u16, u32), ClientError> {
+        let magic = read_u32(&mut self.rd)?;
+        if magic != STRUCTURED_REPLY_MAGIC {
+            return Err(proto(format!("expected a structured reply, got magic {magic:#x}")));
+        }
+        let flags = read_u16(&mut self.rd)?;
+        let kind = read_u16(&mut self.rd)?;
+        if read_u64(&mut self.rd)? != cookie {
+            return Err(proto("reply for an unexpected cookie"));
+        }
+        let len = read_u32(&mut self.rd)?;
+        if len > MAX_PAYLOAD + 64 {
+            return Err(proto("reply chunk too long"));
+        }
+        Ok((flags, kind, len))
+    }
+
+    fn error_chunk(&mut self, len: u32) -> Result<ClientError, ClientError> {
+        if len < 6 {
+            return Err(proto("short error chunk"));
+        }
+        let errno = read_u32(&mut self.rd)?;
+        io::copy(&mut (&mut self.rd).take(u64::from(len) - 4), &mut io::sink())?;
+        Ok(ClientError::Errno(errno))
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (at most 32 MiB).
+    pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), ClientError> {
+        if buf.len() > MAX_PAYLOAD as usize {
+            return Err(proto("read larger than the maximum payload"));
+        }
+        let cookie = self.send(CMD_READ, 0, offset, buf.len() as u32)?;
+        let mut failure = None;
+        loop {
+            let (flags, kind, len) = self.chunk_header(cookie)?;
+            match kind {
+                REPLY_TYPE_OFFSET_DATA => {
+                    let at = read_u64(&mut self.rd)?;
+                    let n = len.checked_sub(8).ok_or_else(|| proto("short data chunk"))? as u64;
+                    if at < offset || at + n > offset + buf.len() as u64 {
+                        return Err(proto("data chunk outside the request"));
+                    }
+                    let s = (at - offset) as usize;
+                    self.rd.read_exact(&mut buf[s..s + n as usize])?;
+                }
+                REPLY_TYPE_OFFSET_HOLE => {
+                    if len != 12 {
+                        return Err(proto("bad hole chunk"));
+                    }
+                    let at = read_u64(&mut self.rd)?;
+                    let n = u64::from(read_u32(&mut self.rd)?);
+                    if at < offset || at + n > offset + buf.len() as u64 {
+                        return Err(proto("hole chunk outside the request"));
+                    }
+                    let s = (at - offset) as usize;
+                    buf[s..s + n as usize].fill(0);
+                }
+                REPLY_TYPE_NONE if len == 0 => {}
+                k if k & (1 << 15) != 0 => failure = Some(self.error_chunk(len)?),
+                _ => return Err(proto("unexpected chunk in a read reply")),
+            }
+            if flags & REPLY_FLAG_DONE != 0 {
+                break;
+            }
+        }
+        failure.map_or(Ok(()), Err)
+    }
+
+    /// The extents of `context` over `[offset, offset+len)`: (length, flags), covering at least
+    /// a prefix of the range (ask again for the rest).
+    pub fn block_status(
+        &mut self,
+        offset: u64,
+        len: u32,
+        context: &str,
+    ) -> Result<Vec<(u32, u32)>, ClientError> {
+        let id = *self.contexts.get(context).ok_or_else(|| ClientError::NoContext(context.into()))?;
+        let cookie = self.send(CMD_BLOCK_STATUS, 0, offset, len)?;
+        let mut out = Vec::new();
+        let mut failure = None;
+        loop {
+            let (flags, kind, clen) = self.chunk_header(cookie)?;
+            match kind {
+                REPLY_TYPE_BLOCK_STATUS => {
+                    if clen < 12 || (clen - 4) % 8 != 0 || (clen - 4) / 8 > MAX_EXTENTS as u32 * 16 {
+                        return Err(proto("bad block status chunk"));
+                    }
+                    let cid = read_u32(&mut self.rd)?;
+                    let n = (clen - 4) / 8;
+                    let mut ext = Vec::with_capacity(n as usize);
+                    for _ in 0..n {
+                        ext.push((read_u32(&mut self.rd)?, read_u32(&mut self.rd)?));
+                    }
+                    if cid == id {
+                        out = ext;
+                    }
+                }
+                REPLY_TYPE_NONE if clen == 0 => {}
+                k if k & (1 << 15) != 0 => failure = Some(self.error_chunk(clen)?),
+                _ => return Err(proto("unexpected chunk in a block status reply")),
+            }
+            if flags & REPLY_FLAG_DONE != 0 {
+                break;
+            }
+        }
+        if let Some(f) = failure {
+            return Err(f);
+        }
+        if out.is_empty() || out.iter().any(|(l, _)| *l == 0) {
+            return Err(proto("block status without extents"));
+        }
+        Ok(out)
+    }
+
+    /// Every extent of `context` over the whole export, as (offset, length, flags).
+    pub fn map(&mut self, context: &str) -> Result<Vec<(u64, u64, u32)>, ClientError> {
+        let mut out: Vec<(u64, u64, u32)> = Vec::new();
+        let mut pos = 0u64;
+        while pos < self.size {
+            let len = (self.size - pos).min(1 << 31) as u32;
+            for (l, f) in self.block_status(pos, len, context)? {
+                let l = u64::from(l).min(self.size - pos);
+                if l == 0 {
+                    break;
+                }
+                match out.last_mut() {
+                    Some(last) if last.2 == f && last.0 + last.1 == pos => last.1 += l,
+                    _ => out.push((pos, l, f)),
+                }
+                pos += l;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Ends the session politely.
+    pub fn disconnect(mut self) -> Result<(), ClientError> {
+        self.send(CMD_DISC, 0, 0, 0)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::{Export, StaticCatalog};
+    use crate::{Backend, EngineKind, Listener, Server};
+    use std::sync::Arc;
+
+    #[test]
+    fn reads_and_maps_through_our_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("img");
+        let f = std::fs::File::create(&img).unwrap();
+        f.set_len(8 << 20).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &vec![7u8; 1 << 20], 2 << 20).unwrap();
+        let backend = Arc::new(Backend::open(&img, false, false).unwrap());
+        let export = Arc::new(Export::live("disk", backend, false, None));
+        let sock = dir.path().join("s");
+        let server = Arc::new(
+            Server::new(
+                Arc::new(StaticCatalog(vec![export])),
+                vec![Listener::unix(&sock).unwrap()],
+                EngineKind::detect(),
+            )
+            .unwrap(),
+        );
+        let s = server.clone();
+        let t = std::thread::spawn(move || s.run().unwrap());
+        let mut c = Client::connect_unix(&sock, "disk", &["base:allocation"]).unwrap();
+        assert_eq!(c.size(), 8 << 20);
+        let mut buf = vec![1u8; 3 << 20];
+        c.read(1 << 20, &mut buf).unwrap();
+        assert!(buf[..1 << 20].iter().all(|&b| b == 0), "hole reads as zeroes");
+        assert!(buf[1 << 20..2 << 20].iter().all(|&b| b == 7));
+        let map = c.map("base:allocation").unwrap();
+        assert_eq!(map, vec![(0, 2 << 20, 3), (2 << 20, 1 << 20, 0), (3 << 20, 5 << 20, 3)]);
+        assert!(matches!(c.read(8 << 20, &mut [0u8; 1]), Err(ClientError::Errno(22))));
+        assert!(matches!(
+            Client::connect_unix(&sock, "nope", &[]),
+            Err(ClientError::Refused { reply: REP_ERR_UNKNOWN, .. })
+        ));
+        c.disconnect().unwrap();
+        server.shutdown_handle().trigger();
+        t.join().unwrap();
+    }
+}
