@@ -19,11 +19,11 @@ use crate::sys;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum OpenError {
-    #[error("cannot open {path}: {source}")]
+    #[error("cannot open {path}")]
     Open { path: PathBuf, source: io::Error },
     #[error("{path} is neither a regular file nor a block device")]
     NotAnImage { path: PathBuf },
-    #[error("cannot read the size of {path}: {source}")]
+    #[error("cannot read the size of {path}")]
     Size { path: PathBuf, source: io::Error },
 }
 

@@ -16,7 +16,7 @@ use crate::proto::{MAX_EXTENTS, MAX_PAYLOAD, MAX_STRING_LEN};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ClientError {
-    #[error("connection: {0}")]
+    #[error("NBD connection failed")]
     Io(#[from] io::Error),
     #[error("the server broke the protocol: {0}")]
     Protocol(String),

@@ -25,8 +25,50 @@ use crate::export::{Catalog, Conn, Export};
 use crate::proto::handshake::{Handshake, Outcome};
 use crate::proto::transmission::Session;
 
-/// How long a client may take to send each piece of the handshake.
+/// How long a client may take to send each piece of the handshake, or to take our replies.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long shutdown waits for connections to answer what they received before it cuts off
+/// the ones that are still busy (typically clients that stopped reading replies).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Open connection sockets (duplicates), so shutdown can cut off clients that stop reading.
+#[derive(Default)]
+struct OpenSockets {
+    next: std::sync::atomic::AtomicU64,
+    map: std::sync::Mutex<std::collections::HashMap<u64, OwnedFd>>,
+}
+
+/// Removes its socket from the registry when the connection ends.
+struct Registered<'a> {
+    set: &'a OpenSockets,
+    id: u64,
+}
+
+impl OpenSockets {
+    fn register(&self, sock: &File) -> Registered<'_> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        if let Ok(dup) = sock.as_fd().try_clone_to_owned() {
+            lock(&self.map).insert(id, dup);
+        }
+        Registered { set: self, id }
+    }
+
+    /// Shuts down every registered socket: blocked reads and writes fail at once.
+    fn cut_all(&self) {
+        for fd in lock(&self.map).values() {
+            let _ = nix::sys::socket::shutdown(
+                std::os::fd::AsRawFd::as_raw_fd(fd),
+                nix::sys::socket::Shutdown::Both,
+            );
+        }
+    }
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        lock(&self.set.map).remove(&self.id);
+    }
+}
 
 /// A server-wide shutdown signal: a flag plus an eventfd that wakes every waiting thread.
 #[derive(Debug)]
@@ -130,6 +172,7 @@ impl Listener {
 /// The NBD server: its exports, listeners and engine.
 pub struct Server {
     catalog: Arc<dyn Catalog>,
+    sockets: Arc<OpenSockets>,
     /// Threads of connections that did not come through a listener.
     extra: std::sync::Mutex<Vec<JoinHandle<()>>>,
     listeners: Vec<Listener>,
@@ -142,6 +185,7 @@ impl Server {
     pub fn new(catalog: Arc<dyn Catalog>, listeners: Vec<Listener>, engine: EngineKind) -> io::Result<Self> {
         Ok(Self {
             catalog,
+            sockets: Default::default(),
             extra: Default::default(),
             listeners,
             engine,
@@ -159,8 +203,10 @@ impl Server {
     pub fn spawn_transmission(&self, sock: OwnedFd, conn: Conn, peer: String) -> io::Result<()> {
         let shutdown = self.shutdown.clone();
         let engine = self.engine;
+        let sockets = self.sockets.clone();
         let t = std::thread::Builder::new().name("nbd-kernel".into()).spawn(move || {
             let file = File::from(sock);
+            let _registered = sockets.register(&file);
             run_engine(0, &peer, &conn, file, engine, &shutdown);
         })?;
         lock(&self.extra).push(t);
@@ -199,11 +245,12 @@ impl Server {
                     next_id += 1;
                     let id = next_id;
                     let catalog = self.catalog.clone();
+                    let sockets = self.sockets.clone();
                     let shutdown = self.shutdown.clone();
                     let engine = self.engine;
-                    let t = std::thread::Builder::new()
-                        .name(format!("nbd-conn-{id}"))
-                        .spawn(move || serve_connection(id, peer, sock, &*catalog, engine, &shutdown))?;
+                    let t = std::thread::Builder::new().name(format!("nbd-conn-{id}")).spawn(move || {
+                        serve_connection(id, peer, sock, &*catalog, engine, &shutdown, &sockets)
+                    })?;
                     threads.push(t);
                 }
             }
@@ -211,6 +258,17 @@ impl Server {
         }
         threads.append(&mut lock(&self.extra));
         tracing::info!("shutting down: waiting for {} connection(s) to finish", threads.len());
+        let deadline = Instant::now() + SHUTDOWN_GRACE;
+        while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let busy = threads.iter().filter(|t| !t.is_finished()).count();
+        if busy > 0 {
+            tracing::warn!(
+                "cutting off {busy} connection(s) still busy after {SHUTDOWN_GRACE:?} (clients not reading)"
+            );
+            self.sockets.cut_all();
+        }
         for t in threads {
             let _ = t.join();
         }
@@ -260,8 +318,13 @@ fn serve_connection(
     catalog: &dyn Catalog,
     engine: EngineKind,
     shutdown: &Shutdown,
+    sockets: &OpenSockets,
 ) {
     let mut file = File::from(sock);
+    let _registered = sockets.register(&file);
+    // A client that stops taking our handshake replies must not hold this thread forever.
+    let timeout = nix::sys::time::TimeVal::new(HANDSHAKE_TIMEOUT.as_secs() as _, 0);
+    let _ = nix::sys::socket::setsockopt(&file, nix::sys::socket::sockopt::SendTimeout, &timeout);
     let exports: Vec<Arc<Export>> = catalog.exports();
     let mut hs = Handshake::new(exports.iter().map(|e| e.info.clone()).collect());
     let mut buf = Vec::new();
@@ -292,6 +355,8 @@ fn serve_connection(
             }
         }
     };
+    let no_timeout = nix::sys::time::TimeVal::new(0, 0);
+    let _ = nix::sys::socket::setsockopt(&file, nix::sys::socket::sockopt::SendTimeout, &no_timeout);
     let export = exports[negotiated.export].clone();
     let session = Session::new(&export.info, negotiated.structured, !negotiated.contexts.is_empty());
     let conn = Conn { export, session, contexts: negotiated.contexts };
@@ -307,6 +372,6 @@ fn run_engine(id: u64, peer: &str, conn: &Conn, file: File, engine: EngineKind, 
     match result {
         Ok(Ending::ClientDone) => tracing::debug!(id, %peer, "disconnected"),
         Ok(Ending::Shutdown) => tracing::debug!(id, %peer, "closed for shutdown"),
-        Err(e) => tracing::info!(id, %peer, "connection dropped: {e}"),
+        Err(e) => tracing::info!(id, %peer, "connection dropped: {}", engine::chain(&e)),
     }
 }

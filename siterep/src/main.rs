@@ -4,7 +4,6 @@
 //! crates together; the work lives in `nbd`, `tracker` and (later) `agent`.
 #![forbid(unsafe_code)]
 
-mod control;
 mod serve;
 mod size;
 mod status;

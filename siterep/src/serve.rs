@@ -10,8 +10,8 @@ use nbd::{Backend, Catalog, EngineKind, Export, Listener, Server, StaticCatalog,
 use nix::sys::signal::{SigSet, Signal};
 use tracker::{DirMedia, Media, Options, Tracker};
 
-use crate::control;
 use crate::size::parse_size;
+use tracker::control;
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -120,7 +120,15 @@ pub fn run(args: ServeArgs) -> Result<()> {
         (Some(_), Some(sock), c) => Some(control::control_path(sock, c.as_deref())),
         (Some(_), None, c) => c.clone(),
     };
-    let control_listener = control.as_deref().map(control::bind).transpose()?;
+    let control_listener = match &control {
+        Some(path) => {
+            let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+            let r = control::bind(path);
+            nix::sys::stat::umask(old);
+            Some(r.with_context(|| format!("cannot create the control socket {}", path.display()))?)
+        }
+        None => None,
+    };
     let engine = match args.engine {
         EngineArg::Auto => EngineKind::detect(),
         EngineArg::Uring => EngineKind::Uring,
@@ -155,7 +163,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let control_thread = match (control_listener, &tracker) {
         (Some(l), Some(t)) => {
             let (t, s) = (t.clone(), shutdown.clone());
-            Some(std::thread::Builder::new().name("control".into()).spawn(move || control::serve(l, t, s))?)
+            Some(std::thread::Builder::new().name("control".into()).spawn(move || serve_control(l, t, s))?)
         }
         _ => None,
     };
@@ -245,4 +253,40 @@ fn claim_state_dir(dir: &Path, image: &Path) -> Result<()> {
 fn anonymous_file(dir: &Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_TMPFILE).mode(0o600).open(dir)
+}
+
+/// Serves control requests until `shutdown` fires, one thread per connection.
+fn serve_control(
+    listener: std::os::unix::net::UnixListener,
+    tracker: Arc<Tracker>,
+    shutdown: Arc<nbd::Shutdown>,
+) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let _ = listener.set_nonblocking(true);
+    let me = nix::unistd::geteuid().as_raw();
+    while !shutdown.is_set() {
+        let mut fds =
+            [PollFd::new(listener.as_fd(), PollFlags::POLLIN), PollFd::new(shutdown.fd(), PollFlags::POLLIN)];
+        if poll(&mut fds, PollTimeout::NONE).is_err() {
+            continue;
+        }
+        while let Ok((stream, _)) = listener.accept() {
+            let _ = stream.set_nonblocking(false);
+            let uid = match nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+            {
+                Ok(c) => c.uid(),
+                Err(e) => {
+                    tracing::warn!("control connection without credentials: {e}");
+                    continue;
+                }
+            };
+            let t = tracker.clone();
+            std::thread::spawn(move || {
+                if let Err(e) = control::handle(stream, uid, me, &t) {
+                    tracing::warn!("control connection: {e}");
+                }
+            });
+        }
+    }
 }

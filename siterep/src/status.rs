@@ -4,9 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
+use tracker::control::{self, Request};
 use tracker::{CutInfo, Status};
-
-use crate::control::{self, Request};
 
 #[derive(Args, Debug)]
 pub struct ControlArgs {
@@ -83,6 +82,16 @@ pub fn status(args: &ControlArgs) -> Result<()> {
     );
     println!("resync required:   {}", s.resync_required.as_deref().unwrap_or("no"));
     println!("next generation:   {}", s.next_generation);
+    println!("backlog:           {} bytes ({})", s.backlog_bytes, mib(s.backlog_bytes));
+    match (&s.last_replicated, s.rpo_ms) {
+        (Some(p), Some(rpo)) => println!(
+            "last point:        {} (generation {}), RPO {:.1} s",
+            p.point,
+            p.generation,
+            rpo as f64 / 1000.0
+        ),
+        _ => println!("last point:        none reported since the shim started"),
+    }
     if s.generations.is_empty() {
         println!("generations:       none unreleased");
     } else {

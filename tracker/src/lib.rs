@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 mod bits;
+pub mod control;
 mod dirty;
 mod format;
 pub mod media;
@@ -20,6 +21,6 @@ pub use dirty::{BlockState, DirtyMap, Extent, GranularityError, MAX_GRANULARITY,
 pub use format::{FormatError, AL_MAX_REGIONS};
 pub use media::{DirMedia, Media, SimMedia};
 pub use tracker::{
-    CutInfo, Generation, GenerationStatus, ImageRead, Options, Recovery, Status, TrackError, Tracker,
-    WriteTicket, MAX_GENERATIONS,
+    CutInfo, Generation, GenerationStatus, ImageRead, Options, Recovery, ReplicatedPoint, Status, TrackError,
+    Tracker, WriteTicket, MAX_GENERATIONS,
 };

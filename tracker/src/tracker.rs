@@ -80,7 +80,7 @@ pub enum TrackError {
     NoSuchGeneration(u64),
     #[error("{MAX_GENERATIONS} generations are unreleased; release some before cutting again")]
     TooManyGenerations,
-    #[error("tracking state I/O failed: {0}")]
+    #[error("tracking state I/O failed")]
     State(#[source] io::Error),
     #[error("tracking state is poisoned after an earlier failure: {0}")]
     Poisoned(String),
@@ -168,6 +168,16 @@ pub struct GenerationStatus {
     pub inconsistent: Option<String>,
 }
 
+/// The newest recovery point the agent committed from this disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReplicatedPoint {
+    pub point: u64,
+    pub generation: u64,
+    /// Cut time of its generation: the RPO is now minus this.
+    pub cut_unix_ms: u64,
+    pub committed_unix_ms: u64,
+}
+
 /// The tracker's state, for `siterep status`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Status {
@@ -185,6 +195,12 @@ pub struct Status {
     pub persistent: bool,
     pub resync_required: Option<String>,
     pub memory_bytes: u64,
+    /// Bytes waiting to be replicated: the live set plus every unreleased generation.
+    pub backlog_bytes: u64,
+    /// The newest point the agent reported (since this shim started).
+    pub last_replicated: Option<ReplicatedPoint>,
+    /// Milliseconds since the cut of `last_replicated`, when the status was taken.
+    pub rpo_ms: Option<u64>,
 }
 
 /// What recovery found when the tracker was opened.
@@ -248,6 +264,7 @@ pub struct Tracker {
     poisoned: Mutex<Option<String>>,
     bg: Arc<Background>,
     interval: Duration,
+    replicated: Mutex<Option<ReplicatedPoint>>,
 }
 
 impl std::fmt::Debug for Tracker {
@@ -310,6 +327,7 @@ impl Tracker {
             poisoned: Mutex::new(None),
             bg: Arc::new(Background { wake: Mutex::new((false, false)), cond: Condvar::new() }),
             interval: opts.checkpoint_interval,
+            replicated: Mutex::new(None),
         };
         let recovery = match &t.persist {
             None => Recovery {
@@ -624,6 +642,14 @@ impl Tracker {
         self.request_checkpoint();
     }
 
+    /// Records the newest recovery point the agent committed (for the RPO).
+    pub fn set_replicated(&self, point: ReplicatedPoint) {
+        let mut r = lock(&self.replicated);
+        if r.is_none_or(|old| old.generation <= point.generation) {
+            *r = Some(point);
+        }
+    }
+
     /// Clears resync-required after a resync brought the replica level with the disk.
     pub fn clear_resync(&self) {
         *lock(&self.resync) = None;
@@ -648,7 +674,13 @@ impl Tracker {
             + live.gens.iter().map(|g| g.map.memory_bytes()).sum::<usize>()
             + self.persist.as_ref().map_or(0, |p| p.regions.len());
         let poisoned = lock(&self.poisoned).clone();
+        let last_replicated = *lock(&self.replicated);
+        let backlog_bytes =
+            live.map.dirty_bytes() + live.gens.iter().map(|g| g.map.dirty_bytes()).sum::<u64>();
         Status {
+            backlog_bytes,
+            last_replicated,
+            rpo_ms: last_replicated.map(|p| now_ms().saturating_sub(p.cut_unix_ms)),
             size: self.size,
             granularity: self.granularity,
             live_dirty_bytes: live.map.dirty_bytes(),

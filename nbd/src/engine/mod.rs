@@ -29,6 +29,18 @@ impl EngineKind {
     }
 }
 
+/// `err` and its causes on one line, for logs.
+pub fn chain(err: &dyn std::error::Error) -> String {
+    let mut s = err.to_string();
+    let mut cur = err.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 /// How a connection's transmission phase ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Ending {
@@ -42,12 +54,12 @@ pub enum Ending {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConnError {
-    #[error("socket error: {0}")]
+    #[error("socket error")]
     Socket(#[source] std::io::Error),
-    #[error("protocol violation: {0}")]
+    #[error("protocol violation")]
     Protocol(#[from] crate::proto::transmission::BadMagic),
     #[error("client disconnected in the middle of a request")]
     Truncated,
-    #[error("io_uring error: {0}")]
+    #[error("io_uring error")]
     Ring(#[source] std::io::Error),
 }
