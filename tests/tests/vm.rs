@@ -1,0 +1,436 @@
+//! A real Linux kernel as the NBD client: Debian's 6.12 kernel booted under qemu (TCG, no KVM
+//! needed) by the harness in `tests/vm/`, with the host's root shared read-only over 9p so the
+//! guest runs the host's own tools.
+//!
+//! - `tests/vm/prepare` installs qemu/busybox and fetches the kernel (once; cached in
+//!   `target/vm/`), `tests/vm/run-guest SCRIPT [QEMU_ARGS…]` boots it and runs SCRIPT in the
+//!   guest, exiting with the script's status. [`Guest`] drives it from here.
+//! - Scenario "VM disk image": the guest's virtio disk *is* `siterep serve`'s export; ext4, files
+//!   and fio with verification on it, then the image must be clean and every block the guest
+//!   wrote must be inside the tracker's dirty map.
+//!
+//! A guest that cannot boot fails the test (with the console's tail); it never skips.
+//! `VM_TIMEOUT` (seconds, default 600) bounds each guest run.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use siterep_tests::image::{self, MIB};
+use siterep_tests::nbdinfo::{self, Extent};
+use siterep_tests::{describe, run, run_unchecked, scratch_dir, show_output, tool, wait_timeout, Serve};
+
+const DIRTY: &str = "qemu:dirty-bitmap:live";
+const BLOCK: u64 = 4096;
+
+// ---------------------------------------------------------------------------------------------
+// The harness: tests/vm/prepare and tests/vm/run-guest
+
+fn vm_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("vm")
+}
+
+/// Runs `tests/vm/prepare` once per test process: packages, kernel, initramfs. Returns the
+/// kernel directory. The first run downloads ~110 MB; later runs reuse the cache in seconds.
+fn prepare() -> &'static Path {
+    static KERNEL: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let prepared = KERNEL.get_or_init(|| {
+        let mut cmd = Command::new(vm_dir().join("prepare"));
+        let out = run_unchecked(&mut cmd, Duration::from_secs(30 * 60));
+        if !out.status.success() {
+            return Err(format!("tests/vm/prepare failed: the VM tests cannot run\n{}", show_output(&out)));
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let dir = PathBuf::from(stdout.lines().last().unwrap_or_default().trim());
+        if !dir.join("vmlinuz").is_file() || !dir.join("initramfs.cpio").is_file() {
+            return Err(format!(
+                "tests/vm/prepare printed {} but it has no vmlinuz + initramfs.cpio\n{}",
+                dir.display(),
+                show_output(&out)
+            ));
+        }
+        Ok(dir)
+    });
+    match prepared {
+        Ok(dir) => dir,
+        Err(message) => panic!("{message}"),
+    }
+}
+
+/// How long `run-guest` may take, as it is told (`VM_TIMEOUT`, default 600 s).
+fn vm_timeout() -> Duration {
+    let secs = std::env::var("VM_TIMEOUT").ok().and_then(|s| s.parse().ok()).unwrap_or(600);
+    Duration::from_secs(secs)
+}
+
+/// A qemu option value: commas are doubled.
+fn qemu_escape(value: &str) -> String {
+    value.replace(',', ",,")
+}
+
+/// One guest run: a host script run in the guest by `tests/vm/run-guest` (builder).
+#[derive(Debug)]
+struct Guest {
+    script: PathBuf,
+    results: PathBuf,
+    qemu_args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+impl Guest {
+    /// `script` runs in the guest (a host path; the guest sees the host's root read-only).
+    /// `results` is shared read-write with the guest at `$VM_RESULTS` (= /run/results); the
+    /// console log goes there too (`console.log`).
+    fn new(script: &Path, results: &Path) -> Guest {
+        Guest {
+            script: script.to_owned(),
+            results: results.to_owned(),
+            qemu_args: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+
+    /// A virtio disk in the guest (/dev/vda, /dev/vdb, … in order) that is the NBD export at
+    /// `uri` (`nbd+unix:///NAME?socket=PATH`); `cache=none`, so the guest's flushes reach the
+    /// server. Discards stay in qemu (its default `discard=ignore`): mkfs.ext4 would otherwise
+    /// trim the whole disk, marking all of it dirty and making coverage checks vacuous.
+    fn nbd_disk(mut self, uri: &str) -> Guest {
+        self.qemu_args.push("-drive".into());
+        self.qemu_args.push(format!("file={},format=raw,if=virtio,cache=none", qemu_escape(uri)));
+        self
+    }
+
+    /// Exports `GUEST_<name>=value` to the guest script.
+    fn env(mut self, name: &str, value: impl ToString) -> Guest {
+        self.env.push((format!("GUEST_{name}"), value.to_string()));
+        self
+    }
+
+    /// Boots the guest; the script runs while the caller does other things (e.g. kills the
+    /// server under it). [`RunningGuest::wait`] collects the outcome.
+    fn spawn(self) -> RunningGuest {
+        let kernel = prepare();
+        std::fs::create_dir_all(&self.results).expect("create the results directory");
+        let stderr_path = self.results.join("run-guest.stderr");
+        let stderr = File::create(&stderr_path).expect("create run-guest's stderr file");
+        let mut cmd = Command::new(vm_dir().join("run-guest"));
+        cmd.arg(&self.script)
+            .args(&self.qemu_args)
+            .env("VM_RESULTS", &self.results)
+            .env("VM_KERNEL_DIR", kernel)
+            .env("VM_TIMEOUT", vm_timeout().as_secs().to_string())
+            .stdin(Stdio::null())
+            .stdout(stderr.try_clone().expect("dup"))
+            .stderr(stderr);
+        for (name, value) in &self.env {
+            cmd.env(name, value);
+        }
+        let command_line = describe(&cmd);
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {command_line}: {e}"));
+        RunningGuest {
+            child,
+            command_line,
+            script: self.script,
+            results: self.results,
+            stderr: stderr_path,
+            started: Instant::now(),
+        }
+    }
+
+    /// Boots the guest and waits for its script; fails the test unless the script exits 0.
+    #[track_caller]
+    fn run(self) -> GuestRun {
+        let outcome = self.spawn().wait();
+        outcome.assert_success();
+        outcome
+    }
+}
+
+#[derive(Debug)]
+struct RunningGuest {
+    child: Child,
+    command_line: String,
+    script: PathBuf,
+    results: PathBuf,
+    stderr: PathBuf,
+    started: Instant,
+}
+
+impl RunningGuest {
+    /// Waits for `run-guest` (which enforces `VM_TIMEOUT` itself and kills qemu); fails the test
+    /// if the guest never ran the script: did not boot, init failed, qemu died or hung.
+    #[track_caller]
+    fn wait(mut self) -> GuestRun {
+        // run-guest's own timeout comes first; this one only catches a broken harness.
+        let limit = vm_timeout() + Duration::from_secs(60);
+        let status = wait_timeout(&mut self.child, limit);
+        if status.is_none() {
+            // SIGTERM lets run-guest kill its qemu; SIGKILL would orphan it.
+            let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+            if wait_timeout(&mut self.child, Duration::from_secs(10)).is_none() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+        // The results directory is usually a scratch dir removed with the test: keep the whole
+        // console log in target/vm/logs/ (the failure message only shows its tail).
+        let console_path = self.results.join("console.log");
+        let kept = prepare().parent().map(|vm| vm.join("logs")).and_then(|logs| {
+            std::fs::create_dir_all(&logs).ok()?;
+            let name = self.script.file_name()?.to_string_lossy().into_owned();
+            let dest = logs.join(format!("{name}.console.log"));
+            std::fs::copy(&console_path, &dest).ok().map(|_| dest)
+        });
+        let run = GuestRun {
+            command_line: self.command_line,
+            status: status.and_then(|s| s.code()),
+            stderr: std::fs::read_to_string(&self.stderr).unwrap_or_default(),
+            console: std::fs::read_to_string(&console_path).unwrap_or_default(),
+            console_kept: kept,
+            timing: read_timing(&self.results.join(".vm/timing")),
+            elapsed: self.started.elapsed(),
+        };
+        let Some(code) = run.status else {
+            panic!("tests/vm/run-guest did not finish within {limit:?} (killed)\n{}", run.context());
+        };
+        // The marker is the proof that the guest booted and ran the script; without it, the
+        // status is run-guest's own (124 timeout, 125 no boot / init failure / qemu died).
+        if run.result_marker().is_none() {
+            panic!(
+                "the VM did not run the guest script (run-guest exited {code}): it did not boot, \
+                 its init failed, qemu died or it timed out\n{}",
+                run.context()
+            );
+        }
+        run
+    }
+}
+
+/// What a guest run left behind.
+#[derive(Debug)]
+struct GuestRun {
+    command_line: String,
+    /// run-guest's exit status: the guest script's.
+    status: Option<i32>,
+    /// run-guest's messages (boot time, failures with the console's tail).
+    stderr: String,
+    console: String,
+    /// A copy of the whole console log that outlives the scratch directory.
+    console_kept: Option<PathBuf>,
+    /// `boot_s`, `script_s`, `total_s` as run-guest measured them.
+    timing: BTreeMap<String, f64>,
+    elapsed: Duration,
+}
+
+impl GuestRun {
+    /// The status in the guest's last `VM-RESULT: N` line.
+    fn result_marker(&self) -> Option<i32> {
+        self.console
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("VM-RESULT: "))
+            .and_then(|s| s.trim().parse().ok())
+    }
+
+    #[track_caller]
+    fn assert_success(&self) {
+        if self.status != Some(0) {
+            panic!("the guest script failed (exit {:?})\n{}", self.status, self.context());
+        }
+    }
+
+    fn timing(&self, key: &str) -> f64 {
+        self.timing.get(key).copied().unwrap_or(f64::NAN)
+    }
+
+    /// The command, run-guest's messages and the console's last 60 lines.
+    fn context(&self) -> String {
+        let lines: Vec<&str> = self.console.lines().collect();
+        let tail = lines[lines.len().saturating_sub(60)..].join("\n");
+        let kept = self.console_kept.as_ref().map_or("not kept".to_owned(), |p| p.display().to_string());
+        format!(
+            "command: {}\n--- run-guest ---\n{}\n--- console (last 60 lines; all of it: {kept}) ---\n{}",
+            self.command_line,
+            self.stderr.trim_end(),
+            tail
+        )
+    }
+}
+
+fn read_timing(path: &Path) -> BTreeMap<String, f64> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .filter_map(|(k, v)| Some((k.to_owned(), v.parse().ok()?)))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checks on the image after the guest is gone
+
+/// The 4 KiB blocks of `path` that are not all zeros (holes are skipped via SEEK_DATA).
+fn nonzero_blocks(path: &Path) -> Vec<u64> {
+    let file = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut blocks = Vec::new();
+    let mut buf = vec![0u8; MIB as usize];
+    for run in image::seek_layout(path).into_iter().filter(|r| r.data) {
+        let start = run.offset / BLOCK * BLOCK;
+        let end = run.offset + run.length;
+        let mut pos = start;
+        while pos < end {
+            let len = (end - pos).min(MIB) as usize;
+            let buf = &mut buf[..len];
+            file.read_exact_at(buf, pos).unwrap_or_else(|e| panic!("read {} at {pos}: {e}", path.display()));
+            for (i, block) in buf.chunks(BLOCK as usize).enumerate() {
+                if block.iter().any(|&b| b != 0) {
+                    blocks.push(pos / BLOCK + i as u64);
+                }
+            }
+            pos += len as u64;
+        }
+    }
+    blocks.dedup();
+    blocks
+}
+
+/// The blocks in `blocks` (sorted block numbers) not inside a dirty extent (`kind & 1`).
+fn not_covered(blocks: &[u64], map: &[Extent]) -> Vec<u64> {
+    let dirty: Vec<&Extent> = map.iter().filter(|e| e.kind & 1 == 1).collect();
+    blocks
+        .iter()
+        .copied()
+        .filter(|&b| {
+            let (start, end) = (b * BLOCK, (b + 1) * BLOCK);
+            // Extents are sorted and merged: the candidate is the last one starting at or
+            // before `start`.
+            let i = dirty.partition_point(|e| e.offset <= start);
+            i == 0 || dirty[i - 1].end() < end
+        })
+        .collect()
+}
+
+/// Block numbers as ranges, for messages: `[(first, last)]`.
+fn ranges(blocks: &[u64]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &b in blocks {
+        match out.last_mut() {
+            Some((_, last)) if *last + 1 == b => *last = b,
+            _ => out.push((b, b)),
+        }
+    }
+    out
+}
+
+/// Extracts the files listed in the guest's `sums` (sha256sum format, paths relative to the
+/// filesystem root) from the ext4 image with debugfs, and checks their checksums on the host.
+fn verify_files_on_host(image: &Path, sums: &Path, dir: &Path) -> usize {
+    let text = std::fs::read_to_string(sums).unwrap_or_else(|e| panic!("read {}: {e}", sums.display()));
+    let mut count = 0;
+    for line in text.lines() {
+        let (_, name) = line.split_once("  ").unwrap_or_else(|| panic!("bad sha256sum line {line:?}"));
+        let dest = dir.join(name);
+        std::fs::create_dir_all(dest.parent().unwrap()).expect("create extract dir");
+        let request = format!("dump /{name} {}", dest.display());
+        run(tool("debugfs").arg("-R").arg(&request).arg(image));
+        assert!(dest.is_file(), "debugfs -R '{request}' {} produced nothing", image.display());
+        count += 1;
+    }
+    let out = run_unchecked(tool("sha256sum").arg("-c").arg(sums).current_dir(dir), Duration::from_secs(120));
+    assert!(
+        out.status.success(),
+        "files the guest wrote read back differently from the image on the host\n{}",
+        show_output(&out)
+    );
+    count
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenarios
+
+/// A VM's disk served by the shim: the guest kernel's virtio-blk, through qemu's NBD client,
+/// writes an ext4 filesystem, files and fio's verified I/O; afterwards the image is a clean
+/// filesystem holding the same files, and the tracker over-reports: every block that is not
+/// zero (the image started as a hole) lies inside its dirty map.
+#[test]
+fn vm_disk_image_served_by_the_shim() {
+    const SIZE: u64 = 512 * MIB;
+    const DATA_MIB: u64 = 64;
+    const FIO_MIB: u64 = 64;
+    let started = Instant::now();
+    prepare();
+    let prepared_in = started.elapsed();
+
+    let dir = scratch_dir("vm");
+    let image = dir.path().join("disk.img");
+    image::create_sparse(&image, SIZE);
+    let server = Serve::new(&image).start();
+
+    let results = dir.path().join("results");
+    let guest = Guest::new(&vm_dir().join("guest/disk-image"), &results)
+        .nbd_disk(&server.uri())
+        .env("DISK", "/dev/vda")
+        .env("DISK_SIZE", SIZE)
+        .env("DATA_MIB", DATA_MIB)
+        .env("FIO_MIB", FIO_MIB)
+        .run();
+
+    // The filesystem as the server stored it, read without any NBD in between.
+    run(tool("e2fsck").args(["-f", "-n"]).arg(&image));
+    let files = verify_files_on_host(&image, &results.join("sums"), &dir.path().join("extracted"));
+    assert_eq!(files as u64, DATA_MIB / 8, "the guest should have written {DATA_MIB} MiB in 8 MiB files");
+
+    // Invariant 1, over-report never under-report: everything the guest wrote is dirty.
+    let written = nonzero_blocks(&image);
+    assert!(
+        written.len() as u64 * BLOCK >= (DATA_MIB + FIO_MIB) * MIB,
+        "only {} non-zero 4 KiB blocks in the image: the guest's {} MiB of data did not land in it",
+        written.len(),
+        DATA_MIB + FIO_MIB
+    );
+    let map = nbdinfo::merge(&nbdinfo::map(&server.uri(), Some(DIRTY), SIZE));
+    let missed = not_covered(&written, &map);
+    if !missed.is_empty() {
+        let missed_ranges = ranges(&missed);
+        panic!(
+            "{} of {} non-zero 4 KiB blocks are outside the dirty map (block ranges, first 20: {:?})\n\
+             dirty map: {map:?}\n--- server log ---\n{}",
+            missed.len(),
+            written.len(),
+            &missed_ranges[..missed_ranges.len().min(20)],
+            server.log()
+        );
+    }
+    let dirty_bytes: u64 = map.iter().filter(|e| e.kind & 1 == 1).map(|e| e.length).sum();
+    assert!(
+        dirty_bytes < SIZE,
+        "the whole disk is dirty: legal over-reporting, but then the check above proves nothing \
+         (did a discard of the whole disk reach the server?)"
+    );
+
+    let stop_took = server.stop();
+    eprintln!(
+        "vm_disk_image_served_by_the_shim: prepare {:.1} s; guest boot {:.1} s, script {:.1} s, \
+         run-guest total {:.1} s ({:.1} s wall); {} MiB non-zero in the image, {} MiB dirty; \
+         server stopped in {:?}; whole test {:.1} s",
+        prepared_in.as_secs_f64(),
+        guest.timing("boot_s"),
+        guest.timing("script_s"),
+        guest.timing("total_s"),
+        guest.elapsed.as_secs_f64(),
+        written.len() as u64 * BLOCK / MIB,
+        dirty_bytes / MIB,
+        stop_took,
+        started.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn coverage_helpers() {
+    let map = [Extent::new(0, 8192, 1), Extent::new(8192, 8192, 0), Extent::new(16384, 4096, 1)];
+    assert_eq!(not_covered(&[0, 1, 2, 3, 4], &map), vec![2, 3]);
+    assert_eq!(ranges(&[2, 3, 7, 9, 10]), vec![(2, 3), (7, 7), (9, 10)]);
+}
