@@ -1,5 +1,88 @@
-//! The replication agent (mobility service): drains tracked generations to the recovery site.
+//! The replication agent (mobility service): drains the shim's tracked generations to the
+//! recovery server as blake3-hashed, zstd-compressed, deduplicated deltas.
 //!
-//! Nothing is built here yet; the replication issue (#5) fills it. The crate exists so the
-//! workspace shows the architecture described in `DESIGN.md`.
+//! - [`run`] is the loop: connect, register the disk, copy it whole the first time (resumable,
+//!   skipping holes), then every interval cut a generation, ship it, wait for the server's
+//!   durable commit, release it. Transient failures retry with backoff; fatal ones stop.
+//! - [`ship`] turns extents into chunks, reads them through NBD with several connections,
+//!   hashes and compresses them in parallel, asks the server which it already has, and sends the
+//!   rest, with bounded memory.
+//! - [`link`] is the framed TLS connection; [`tls`] builds mutual-TLS configurations.
 #![forbid(unsafe_code)]
+
+pub mod link;
+pub mod run;
+pub mod ship;
+pub mod tls;
+
+use std::io;
+
+pub use run::{parse_duration, run, AgentConfig, AppConsistency, Summary};
+
+/// Why the agent stopped or a cycle failed. [`AgentError::is_fatal`] tells retry from stop.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    #[error("cannot connect to the server")]
+    Connect(#[source] io::Error),
+    #[error("TLS failed")]
+    Tls(#[source] rustls::Error),
+    #[error("connection to the server failed")]
+    Io(#[source] io::Error),
+    #[error("the server sent a malformed frame")]
+    Wire(#[source] wire::WireError),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("version mismatch: {0}")]
+    Version(String),
+    #[error("the server refused (code {code}): {message}")]
+    Server { fatal: bool, code: u16, message: String },
+    #[error("the shim's control socket failed")]
+    Control(#[from] tracker::control::ControlError),
+    #[error("reading the disk through NBD failed")]
+    Nbd(#[from] nbd::client::ClientError),
+    #[error("{0}")]
+    Config(String),
+}
+
+impl AgentError {
+    /// Errors retrying cannot fix: authentication, authorization, version, configuration.
+    pub fn is_fatal(&self) -> bool {
+        match self {
+            AgentError::Tls(e) => tls_is_fatal(e),
+            AgentError::Version(_) | AgentError::Config(_) => true,
+            AgentError::Server { fatal, .. } => *fatal,
+            _ => false,
+        }
+    }
+
+    /// Unwraps rustls errors that arrive as I/O errors.
+    pub fn from_tls_io(e: io::Error) -> Self {
+        let tls = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()).cloned();
+        match tls {
+            Some(t) => AgentError::Tls(t),
+            None => AgentError::Io(e),
+        }
+    }
+}
+
+fn tls_is_fatal(e: &rustls::Error) -> bool {
+    use rustls::AlertDescription as A;
+    match e {
+        rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented => true,
+        rustls::Error::AlertReceived(a) => matches!(
+            a,
+            A::BadCertificate
+                | A::UnsupportedCertificate
+                | A::CertificateRevoked
+                | A::CertificateExpired
+                | A::CertificateUnknown
+                | A::UnknownCA
+                | A::AccessDenied
+                | A::CertificateRequired
+                | A::HandshakeFailure
+                | A::ProtocolVersion
+        ),
+        _ => false,
+    }
+}

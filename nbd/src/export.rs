@@ -114,6 +114,30 @@ impl Export {
         }
     }
 
+    /// Allocation as this export reads: the image's holes, except that a generation's dirty
+    /// blocks are data (their content at the cut may be a pre-image, whatever the image holds now).
+    pub fn allocation(&self, offset: u64, len: u64, max: usize) -> io::Result<Vec<(u64, bool)>> {
+        let runs = self.backend.allocation(offset, len, max)?;
+        let ExportKind::Generation { generation, .. } = &self.kind else { return Ok(runs) };
+        let mut out: Vec<(u64, bool)> = Vec::with_capacity(runs.len());
+        let mut push = |l: u64, hole: bool| match out.last_mut() {
+            Some(last) if last.1 == hole => last.0 += l,
+            _ => out.push((l, hole)),
+        };
+        let mut pos = offset;
+        for (l, hole) in runs {
+            if !hole {
+                push(l, false);
+            } else {
+                for (e, st) in generation.map().runs(pos, l, usize::MAX) {
+                    push(e.len, st == BlockState::Clean);
+                }
+            }
+            pos += l;
+        }
+        Ok(out)
+    }
+
     /// The tracked runs this export reports for its dirty-bitmap contexts.
     fn change_runs(&self, offset: u64, len: u64, max: usize) -> Vec<(Extent, BlockState)> {
         match &self.kind {
@@ -234,7 +258,6 @@ impl Conn {
             let extents: Vec<(u32, u32)> = match &self.export.info.contexts[idx] {
                 MetaContext::Allocation => self
                     .export
-                    .backend
                     .allocation(offset, len.into(), max)
                     .map_err(|e| Errno::from_io(&e))?
                     .into_iter()

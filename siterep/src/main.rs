@@ -4,6 +4,8 @@
 //! crates together; the work lives in `nbd`, `tracker` and (later) `agent`.
 #![forbid(unsafe_code)]
 
+mod recovery;
+mod replicate;
 mod serve;
 mod size;
 mod status;
@@ -37,6 +39,14 @@ enum Command {
     },
     /// Show generations, dirty bytes, preserve usage, the over-report bound and resync state.
     Status(status::ControlArgs),
+    /// Replicate a protected disk's generations to a recovery server (the mobility service).
+    Agent(replicate::AgentArgs),
+    /// Receive replicated disks and keep their recovery points (process server + master target).
+    Server(replicate::ServerArgs),
+    /// List or tag a disk's recovery points in a store.
+    Points(recovery::PointsArgs),
+    /// Restore a recovery point to an image file (sparse, hash-verified).
+    Restore(recovery::RestoreArgs),
 }
 
 fn main() {
@@ -56,6 +66,10 @@ fn main() {
         Command::Cut(c) => status::cut(&c),
         Command::Release { generation, control } => status::release(&control, generation),
         Command::Status(c) => status::status(&c),
+        Command::Agent(a) => replicate::agent(a),
+        Command::Server(a) => replicate::server(a),
+        Command::Points(a) => recovery::points(a),
+        Command::Restore(a) => recovery::restore(a),
     };
     if let Err(e) = result {
         eprintln!("siterep: {e:#}");

@@ -84,8 +84,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
     for fd in nbd::sys::take_listen_fds().context("socket activation")? {
         listeners.push(Listener::from_activated(fd).context("adopting an activated socket")?);
     }
+    // Socket files this run created go away however it ends.
+    let mut created = SocketFiles(Vec::new());
     if let Some(path) = &args.socket {
         listeners.push(Listener::unix(path).with_context(|| format!("cannot listen on {}", path.display()))?);
+        created.0.push(path.clone());
     }
     for addr in &args.listen {
         listeners.push(Listener::tcp(addr).with_context(|| format!("cannot listen on {addr}"))?);
@@ -125,7 +128,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
             let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
             let r = control::bind(path);
             nix::sys::stat::umask(old);
-            Some(r.with_context(|| format!("cannot create the control socket {}", path.display()))?)
+            let l = r.with_context(|| format!("cannot create the control socket {}", path.display()))?;
+            created.0.push(path.clone());
+            Some(l)
         }
         None => None,
     };
@@ -188,15 +193,23 @@ pub fn run(args: ServeArgs) -> Result<()> {
         // Every connection has finished: write the complete state.
         t.close().context("writing the tracking state at shutdown")?;
     }
-    for path in args.socket.iter().chain(control.iter()) {
-        let _ = std::fs::remove_file(path);
-    }
     tracing::info!("stopped");
     Ok(())
 }
 
+/// Removes the socket files it names when dropped.
+struct SocketFiles(Vec<PathBuf>);
+
+impl Drop for SocketFiles {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 /// Opens the tracker: persistent with `--state-dir` (recovering what it holds), else in memory
-/// with pre-images in an anonymous file under /var/tmp.
+/// with pre-images in an anonymous file under $TMPDIR (default /var/tmp).
 fn open_tracker(args: &ServeArgs, backend: Arc<Backend>) -> Result<Arc<Tracker>> {
     let opts =
         Options { granularity: args.granularity, preserve_limit: args.preserve_limit, ..Options::default() };
@@ -215,7 +228,12 @@ fn open_tracker(args: &ServeArgs, backend: Arc<Backend>) -> Result<Arc<Tracker>>
             (Some(Box::new(media)), preserve)
         }
         None => {
-            (None, anonymous_file(Path::new("/var/tmp")).context("creating the preserve store in /var/tmp")?)
+            let dir =
+                std::env::var_os("TMPDIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/tmp"));
+            let file = anonymous_file(&dir).with_context(|| {
+                format!("creating the preserve store in {} (set TMPDIR or use --state-dir)", dir.display())
+            })?;
+            (None, file)
         }
     };
     let (tracker, recovery) = Tracker::open(backend.size(), &opts, backend, media, preserve)?;

@@ -11,12 +11,18 @@
 //!   failing with its output when it exits non-zero or hangs.
 //! - [`image`], [`nbdinfo`], [`json`]: scratch images and their SEEK_DATA layout, and nbdinfo's
 //!   JSON as typed values.
+//! - [`control`]: `siterep cut | release | status` against a running shim, and raw requests to
+//!   its control socket.
+//! - [`blockdev`]: an export as a block device without the kernel NBD driver (nbdfuse, then a
+//!   loop device).
 //!
 //! Environment: `SITEREP_BIN` overrides the binary under test; otherwise the `siterep` binary
 //! of this test's Cargo profile is (re)built with `cargo build -p siterep` (once per test
 //! binary, so a stale server is never tested). `SITEREP_TEST_TMPDIR` overrides where scratch
 //! images and sockets go. The server's own log filter is `SITEREP_LOG` (inherited).
 
+pub mod blockdev;
+pub mod control;
 pub mod image;
 pub mod json;
 pub mod nbdinfo;
@@ -59,6 +65,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("mount", "mount"),
     ("umount", "mount"),
     ("python3", "python3"),
+    ("setpriv", "util-linux"),
 ];
 
 /// The full path of the program `name`, or a test failure naming the package to install.
@@ -307,7 +314,14 @@ fn locate_or_build() -> Result<PathBuf, String> {
     Ok(bin)
 }
 
-/// Options for one `siterep serve` run (builder); [`Serve::start`] starts it.
+/// A `Command` running the `siterep` binary under test (e.g. `siterep cut --socket …`).
+pub fn siterep() -> Command {
+    Command::new(siterep_bin())
+}
+
+/// Options for one `siterep serve` run (builder); [`Serve::start`] starts it. To restart a
+/// server on the same image and state (after [`Server::stop`] or [`Server::kill`]), keep a clone
+/// of the builder with an explicit [`Serve::socket`] and start it again.
 #[derive(Debug, Clone)]
 pub struct Serve {
     image: PathBuf,
@@ -319,6 +333,9 @@ pub struct Serve {
     engine: Option<String>,
     listen: bool,
     socket: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    preserve_limit: Option<u64>,
+    extra: Vec<std::ffi::OsString>,
 }
 
 impl Serve {
@@ -333,7 +350,28 @@ impl Serve {
             engine: None,
             listen: false,
             socket: None,
+            state_dir: None,
+            preserve_limit: None,
+            extra: Vec::new(),
         }
+    }
+
+    /// `--state-dir DIR`: persistent tracking state (created if missing).
+    pub fn state_dir(mut self, dir: &Path) -> Serve {
+        self.state_dir = Some(dir.to_owned());
+        self
+    }
+
+    /// `--preserve-limit BYTES`.
+    pub fn preserve_limit(mut self, bytes: u64) -> Serve {
+        self.preserve_limit = Some(bytes);
+        self
+    }
+
+    /// Any further argument, appended after the others (e.g. `--control PATH`).
+    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Serve {
+        self.extra.push(arg.as_ref().to_owned());
+        self
     }
 
     /// Serve on this socket path instead of a fresh one beside the image.
@@ -415,6 +453,16 @@ impl Serve {
         if let Some(engine) = &self.engine {
             cmd.arg("--engine").arg(engine);
         }
+        if let Some(dir) = &self.state_dir {
+            if !dir.exists() {
+                std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+            }
+            cmd.arg("--state-dir").arg(dir);
+        }
+        if let Some(bytes) = self.preserve_limit {
+            cmd.arg("--preserve-limit").arg(bytes.to_string());
+        }
+        cmd.args(&self.extra);
         let log_file = File::create(&log).expect("create server log");
         cmd.stdin(Stdio::null()).stdout(log_file.try_clone().expect("dup")).stderr(log_file);
         let command_line = describe(&cmd);
@@ -474,6 +522,32 @@ impl Server {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log)
             .unwrap_or_else(|e| format!("<cannot read {}: {e}>", self.log.display()))
+    }
+
+    /// The default control socket beside the NBD socket: `PATH.ctl` (unless the server was
+    /// started with `--control`).
+    pub fn control_socket(&self) -> PathBuf {
+        control::control_path(&self.socket)
+    }
+
+    /// Kills the server with SIGKILL (a crash: nothing is flushed or written at exit) and reaps
+    /// it; fails the test unless it died of that signal. The socket files stay behind, as after
+    /// a real crash.
+    #[track_caller]
+    pub fn kill(mut self) {
+        use std::os::unix::process::ExitStatusExt;
+        let mut child = self.child.take().expect("server running");
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            panic!("server had already exited with {status} before SIGKILL\n{}", self.context());
+        }
+        sys::kill(child.id(), libc::SIGKILL).expect("send SIGKILL to the server");
+        let status = child.wait().expect("wait for the killed server");
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGKILL),
+            "server exit after SIGKILL: {status}\n{}",
+            self.context()
+        );
     }
 
     /// Sends SIGTERM and waits up to [`SERVER_TIMEOUT`]; fails the test (with the server's log) if

@@ -96,11 +96,13 @@ fn execute(tracker: &Tracker, req: Request) -> Result<Value, String> {
 /// Serves one control connection from a peer with uid `peer_uid` (SO_PEERCRED).
 pub fn handle(stream: UnixStream, peer_uid: u32, my_uid: u32, tracker: &Tracker) -> io::Result<()> {
     let mut out = stream.try_clone()?;
+    let mut rd = BufReader::new(stream);
     if peer_uid != my_uid && peer_uid != 0 {
+        // Take the request first, so the client's write succeeds and it reads the refusal.
+        let _ = (&mut rd).take(MAX_REQUEST).read_line(&mut String::new());
         writeln!(out, "{}", serde_json::json!({"ok": false, "error": "permission denied"}))?;
         return Err(io::Error::new(io::ErrorKind::PermissionDenied, format!("refused uid {peer_uid}")));
     }
-    let mut rd = BufReader::new(stream);
     loop {
         let mut line = String::new();
         let n = (&mut rd).take(MAX_REQUEST).read_line(&mut line)?;
@@ -131,9 +133,15 @@ pub fn call(path: &Path, req: &Request) -> Result<Value, ControlError> {
     let stream = UnixStream::connect(path)
         .map_err(|source| ControlError::Connect { path: path.display().to_string(), source })?;
     let mut w = stream.try_clone()?;
-    writeln!(w, "{}", serde_json::to_string(req).map_err(|e| ControlError::BadReply(e.to_string()))?)?;
+    let sent =
+        writeln!(w, "{}", serde_json::to_string(req).map_err(|e| ControlError::BadReply(e.to_string()))?);
+    // Even if the write failed, the shim may have said why before closing.
     let mut line = String::new();
-    BufReader::new(stream).take(MAX_REPLY).read_line(&mut line)?;
+    let read = BufReader::new(stream).take(MAX_REPLY).read_line(&mut line);
+    if line.is_empty() {
+        sent?;
+        read?;
+    }
     let v: Value = serde_json::from_str(&line).map_err(|e| ControlError::BadReply(e.to_string()))?;
     if v["ok"] == Value::Bool(true) {
         Ok(v["result"].clone())

@@ -390,6 +390,13 @@ impl Tracker {
         if !clean && records.is_empty() {
             rec.resync_required = Some("the activity log is missing or unreadable after a crash".into());
         }
+        // The log has both slots from its second record on; a shorter file lost a synced record
+        // (beyond the media assumptions), so the newest hot regions are unknown.
+        let newest = records.iter().map(|r| r.seq).max().unwrap_or(0);
+        if !clean && newest >= 2 && al.as_ref().map_or(0, Vec::len) != 2 * AL_SLOT {
+            rec.resync_required =
+                Some("the activity log was truncated: recently written regions are unknown".into());
+        }
         let mut next_gen = st.next_gen.max(1);
         let mut live = self.live.write().unwrap_or_else(|p| p.into_inner());
         for m in &st.maps {

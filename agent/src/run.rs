@@ -1,0 +1,540 @@
+//! The agent's loop: initial copy, then continuous cut → ship → commit → release, with
+//! app-consistent points around hooks, retries with backoff, and an `--once` mode.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nbd::client::Client;
+use rustls::ClientConfig;
+use tracker::control::{self, Request};
+use tracker::{CutInfo, ReplicatedPoint, Status};
+use wire::{Consistency, Frame, GenerationKind, PointRef};
+
+use crate::link::{frame_name, Link};
+use crate::ship::{plan_chunks, ship_chunks, Known, Stats, MAX_CHUNK};
+use crate::AgentError;
+
+/// Freeze hooks for application-consistent points.
+#[derive(Clone, Debug)]
+pub struct AppConsistency {
+    pub every: Duration,
+    pub pre_hook: Option<String>,
+    pub post_hook: Option<String>,
+    pub hook_timeout: Duration,
+}
+
+/// Everything the agent needs.
+#[derive(Clone)]
+pub struct AgentConfig {
+    /// The shim's NBD socket (its `gen-N` exports are read here).
+    pub socket: PathBuf,
+    /// The shim's control socket.
+    pub control: PathBuf,
+    /// The live export's name on the shim.
+    pub export: String,
+    pub server: String,
+    pub server_name: String,
+    pub tls: Arc<ClientConfig>,
+    pub disk: String,
+    pub agent_name: String,
+    pub interval: Duration,
+    /// Cut early when the live set grows past this many bytes.
+    pub backlog_threshold: u64,
+    pub zstd_level: i32,
+    /// Parallel NBD readers (and compressors).
+    pub readers: usize,
+    pub app: Option<AppConsistency>,
+    /// Multiplies the retry delays (1.0 in production; small in tests).
+    pub retry_scale: f64,
+    /// Run one cycle and return its summary.
+    pub once: bool,
+    /// Draw a progress bar during the initial copy.
+    pub progress: bool,
+}
+
+/// What one cycle did (printed as JSON by `--once`).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Summary {
+    pub kind: &'static str,
+    pub generation: u64,
+    pub point: u64,
+    pub consistency: &'static str,
+    pub bytes_read: u64,
+    pub bytes_sent: u64,
+    pub bytes_deduplicated: u64,
+    pub bytes_zero: u64,
+    pub chunks: u64,
+    /// Raw bytes read per byte sent (of what was not deduplicated).
+    pub compression_ratio: f64,
+    pub duration_ms: u64,
+}
+
+/// Retry delays before the first attempts, then `RETRY_STEADY` for every later one.
+const RETRY_DELAYS: [Duration; 5] = [
+    Duration::from_secs(60),
+    Duration::from_secs(120),
+    Duration::from_secs(240),
+    Duration::from_secs(480),
+    Duration::from_secs(600),
+];
+const RETRY_STEADY: Duration = Duration::from_secs(1800);
+/// Initial copy: progress is made durable on the server at least this often.
+const PROGRESS_EVERY: u64 = 256 << 20;
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Parses `500ms`, `30s`, `5m`, `2h`, `1d` (a bare number is seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        "d" => n * 86400.0,
+        _ => return Err(format!("invalid duration {s:?}: unknown unit {unit:?}")),
+    };
+    if !secs.is_finite() || !(0.0..=1e10).contains(&secs) {
+        return Err(format!("invalid duration {s:?}"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Runs until a fatal error (or, with `once`, one successful cycle).
+pub fn run(cfg: &AgentConfig) -> Result<Option<Summary>, AgentError> {
+    let mut agent = Agent { cfg, known: Known::default(), consistency: Vec::new(), last_app: Instant::now() };
+    let mut failures = 0usize;
+    loop {
+        match agent.session(&mut failures) {
+            Ok(summary) => return Ok(summary),
+            Err(e) if e.is_fatal() => return Err(e),
+            Err(e) => {
+                let delay =
+                    RETRY_DELAYS.get(failures).copied().unwrap_or(RETRY_STEADY).mul_f64(cfg.retry_scale);
+                failures += 1;
+                tracing::warn!("replication failed ({}); retrying in {delay:?}", chain(&e));
+                if matches!(e, AgentError::Server { .. }) {
+                    // The server may lack chunks we believed it had.
+                    agent.known.clear();
+                }
+                std::thread::sleep(delay);
+            }
+        }
+    }
+}
+
+/// An error and its causes on one line.
+pub fn chain(err: &dyn std::error::Error) -> String {
+    let mut s = err.to_string();
+    let mut cur = err.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+struct Agent<'a> {
+    cfg: &'a AgentConfig,
+    known: Known,
+    /// Consistency of generations this agent cut (app-consistent ones), until committed.
+    consistency: Vec<(u64, Consistency)>,
+    last_app: Instant,
+}
+
+impl Agent<'_> {
+    fn control<T: serde::de::DeserializeOwned>(&self, req: &Request) -> Result<T, AgentError> {
+        Ok(control::call_as(&self.cfg.control, req)?)
+    }
+
+    fn status(&self) -> Result<Status, AgentError> {
+        self.control(&Request::Status)
+    }
+
+    /// One connection's worth of work.
+    fn session(&mut self, failures: &mut usize) -> Result<Option<Summary>, AgentError> {
+        let cfg = self.cfg;
+        let mut link = Link::connect(&cfg.server, &cfg.server_name, cfg.tls.clone(), &cfg.agent_name)?;
+        let status = self.status()?;
+        link.send(&Frame::RegisterDisk {
+            disk: cfg.disk.clone(),
+            size: status.size,
+            block_size: status.granularity as u32,
+        })?;
+        let (mut latest, initial) = match link.recv()? {
+            Frame::DiskState { latest, initial, .. } => (latest, initial),
+            other => {
+                return Err(AgentError::Protocol(format!("expected DiskState, got {}", frame_name(&other))))
+            }
+        };
+        tracing::info!(server = %link.server, disk = %cfg.disk, latest = ?latest, "connected");
+        if latest.is_none() {
+            let summary = self.initial_copy(&mut link, initial.map(|i| (i.generation, i.next_offset)))?;
+            *failures = 0;
+            latest = Some(PointRef {
+                point: summary.point,
+                generation: summary.generation,
+                cut_unix_ms: now_ms(),
+            });
+            if cfg.once {
+                return Ok(Some(summary));
+            }
+        }
+        let mut latest = latest.expect("set above");
+        loop {
+            // Generations left by an earlier run (or a failed attempt) go first, oldest first.
+            let pending: Vec<u64> = self.status()?.generations.iter().map(|g| g.id).collect();
+            let summary = if let Some(&id) = pending.first() {
+                if id <= latest.generation {
+                    // Committed before an earlier run could release it.
+                    tracing::info!(generation = id, "already committed: releasing it");
+                    self.control::<serde_json::Value>(&Request::Release { generation: id })?;
+                    continue;
+                }
+                self.ship_generation(&mut link, id, &mut latest)?
+            } else {
+                self.wait_for_cycle()?;
+                let cut = self.cut()?;
+                self.ship_generation(&mut link, cut.generation, &mut latest)?
+            };
+            *failures = 0;
+            if cfg.once {
+                return Ok(Some(summary));
+            }
+        }
+    }
+
+    /// Sleeps until the interval has passed, the backlog exceeds the threshold, or an
+    /// app-consistent point is due.
+    fn wait_for_cycle(&self) -> Result<(), AgentError> {
+        if self.cfg.once {
+            return Ok(());
+        }
+        let start = Instant::now();
+        loop {
+            if start.elapsed() >= self.cfg.interval {
+                return Ok(());
+            }
+            if let Some(app) = &self.cfg.app {
+                if self.last_app.elapsed() >= app.every {
+                    return Ok(());
+                }
+            }
+            let st = self.status()?;
+            if st.live_dirty_bytes >= self.cfg.backlog_threshold {
+                tracing::info!(backlog = st.live_dirty_bytes, "backlog over the threshold: cutting early");
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(200).min(self.cfg.interval));
+        }
+    }
+
+    /// Cuts a generation, around the freeze hooks when an app-consistent point is due.
+    fn cut(&mut self) -> Result<CutInfo, AgentError> {
+        let due = self.cfg.app.as_ref().filter(|a| self.last_app.elapsed() >= a.every).cloned();
+        let Some(app) = due else { return self.control(&Request::Cut) };
+        self.last_app = Instant::now();
+        let frozen = match &app.pre_hook {
+            Some(cmd) => run_hook("pre-hook", cmd, app.hook_timeout),
+            None => Ok(()),
+        };
+        let cut = self.control::<CutInfo>(&Request::Cut);
+        // The post-hook always runs: a frozen filesystem is never left behind.
+        let thawed = match &app.post_hook {
+            Some(cmd) => run_hook("post-hook", cmd, app.hook_timeout).or_else(|e| {
+                tracing::warn!("{e}; running the post-hook again");
+                run_hook("post-hook", cmd, app.hook_timeout)
+            }),
+            None => Ok(()),
+        };
+        let cut = cut?;
+        match (frozen, thawed) {
+            (Ok(()), Ok(())) => self.consistency.push((cut.generation, Consistency::App)),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!("{e}: generation {} is a crash-consistent point", cut.generation)
+            }
+        }
+        Ok(cut)
+    }
+
+    fn ship_generation(
+        &mut self,
+        link: &mut Link,
+        id: u64,
+        latest: &mut PointRef,
+    ) -> Result<Summary, AgentError> {
+        let cfg = self.cfg;
+        let start = Instant::now();
+        let status = self.status()?;
+        let gen = status
+            .generations
+            .iter()
+            .find(|g| g.id == id)
+            .cloned()
+            .ok_or_else(|| AgentError::Protocol(format!("generation {id} vanished from the shim")))?;
+        let consistency = if gen.inconsistent.is_some() {
+            Consistency::Inconsistent
+        } else {
+            self.consistency.iter().find(|(g, _)| *g == id).map(|(_, c)| *c).unwrap_or(Consistency::Crash)
+        };
+        let export = format!("gen-{id}");
+        let context = format!("siterep:changes:{export}");
+        let mut client = Client::connect_unix(&cfg.socket, &export, &[&context])?;
+        let map = client.map(&context)?;
+        let _ = client.disconnect();
+        let mut stats = Stats::default();
+        link.send(&Frame::BeginGeneration {
+            disk: cfg.disk.clone(),
+            generation: id,
+            kind: GenerationKind::Incremental,
+            base_point: Some(latest.point),
+        })?;
+        let mut data = Vec::new();
+        for &(off, len, flags) in &map {
+            match flags & 3 {
+                0 => {}
+                3 => {
+                    stats.bytes_zero += len;
+                    link.queue(&Frame::Zero { offset: off, len });
+                }
+                _ => data.push((off, len)),
+            }
+        }
+        let chunks = plan_chunks(&data, status.size);
+        ship_chunks(
+            link,
+            &cfg.socket,
+            &export,
+            &chunks,
+            cfg.readers,
+            cfg.zstd_level,
+            &self.known,
+            &mut stats,
+            &mut |_| {},
+        )?;
+        let point = self.commit(link, id, gen.cut_unix_ms, consistency)?;
+        self.control::<serde_json::Value>(&Request::Release { generation: id })?;
+        self.consistency.retain(|(g, _)| *g != id);
+        *latest = PointRef { point, generation: id, cut_unix_ms: gen.cut_unix_ms };
+        self.report(point, id, gen.cut_unix_ms)?;
+        let s = summary("incremental", id, point, consistency, &stats, start);
+        tracing::info!(
+            generation = id,
+            point,
+            read = s.bytes_read,
+            sent = s.bytes_sent,
+            dedup = s.bytes_deduplicated,
+            zero = s.bytes_zero,
+            "committed"
+        );
+        Ok(s)
+    }
+
+    fn commit(
+        &self,
+        link: &mut Link,
+        generation: u64,
+        cut_unix_ms: u64,
+        consistency: Consistency,
+    ) -> Result<u64, AgentError> {
+        link.send(&Frame::Commit { generation, cut_unix_ms, consistency })?;
+        match link.recv()? {
+            Frame::Committed { point, generation: g } if g == generation => Ok(point),
+            other => Err(AgentError::Protocol(format!("expected Committed, got {}", frame_name(&other)))),
+        }
+    }
+
+    fn report(&self, point: u64, generation: u64, cut_unix_ms: u64) -> Result<(), AgentError> {
+        let p = ReplicatedPoint { point, generation, cut_unix_ms, committed_unix_ms: now_ms() };
+        self.control::<serde_json::Value>(&Request::Replicated { point: p })?;
+        Ok(())
+    }
+
+    /// Copies the whole disk (its allocated ranges) while tracking goes on; resumes at
+    /// `resume = (generation, next_offset)` when the server holds an interrupted copy.
+    fn initial_copy(&mut self, link: &mut Link, resume: Option<(u64, u64)>) -> Result<Summary, AgentError> {
+        let cfg = self.cfg;
+        let start_time = Instant::now();
+        let (generation, cut_ms, from) = match resume {
+            Some((g, next)) => {
+                tracing::info!(generation = g, next_offset = next, "resuming the initial copy");
+                (g, now_ms(), next)
+            }
+            None => {
+                // Everything written from here on is tracked in the live set and reaches the
+                // replica with the first incremental generation; the cut's own set is covered
+                // by the full copy.
+                let cut: CutInfo = self.control(&Request::Cut)?;
+                self.control::<serde_json::Value>(&Request::Release { generation: cut.generation })?;
+                (cut.generation, cut.cut_unix_ms, 0)
+            }
+        };
+        link.send(&Frame::BeginGeneration {
+            disk: cfg.disk.clone(),
+            generation,
+            kind: GenerationKind::InitialFull,
+            base_point: None,
+        })?;
+        let mut client = Client::connect_unix(&cfg.socket, &cfg.export, &["base:allocation"])?;
+        let size = client.size();
+        let alloc = client.map("base:allocation")?;
+        let _ = client.disconnect();
+        // Holes read as zeroes on the replica: only allocated ranges are copied.
+        let data: Vec<(u64, u64)> = alloc
+            .iter()
+            .filter(|(_, _, f)| f & 1 == 0)
+            .filter_map(|&(o, l, _)| {
+                let s = o.max(from);
+                (s < o + l).then_some((s, o + l - s))
+            })
+            .collect();
+        let total: u64 = data.iter().map(|d| d.1).sum();
+        let bar = progress_bar(cfg.progress, total);
+        let mut stats = Stats::default();
+        // Ship in slices so progress is made durable as the copy advances.
+        let mut slice_start = from;
+        while slice_start < size {
+            let slice_end = (slice_start + PROGRESS_EVERY).min(size);
+            let part: Vec<(u64, u64)> = data
+                .iter()
+                .filter_map(|&(o, l)| {
+                    let s = o.max(slice_start);
+                    let e = (o + l).min(slice_end);
+                    (s < e).then_some((s, e - s))
+                })
+                .collect();
+            // Whole MAX_CHUNK pieces, without merging across gaps: holes stay holes.
+            let chunks: Vec<(u64, u64)> =
+                part.iter().flat_map(|&(o, l)| plan_chunks(&[(o, l)], size)).collect();
+            debug_assert!(chunks.iter().all(|c| c.1 <= MAX_CHUNK));
+            ship_chunks(
+                link,
+                &cfg.socket,
+                &cfg.export,
+                &chunks,
+                cfg.readers,
+                cfg.zstd_level,
+                &self.known,
+                &mut stats,
+                &mut |n| bar.inc(n),
+            )?;
+            link.send(&Frame::Progress { next_offset: slice_end })?;
+            match link.recv()? {
+                Frame::ProgressAck { next_offset } if next_offset == slice_end => {}
+                other => {
+                    return Err(AgentError::Protocol(format!(
+                        "expected ProgressAck, got {}",
+                        frame_name(&other)
+                    )))
+                }
+            }
+            slice_start = slice_end;
+        }
+        bar.finish_and_clear();
+        let point = self.commit(link, generation, cut_ms, Consistency::Inconsistent)?;
+        // The replica now holds the whole disk (fuzzy); the live set covers what changed since.
+        self.control::<serde_json::Value>(&Request::ClearResync)?;
+        self.report(point, generation, cut_ms)?;
+        let s = summary("initial", generation, point, Consistency::Inconsistent, &stats, start_time);
+        tracing::info!(point, read = s.bytes_read, sent = s.bytes_sent, "initial copy committed");
+        Ok(s)
+    }
+}
+
+fn summary(
+    kind: &'static str,
+    generation: u64,
+    point: u64,
+    c: Consistency,
+    s: &Stats,
+    start: Instant,
+) -> Summary {
+    let unique = s.bytes_read.saturating_sub(s.bytes_deduplicated);
+    Summary {
+        kind,
+        generation,
+        point,
+        consistency: match c {
+            Consistency::Crash => "crash",
+            Consistency::App => "app",
+            Consistency::Inconsistent => "inconsistent",
+        },
+        bytes_read: s.bytes_read,
+        bytes_sent: s.bytes_sent,
+        bytes_deduplicated: s.bytes_deduplicated,
+        bytes_zero: s.bytes_zero,
+        chunks: s.chunks,
+        compression_ratio: if s.bytes_sent == 0 { 0.0 } else { unique as f64 / s.bytes_sent as f64 },
+        duration_ms: start.elapsed().as_millis() as u64,
+    }
+}
+
+fn progress_bar(show: bool, total: u64) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "initial copy {bar:40} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+        )
+        .expect("valid template"),
+    );
+    bar
+}
+
+/// Runs a hook with `sh -c`, killing it after `timeout`.
+fn run_hook(what: &str, cmd: &str, timeout: Duration) -> Result<(), String> {
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .stdin(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("{what} {cmd:?} could not start: {e}"))?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(st)) if st.success() => return Ok(()),
+            Ok(Some(st)) => return Err(format!("{what} {cmd:?} failed ({st})")),
+            Ok(None) if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("{what} {cmd:?} timed out after {timeout:?}"));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => return Err(format!("{what} {cmd:?}: {e}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1.5h"), Ok(Duration::from_secs(5400)));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn hooks_report_failure_and_timeout() {
+        assert!(run_hook("pre-hook", "true", Duration::from_secs(5)).is_ok());
+        assert!(run_hook("pre-hook", "exit 3", Duration::from_secs(5)).unwrap_err().contains("failed"));
+        assert!(run_hook("pre-hook", "sleep 5", Duration::from_millis(100))
+            .unwrap_err()
+            .contains("timed out"));
+    }
+}

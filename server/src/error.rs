@@ -1,0 +1,128 @@
+//! The store's errors: one enum, classified by who is at fault (see [`StoreError::caller_fault`]).
+
+use std::path::PathBuf;
+
+use crate::format::hex;
+
+/// Why a stored file cannot be trusted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FormatError {
+    #[error("truncated")]
+    Truncated,
+    #[error("bad magic")]
+    BadMagic,
+    #[error("unsupported version {0}")]
+    Version(u32),
+    #[error("checksum mismatch")]
+    Checksum,
+    #[error("{0} out of range")]
+    Range(&'static str),
+    #[error("{len} bytes, more than the {max} a {what} may have")]
+    TooLong { what: &'static str, len: u64, max: u64 },
+    #[error("missing")]
+    Missing,
+    #[error("trailing bytes")]
+    Trailing,
+    #[error("invalid metadata: {0}")]
+    Json(String),
+}
+
+/// Everything that can go wrong in the [`Store`](crate::Store).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// An operating-system call failed on a file of the store.
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A stored file (marker, page, root, checkpoint, metadata) failed its checks.
+    #[error("{path}: {source}")]
+    Format {
+        path: PathBuf,
+        #[source]
+        source: FormatError,
+    },
+    /// The directory holds something that is not a store.
+    #[error("{0} is not empty and has no store marker")]
+    NotAStore(PathBuf),
+    #[error("invalid {what} name {name:?}: {reason}")]
+    InvalidName { what: &'static str, name: String, reason: &'static str },
+    #[error("unknown disk {0:?}")]
+    UnknownDisk(String),
+    /// `register_disk` of a disk that exists with another geometry.
+    #[error(
+        "disk {disk:?} exists with size {existing_size} and block size {existing_block_size}, \
+         not {size} and {block_size}"
+    )]
+    DiskMismatch { disk: String, existing_size: u64, existing_block_size: u32, size: u64, block_size: u32 },
+    #[error("invalid geometry: size {size}, block size {block_size}: {reason}")]
+    InvalidGeometry { size: u64, block_size: u32, reason: &'static str },
+    #[error("disk {disk:?} has no recovery point {id}")]
+    UnknownPoint { disk: String, id: u64 },
+    #[error("disk {0:?} has no recovery point yet")]
+    NoPoint(String),
+    /// An incremental or resync generation named no base point.
+    #[error("a {0:?} generation needs a base point")]
+    BaseRequired(crate::GenerationKind),
+    /// The base point is not older than the generation built on it.
+    #[error("base point {base} (generation {base_generation}) is not older than generation {generation}")]
+    InvalidBase { base: u64, base_generation: u64, generation: u64 },
+    /// A generation older than the disk's latest point that has no point of its own.
+    #[error("generation {generation} of disk {disk:?} is older than its latest point's generation {latest}")]
+    StaleGeneration { disk: String, generation: u64, latest: u64 },
+    /// A chunk that an extent names is not in the store.
+    #[error("chunk {} is not in the store", hex(.0))]
+    MissingChunk([u8; 32]),
+    /// A chunk failed verification: on upload (`stored: false`, nothing was stored) or when read
+    /// back from the store (`stored: true`, including a chunk file that has gone missing).
+    #[error("{} chunk {}: {reason}", if *.stored { "stored" } else { "uploaded" }, hex(.hash))]
+    CorruptChunk { hash: [u8; 32], reason: String, stored: bool },
+    /// An extent's length differs from the length of the chunk it names.
+    #[error("chunk {} holds {stored} bytes, the extent says {given}", hex(.hash))]
+    ChunkLength { hash: [u8; 32], stored: u32, given: u32 },
+    #[error("{what} of {len} bytes exceeds the maximum of {max}")]
+    TooLarge { what: &'static str, len: u64, max: u64 },
+    #[error("range {offset}+{len} is outside the disk of {size} bytes")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("range {offset}+{len} is not aligned to the block size {block_size}")]
+    Unaligned { offset: u64, len: u64, block_size: u32 },
+    /// `checkpoint` of a generation that is not an initial full copy.
+    #[error("only an initial full copy has checkpoints")]
+    NotInitial,
+    /// A lock was poisoned by a thread that panicked while holding it.
+    #[error("internal state poisoned by a panic")]
+    Poisoned,
+}
+
+impl StoreError {
+    /// True when the request was at fault (bad input, unknown names, a corrupt upload), false
+    /// when the store or its medium was (I/O errors, corrupt stored files).
+    pub fn caller_fault(&self) -> bool {
+        match self {
+            StoreError::Io { .. }
+            | StoreError::Format { .. }
+            | StoreError::NotAStore(_)
+            | StoreError::Poisoned => false,
+            StoreError::CorruptChunk { stored, .. } => !stored,
+            _ => true,
+        }
+    }
+
+    pub(crate) fn io(
+        op: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> StoreError {
+        let path = path.into();
+        move |source| StoreError::Io { op, path, source }
+    }
+
+    pub(crate) fn format(path: impl Into<PathBuf>) -> impl FnOnce(FormatError) -> StoreError {
+        let path = path.into();
+        move |source| StoreError::Format { path, source }
+    }
+}

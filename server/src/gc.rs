@@ -1,0 +1,181 @@
+//! Retention and garbage collection.
+//!
+//! Two steps, each safe to be cut short by a crash (`docs/store.md` has the argument):
+//!
+//! 1. **Prune**: delete the metadata of the points the policy drops, then fsync their
+//!    directories. A point is gone once its metadata is; pages and chunks are untouched.
+//! 2. **Sweep**: compute what is referenced from scratch (every remaining point's root, every
+//!    initial-copy checkpoint, every pending point in this process, chunks uploaded since the
+//!    oldest pending point began), following every referenced page to its chunks; only when
+//!    that walk has fully succeeded, remove whatever is not referenced.
+//!
+//! The whole run holds the store's gate exclusively, so no upload, reference or commit
+//! interleaves with it.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use crate::durable::{self, sync_dir, TMP_PREFIX};
+use crate::error::StoreError;
+use crate::format::unhex32;
+use crate::store::{parse_point_file, point_file, Inner, CHUNKS, PAGES};
+use crate::{GcReport, Retention};
+
+pub(crate) fn retain(inner: &Inner, policy: &Retention, now_unix_ms: u64) -> Result<GcReport, StoreError> {
+    let _gate = inner.exclusive();
+    let mut report = GcReport::default();
+    prune(inner, policy, now_unix_ms, &mut report)?;
+    inner.fault("gc.after_prune")?;
+    sweep(inner, &mut report)?;
+    tracing::info!(
+        points = report.points_removed.len(),
+        pages = report.pages_removed,
+        chunks = report.chunks_removed,
+        bytes = report.bytes_freed,
+        "retention run"
+    );
+    Ok(report)
+}
+
+/// Step 1. The caller holds the gate exclusively.
+pub(crate) fn prune(
+    inner: &Inner,
+    policy: &Retention,
+    now_unix_ms: u64,
+    report: &mut GcReport,
+) -> Result<(), StoreError> {
+    if policy.keep_last.is_none() && policy.max_age.is_none() {
+        return Ok(());
+    }
+    let in_use: HashSet<(String, u64)> = inner.live().readers.keys().cloned().collect();
+    for disk in inner.disk_names_strict()? {
+        let ids = inner.point_ids(&disk)?;
+        let Some(&latest) = ids.last() else { continue };
+        let newest_kept = policy.keep_last.map_or(ids.len(), |n| ids.len().saturating_sub(n));
+        let dir = inner.points_dir(&disk);
+        let mut removed = false;
+        for (i, &id) in ids.iter().enumerate() {
+            if id == latest || i >= newest_kept || in_use.contains(&(disk.clone(), id)) {
+                continue;
+            }
+            let (info, _) = inner.point_record(&disk, id)?;
+            let young = policy
+                .max_age
+                .is_some_and(|age| now_unix_ms.saturating_sub(info.cut_unix_ms) <= age.as_millis() as u64);
+            if young || !info.tags.is_empty() {
+                continue;
+            }
+            inner.fault("gc.prune")?;
+            report.bytes_freed += durable::remove(&dir.join(point_file(id, "json")))?;
+            report.points_removed.push((disk.clone(), id));
+            removed = true;
+            tracing::info!(disk = %disk, id, generation = info.generation, "point pruned");
+        }
+        if removed {
+            // The deletions must be durable before the sweep removes what only they referenced:
+            // otherwise a crash could bring a point back without its pages and chunks.
+            sync_dir(&dir)?;
+        }
+    }
+    Ok(())
+}
+
+/// Step 2. The caller holds the gate exclusively.
+pub(crate) fn sweep(inner: &Inner, report: &mut GcReport) -> Result<(), StoreError> {
+    let mut pages: HashSet<[u8; 32]> = HashSet::new();
+    let mut chunks: HashSet<[u8; 32]> = HashSet::new();
+
+    // Mark: roots of every remaining point and checkpoint.
+    for disk in inner.disk_names_strict()? {
+        let record = inner.disk_record(&disk)?;
+        for id in inner.point_ids(&disk)? {
+            let (_, root) = inner.load_point(&record, id)?;
+            pages.extend(root.values());
+        }
+        if let Some(cp) = inner.read_initial(&record)? {
+            pages.extend(cp.root.values());
+        }
+    }
+    // Mark: pending points of this process, and chunks uploaded for them.
+    {
+        let mut live = inner.live();
+        for slot in live.pending.values() {
+            let st = slot.state.lock().map_err(|_| StoreError::Poisoned)?;
+            pages.extend(st.root.values());
+            for map in st.dirty.values() {
+                chunks.extend(map.chunks());
+            }
+        }
+        chunks.extend(live.protected_uploads());
+    }
+    // Mark: the chunks of every referenced page. Any unreadable page stops the run before
+    // anything is removed.
+    for page in &pages {
+        chunks.extend(inner.read_page(page)?.chunks());
+    }
+
+    // Sweep.
+    for shard in 0..=255u8 {
+        let dir = inner.shard_dir(PAGES, shard);
+        let (removed, bytes, kept) = sweep_dir(inner, &dir, &pages)?;
+        report.pages_removed += removed;
+        report.bytes_freed += bytes;
+        report.pages_kept += kept;
+    }
+    for shard in 0..=255u8 {
+        let dir = inner.shard_dir(CHUNKS, shard);
+        let (removed, bytes, kept) = sweep_dir(inner, &dir, &chunks)?;
+        report.chunks_removed += removed;
+        report.bytes_freed += bytes;
+        report.chunks_kept += kept;
+    }
+    for disk in inner.disk_names_strict()? {
+        report.bytes_freed += sweep_disk(inner, &disk)?;
+    }
+    Ok(())
+}
+
+/// Removes the objects of a shard directory that are not in `keep`, and temporary files.
+fn sweep_dir(inner: &Inner, dir: &Path, keep: &HashSet<[u8; 32]>) -> Result<(u64, u64, u64), StoreError> {
+    let (mut removed, mut bytes, mut kept) = (0, 0, 0);
+    for name in durable::list(dir)? {
+        if name.starts_with(TMP_PREFIX) {
+            bytes += durable::remove(&dir.join(&name))?;
+            continue;
+        }
+        let Some(hash) = unhex32(&name) else {
+            tracing::warn!(path = %dir.join(&name).display(), "unknown file left alone");
+            continue;
+        };
+        if keep.contains(&hash) {
+            kept += 1;
+            continue;
+        }
+        inner.fault("gc.delete")?;
+        bytes += durable::remove(&dir.join(&name))?;
+        removed += 1;
+    }
+    Ok((removed, bytes, kept))
+}
+
+/// Removes roots without metadata (pruned points, interrupted commits) and temporary files.
+fn sweep_disk(inner: &Inner, disk: &str) -> Result<u64, StoreError> {
+    let mut bytes = 0;
+    let dir = inner.points_dir(disk);
+    let names = durable::list(&dir)?;
+    let with_metadata: HashSet<u64> = names.iter().filter_map(|n| parse_point_file(n, "json")).collect();
+    for name in &names {
+        let orphan = parse_point_file(name, "root").is_some_and(|id| !with_metadata.contains(&id));
+        if orphan || name.starts_with(TMP_PREFIX) {
+            inner.fault("gc.delete")?;
+            bytes += durable::remove(&dir.join(name))?;
+        }
+    }
+    let disk_dir = inner.disk_dir(disk);
+    for name in durable::list(&disk_dir)? {
+        if name.starts_with(TMP_PREFIX) {
+            bytes += durable::remove(&disk_dir.join(name))?;
+        }
+    }
+    Ok(bytes)
+}

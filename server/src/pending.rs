@@ -1,0 +1,354 @@
+//! A generation being received: extents applied copy-on-write to the base point's map, then
+//! committed as a new recovery point.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use crate::chunk;
+use crate::durable::{sync_dir, write_atomic};
+use crate::error::StoreError;
+use crate::format::{encode_initial, encode_point_record, encode_root, DiskRecord, InitialCheckpoint, Root};
+use crate::map::{DataRef, RegionMap};
+use crate::store::{now_unix_ms, point_file, Inner, CHUNKS, INITIAL_FILE, PAGES};
+use crate::{Consistency, GenerationKind, PointInfo};
+
+/// Regions held in memory before their pages are written out early (bounds a pending point's
+/// memory: a region's map is at most `region_size / 512` extents).
+pub(crate) const MAX_DIRTY_REGIONS: usize = 32;
+
+/// What a pending point references; the sweep reads it (see `gc.rs`).
+#[derive(Debug, Default)]
+pub(crate) struct PendingState {
+    /// The page of every region not in `dirty` (copied from the base, or written early).
+    pub(crate) root: Root,
+    /// Regions changed by this generation, in memory.
+    pub(crate) dirty: BTreeMap<u32, RegionMap>,
+    pub(crate) changed_bytes: u64,
+    /// Page shard directories whose new names are not yet synced.
+    unsynced: BTreeSet<u8>,
+}
+
+/// A generation being received. Dropping it without [`PendingPoint::commit`] abandons it
+/// (an initial full copy can be resumed from its last [`PendingPoint::checkpoint`]).
+pub struct PendingPoint {
+    store: Arc<Inner>,
+    token: u64,
+    disk: DiskRecord,
+    generation: u64,
+    kind: GenerationKind,
+    base: Option<u64>,
+    started_unix_ms: u64,
+    next_offset: u64,
+    state: Arc<Mutex<PendingState>>,
+}
+
+impl std::fmt::Debug for PendingPoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingPoint")
+            .field("disk", &self.disk.name)
+            .field("generation", &self.generation)
+            .field("kind", &self.kind)
+            .field("base", &self.base)
+            .field("next_offset", &self.next_offset)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PendingState {
+    pub(crate) fn new(root: Root, changed_bytes: u64) -> PendingState {
+        PendingState { root, changed_bytes, ..PendingState::default() }
+    }
+}
+
+impl PendingPoint {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn start(
+        store: Arc<Inner>,
+        disk: DiskRecord,
+        generation: u64,
+        kind: GenerationKind,
+        base: Option<u64>,
+        started_unix_ms: u64,
+        next_offset: u64,
+        state: PendingState,
+    ) -> PendingPoint {
+        let state = Arc::new(Mutex::new(state));
+        let token = store.live().add_pending(state.clone());
+        tracing::debug!(disk = %disk.name, generation, ?kind, ?base, next_offset, "generation begun");
+        PendingPoint { store, token, disk, generation, kind, base, started_unix_ms, next_offset, state }
+    }
+
+    pub fn disk(&self) -> &str {
+        &self.disk.name
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub fn kind(&self) -> GenerationKind {
+        self.kind
+    }
+
+    pub fn base(&self) -> Option<u64> {
+        self.base
+    }
+
+    /// Where an initial full copy continues: 0, or the offset of the last checkpoint.
+    pub fn next_offset(&self) -> u64 {
+        self.next_offset
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, PendingState>, StoreError> {
+        self.state.lock().map_err(|_: PoisonError<_>| StoreError::Poisoned)
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+        let size = self.disk.size;
+        if offset.checked_add(len).map_or(true, |end| end > size) {
+            return Err(StoreError::OutOfRange { offset, len, size });
+        }
+        let bs = u64::from(self.disk.block_size);
+        if offset % bs != 0 || len % bs != 0 {
+            return Err(StoreError::Unaligned { offset, len, block_size: self.disk.block_size });
+        }
+        Ok(())
+    }
+
+    /// Maps `[offset, offset + len)` to the chunk `hash`, which must be stored and hold exactly
+    /// `len` bytes. Overrides whatever this generation or the base had there.
+    pub fn add_chunk(&mut self, offset: u64, len: u32, hash: [u8; 32]) -> Result<(), StoreError> {
+        self.check_range(offset, len.into())?;
+        if len == 0 {
+            return Err(StoreError::ChunkLength { hash, stored: 0, given: 0 });
+        }
+        let store = &*self.store;
+        // Held from the existence check until the reference is recorded, so a retention run
+        // cannot remove the chunk in between.
+        let _gate = store.shared();
+        let (_, header) =
+            chunk::read_header(&store.chunk_path(&hash), &hash)?.ok_or(StoreError::MissingChunk(hash))?;
+        if header.raw_len != len {
+            return Err(StoreError::ChunkLength { hash, stored: header.raw_len, given: len });
+        }
+        if store.live().in_flight.contains_key(&hash) {
+            // Visible, but its uploader may not have synced the name yet.
+            sync_dir(&store.shard_dir(CHUNKS, hash[0]))?;
+        }
+        let mut st = self.lock()?;
+        for (region, start, end, delta) in pieces(store.region_size, offset, len.into()) {
+            let map = region_mut(store, &mut st, region)?;
+            let chunk_offset = u32::try_from(delta).expect("within a chunk");
+            map.put(start, DataRef { len: end - start, chunk: hash, chunk_offset });
+        }
+        st.changed_bytes += u64::from(len);
+        spill_if_large(store, &mut st)
+    }
+
+    /// Makes `[offset, offset + len)` read as zeroes, overriding earlier data.
+    pub fn add_zero(&mut self, offset: u64, len: u64) -> Result<(), StoreError> {
+        self.check_range(offset, len)?;
+        let store = &*self.store;
+        let _gate = store.shared();
+        let mut st = self.lock()?;
+        for (region, start, end, _) in pieces(store.region_size, offset, len) {
+            if !st.dirty.contains_key(&region) && !st.root.contains_key(&region) {
+                continue; // already reads as zeroes
+            }
+            if start == 0 && u64::from(end) == store.region_size {
+                st.dirty.insert(region, RegionMap::default());
+            } else {
+                region_mut(store, &mut st, region)?.punch(start, end);
+            }
+        }
+        st.changed_bytes += len;
+        spill_if_large(store, &mut st)
+    }
+
+    /// Initial full copies only: durably records the extents so far and `next_offset`, so
+    /// that [`Store::resume_initial`](crate::Store::resume_initial) continues from there after
+    /// a crash or disconnect.
+    pub fn checkpoint(&mut self, next_offset: u64) -> Result<(), StoreError> {
+        if self.kind != GenerationKind::InitialFull {
+            return Err(StoreError::NotInitial);
+        }
+        if next_offset > self.disk.size {
+            return Err(StoreError::OutOfRange { offset: next_offset, len: 0, size: self.disk.size });
+        }
+        let store = &*self.store;
+        let _gate = store.shared();
+        let lock = store.disk_lock(&self.disk.name);
+        let _disk = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut st = self.lock()?;
+        flush(store, &mut st)?;
+        let cp = InitialCheckpoint {
+            generation: self.generation,
+            base: self.base,
+            next_offset,
+            started_unix_ms: self.started_unix_ms,
+            changed_bytes: st.changed_bytes,
+            root: st.root.clone(),
+        };
+        let buf = encode_initial(&cp, self.disk.size, store.region_size);
+        write_atomic(&store.tmp, &store.disk_dir(&self.disk.name), INITIAL_FILE, &[&buf], true)?;
+        drop(st);
+        self.next_offset = next_offset;
+        tracing::debug!(disk = %self.disk.name, generation = self.generation, next_offset, "initial copy checkpoint");
+        Ok(())
+    }
+
+    /// Makes the generation a recovery point: writes its new map pages and root, syncs them,
+    /// then writes the point's metadata and renames it into place last. Returns once the point
+    /// is durable. If the generation already has a point, returns that one.
+    pub fn commit(self, cut_unix_ms: u64, consistency: Consistency) -> Result<PointInfo, StoreError> {
+        let store = &*self.store;
+        let disk = &self.disk.name;
+        let _gate = store.shared();
+        let lock = store.disk_lock(disk);
+        let _disk = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(existing) = store.point_for_generation(disk, self.generation)? {
+            tracing::info!(disk = %disk, generation = self.generation, id = existing.id, "generation already committed");
+            return Ok(existing);
+        }
+        let latest = store.latest_point(disk)?;
+        if let Some(l) = &latest {
+            if l.generation > self.generation {
+                return Err(StoreError::StaleGeneration {
+                    disk: disk.clone(),
+                    generation: self.generation,
+                    latest: l.generation,
+                });
+            }
+        }
+        let id = latest.map_or(1, |l| l.id + 1);
+        let mut st = self.lock()?;
+        flush(store, &mut st)?;
+        let dir = store.points_dir(disk);
+        let (root, root_sum) = encode_root(self.disk.size, store.region_size, &st.root);
+        write_atomic(&store.tmp, &dir, &point_file(id, "root"), &[&root], true)?;
+        store.fault("commit.before_metadata")?;
+        let info = PointInfo {
+            disk: disk.clone(),
+            id,
+            generation: self.generation,
+            kind: self.kind,
+            base: self.base,
+            cut_unix_ms,
+            consistency,
+            created_unix_ms: now_unix_ms(),
+            tags: Vec::new(),
+            changed_bytes: st.changed_bytes,
+        };
+        let json = encode_point_record(&info, &root_sum);
+        write_atomic(&store.tmp, &dir, &point_file(id, "json"), &[&json], true)?;
+        tracing::info!(
+            disk = %disk, id, generation = self.generation, kind = ?self.kind,
+            changed_bytes = st.changed_bytes, regions = st.root.len(), "recovery point committed"
+        );
+        drop(st);
+        if self.kind == GenerationKind::InitialFull {
+            // The point is durable; the checkpoint of its copy is no longer needed. A failure
+            // here leaves a stale checkpoint that resume_initial removes.
+            match store.read_initial(&self.disk) {
+                Ok(Some(cp)) if cp.generation == self.generation => {
+                    if let Err(e) = store.remove_initial(disk) {
+                        tracing::warn!(disk = %disk, "removing the initial checkpoint: {e}");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(disk = %disk, "reading the initial checkpoint: {e}"),
+            }
+        }
+        Ok(info)
+    }
+}
+
+impl Drop for PendingPoint {
+    fn drop(&mut self) {
+        self.store.live().remove_pending(self.token);
+    }
+}
+
+/// Splits `[offset, offset + len)` by region: (region, start and end within it, distance of
+/// the piece from `offset`).
+fn pieces(region_size: u64, offset: u64, len: u64) -> impl Iterator<Item = (u32, u32, u32, u64)> {
+    let end = offset + len;
+    let mut at = offset;
+    std::iter::from_fn(move || {
+        if at >= end {
+            return None;
+        }
+        let region = at / region_size;
+        let region_start = region * region_size;
+        let piece_end = end.min(region_start + region_size);
+        let item = (
+            u32::try_from(region).expect("regions bounded by MAX_REGIONS"),
+            (at - region_start) as u32,
+            (piece_end - region_start) as u32,
+            at - offset,
+        );
+        at = piece_end;
+        Some(item)
+    })
+}
+
+/// The in-memory map of a region, loaded from its page on first change.
+fn region_mut<'a>(
+    store: &Inner,
+    st: &'a mut PendingState,
+    region: u32,
+) -> Result<&'a mut RegionMap, StoreError> {
+    if !st.dirty.contains_key(&region) {
+        let map = match st.root.get(&region) {
+            Some(page) => store.read_page(page)?,
+            None => RegionMap::default(),
+        };
+        st.dirty.insert(region, map);
+    }
+    Ok(st.dirty.get_mut(&region).expect("just inserted"))
+}
+
+/// Writes out the pages of the changed regions into the root (data durable, names not yet).
+fn write_pages(store: &Inner, st: &mut PendingState) -> Result<(), StoreError> {
+    while let Some((&region, map)) = st.dirty.first_key_value() {
+        if map.is_empty() {
+            st.root.remove(&region);
+        } else {
+            let page = store.write_page(map)?;
+            st.unsynced.insert(page[0]);
+            st.root.insert(region, page);
+        }
+        st.dirty.remove(&region);
+    }
+    Ok(())
+}
+
+/// Writes out the changed regions and syncs the page directories: every page the root names is
+/// durable on return.
+fn flush(store: &Inner, st: &mut PendingState) -> Result<(), StoreError> {
+    write_pages(store, st)?;
+    while let Some(&shard) = st.unsynced.first() {
+        sync_dir(&store.shard_dir(PAGES, shard))?;
+        st.unsynced.remove(&shard);
+    }
+    Ok(())
+}
+
+fn spill_if_large(store: &Inner, st: &mut PendingState) -> Result<(), StoreError> {
+    if st.dirty.len() > MAX_DIRTY_REGIONS {
+        write_pages(store, st)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_split_at_region_boundaries() {
+        let p: Vec<_> = pieces(4096, 3072, 6144).collect();
+        assert_eq!(p, vec![(0, 3072, 4096, 0), (1, 0, 4096, 1024), (2, 0, 1024, 5120)]);
+        assert_eq!(pieces(4096, 0, 0).count(), 0);
+    }
+}

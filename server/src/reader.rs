@@ -1,0 +1,275 @@
+//! Reading a recovery point: random reads, its extent map, and a streaming restore to a sparse
+//! image. Every chunk read is verified against its blake3.
+
+use std::collections::VecDeque;
+use std::fs::{self, OpenOptions};
+use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crate::error::StoreError;
+use crate::format::Root;
+use crate::map::{DataRef, RegionMap};
+use crate::store::Inner;
+use crate::{ExtentKind, PointInfo, RestoreReport};
+
+/// Pages and chunks a reader keeps decoded (bounds its memory: chunks are at most 4 MiB).
+const PAGE_CACHE: usize = 8;
+const CHUNK_CACHE: usize = 4;
+/// Zeroes written per call when restoring to a block device.
+const ZERO_BUF: usize = 1 << 20;
+
+/// One piece of a point's address space, in order.
+enum Segment {
+    Data(u64, DataRef),
+    Zero(u64, u64),
+}
+
+#[derive(Default)]
+struct ReadCache {
+    pages: VecDeque<([u8; 32], Arc<RegionMap>)>,
+    chunks: VecDeque<([u8; 32], Arc<Vec<u8>>)>,
+}
+
+/// A recovery point open for reading. `Send + Sync`: one reader serves many threads. While it
+/// lives, retention keeps its point.
+pub struct PointReader {
+    store: Arc<Inner>,
+    info: PointInfo,
+    size: u64,
+    root: Root,
+    cache: Mutex<ReadCache>,
+}
+
+impl std::fmt::Debug for PointReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PointReader")
+            .field("info", &self.info)
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PointReader {
+    pub(crate) fn new(store: Arc<Inner>, size: u64, info: PointInfo, root: Root) -> PointReader {
+        *store.live().readers.entry((info.disk.clone(), info.id)).or_default() += 1;
+        PointReader { store, info, size, root, cache: Mutex::new(ReadCache::default()) }
+    }
+
+    pub fn info(&self) -> &PointInfo {
+        &self.info
+    }
+
+    /// The disk's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+        if offset.checked_add(len).map_or(true, |end| end > self.size) {
+            return Err(StoreError::OutOfRange { offset, len, size: self.size });
+        }
+        Ok(())
+    }
+
+    fn page(&self, address: &[u8; 32]) -> Result<Arc<RegionMap>, StoreError> {
+        {
+            let cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some((_, p)) = cache.pages.iter().find(|(a, _)| a == address) {
+                return Ok(p.clone());
+            }
+        }
+        let page = Arc::new(self.store.read_page(address)?);
+        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        if cache.pages.len() >= PAGE_CACHE {
+            cache.pages.pop_front();
+        }
+        cache.pages.push_back((*address, page.clone()));
+        Ok(page)
+    }
+
+    /// A chunk's bytes; decoded and verified outside the cache lock so readers run in parallel.
+    fn chunk(&self, hash: &[u8; 32]) -> Result<Arc<Vec<u8>>, StoreError> {
+        {
+            let cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some((_, c)) = cache.chunks.iter().find(|(h, _)| h == hash) {
+                return Ok(c.clone());
+            }
+        }
+        let data = Arc::new(self.store.read_chunk(hash)?);
+        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        if cache.chunks.len() >= CHUNK_CACHE {
+            cache.chunks.pop_front();
+        }
+        cache.chunks.push_back((*hash, data.clone()));
+        Ok(data)
+    }
+
+    /// The bytes of a data segment.
+    fn data<'a>(&self, chunk: &'a [u8], d: &DataRef) -> Result<&'a [u8], StoreError> {
+        let start = d.chunk_offset as usize;
+        chunk.get(start..start + d.len as usize).ok_or_else(|| StoreError::CorruptChunk {
+            hash: d.chunk,
+            reason: format!(
+                "{} bytes long; a map page names bytes {start}..{}",
+                chunk.len(),
+                start + d.len as usize
+            ),
+            stored: true,
+        })
+    }
+
+    /// Walks `[offset, offset + len)` in order as data and zero segments.
+    fn walk(
+        &self,
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(Segment) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let rs = self.store.region_size;
+        let end = offset + len;
+        let mut at = offset;
+        while at < end {
+            let region = at / rs;
+            let base = region * rs;
+            let Some(page) = self.root.get(&(region as u32)) else {
+                // Zeroes up to the next region that has a page.
+                let next = self.root.range(region as u32..).next().map_or(end, |(r, _)| u64::from(*r) * rs);
+                let stop = end.min(next);
+                f(Segment::Zero(at, stop - at))?;
+                at = stop;
+                continue;
+            };
+            let region_end = end.min(base + rs);
+            let (a, b) = ((at - base) as u32, (region_end - base) as u32);
+            let map = self.page(page)?;
+            let mut cur = a;
+            for (s, d) in map.overlapping(a, b) {
+                if s > cur {
+                    f(Segment::Zero(base + u64::from(cur), u64::from(s - cur)))?;
+                }
+                cur = s + d.len;
+                f(Segment::Data(base + u64::from(s), d))?;
+            }
+            if cur < b {
+                f(Segment::Zero(base + u64::from(cur), u64::from(b - cur)))?;
+            }
+            at = region_end;
+        }
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes at `offset`; zero and unwritten ranges read as zeroes.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), StoreError> {
+        self.check_range(offset, buf.len() as u64)?;
+        self.walk(offset, buf.len() as u64, |seg| {
+            match seg {
+                Segment::Zero(at, len) => {
+                    let i = (at - offset) as usize;
+                    buf[i..i + len as usize].fill(0);
+                }
+                Segment::Data(at, d) => {
+                    let chunk = self.chunk(&d.chunk)?;
+                    let i = (at - offset) as usize;
+                    buf[i..i + d.len as usize].copy_from_slice(self.data(&chunk, &d)?);
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// The ranges of `[offset, offset + len)`, in order, adjacent ranges of a kind merged.
+    pub fn extents(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64, ExtentKind)>, StoreError> {
+        self.check_range(offset, len)?;
+        let mut out: Vec<(u64, u64, ExtentKind)> = Vec::new();
+        self.walk(offset, len, |seg| {
+            let (at, len, kind) = match seg {
+                Segment::Zero(at, len) => (at, len, ExtentKind::Zero),
+                Segment::Data(at, d) => (at, u64::from(d.len), ExtentKind::Data),
+            };
+            match out.last_mut() {
+                Some((s, l, k)) if *k == kind && *s + *l == at => *l += len,
+                _ => out.push((at, len, kind)),
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Writes the point to `path` as an image: a regular file is created or truncated and its
+    /// zero ranges left as holes; a block device gets zeroes written. Every chunk is verified;
+    /// the target is fsynced before this returns. Memory stays bounded (a few pages and
+    /// chunks). `progress` is called with (bytes done, total bytes).
+    pub fn restore_to(
+        &self,
+        path: &Path,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<RestoreReport, StoreError> {
+        let device = fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
+        let mut file = if device {
+            OpenOptions::new().write(true).open(path).map_err(StoreError::io("open", path))?
+        } else {
+            let f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(path)
+                .map_err(StoreError::io("create", path))?;
+            f.set_len(self.size).map_err(StoreError::io("truncate", path))?;
+            f
+        };
+        if device {
+            let len = file.seek(SeekFrom::End(0)).map_err(StoreError::io("seek", path))?;
+            if len < self.size {
+                return Err(StoreError::OutOfRange { offset: 0, len: self.size, size: len });
+            }
+        }
+        let zeroes = if device { vec![0u8; ZERO_BUF] } else { Vec::new() };
+        let mut report = RestoreReport::default();
+        let total = self.size;
+        progress(0, total);
+        self.walk(0, total, |seg| {
+            match seg {
+                Segment::Data(at, d) => {
+                    let chunk = self.chunk(&d.chunk)?;
+                    file.write_all_at(self.data(&chunk, &d)?, at).map_err(StoreError::io("write", path))?;
+                    report.bytes_written += u64::from(d.len);
+                }
+                Segment::Zero(at, len) => {
+                    if device {
+                        let mut done = 0;
+                        while done < len {
+                            let n = (len - done).min(ZERO_BUF as u64);
+                            file.write_all_at(&zeroes[..n as usize], at + done)
+                                .map_err(StoreError::io("write", path))?;
+                            done += n;
+                        }
+                    }
+                    report.bytes_zero += len;
+                }
+            }
+            progress(report.bytes_written + report.bytes_zero, total);
+            Ok(())
+        })?;
+        file.sync_all().map_err(StoreError::io("fsync", path))?;
+        tracing::info!(
+            disk = %self.info.disk, id = self.info.id, path = %path.display(),
+            written = report.bytes_written, zero = report.bytes_zero, "restored"
+        );
+        Ok(report)
+    }
+}
+
+impl Drop for PointReader {
+    fn drop(&mut self) {
+        let mut live = self.store.live();
+        let key = (self.info.disk.clone(), self.info.id);
+        if let Some(n) = live.readers.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                live.readers.remove(&key);
+            }
+        }
+    }
+}

@@ -1,0 +1,748 @@
+//! The [`Store`]: one directory holding chunks, map pages, disks and their recovery points.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::chunk;
+use crate::durable::{self, read_bounded, sync_dir, write_atomic, TmpNames, TMP_PREFIX};
+use crate::error::{FormatError, StoreError};
+use crate::format::{
+    self, check_name, check_region_size, check_tag, decode_disk_record, decode_initial, decode_marker,
+    decode_page, decode_point_record, decode_root, encode_marker, encode_page, encode_point_record, hex,
+    max_marker_bytes, max_page_bytes, max_root_bytes, region_count, DiskRecord, InitialCheckpoint, Root,
+    DISK_FORMAT, MAX_BLOCK_SIZE, MAX_DISK_SIZE, MAX_METADATA_BYTES, MAX_REGIONS, MAX_TAGS, MIN_BLOCK_SIZE,
+    VERSION,
+};
+use crate::gc;
+use crate::map::RegionMap;
+use crate::pending::{PendingPoint, PendingState};
+use crate::reader::PointReader;
+use crate::{
+    DiskInfo, GcReport, GenerationKind, InitialProgress, PointInfo, PointSel, Retention, StoreOptions,
+};
+
+pub(crate) const MARKER: &str = "siterep-store";
+pub(crate) const CHUNKS: &str = "chunks";
+pub(crate) const PAGES: &str = "pages";
+pub(crate) const DISKS: &str = "disks";
+pub(crate) const DISK_FILE: &str = "disk.json";
+pub(crate) const INITIAL_FILE: &str = "initial.bin";
+pub(crate) const POINTS: &str = "points";
+
+pub(crate) fn now_unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+pub(crate) fn point_file(id: u64, ext: &str) -> String {
+    format!("{id:020}.{ext}")
+}
+
+/// The id of a point file name `<20 digits>.<ext>`.
+pub(crate) fn parse_point_file(name: &str, ext: &str) -> Option<u64> {
+    let stem = name.strip_suffix(ext)?.strip_suffix('.')?;
+    if stem.len() != 20 || !stem.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    stem.parse().ok()
+}
+
+/// The recovery site's store: one directory, shared by every disk and agent.
+///
+/// Every method takes `&self`; the store is `Send + Sync` and cheap to clone (clones share
+/// their state). Operations on different disks run in parallel; commits and tag edits of one
+/// disk are serialized. One process opens a store directory at a time.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+/// Processes still working on files and references the sweep must not remove.
+#[derive(Default)]
+pub(crate) struct Live {
+    next_seq: u64,
+    next_token: u64,
+    pub(crate) pending: HashMap<u64, PendingSlot>,
+    /// Open readers by (disk, point id); their points are not pruned.
+    pub(crate) readers: HashMap<(String, u64), usize>,
+    /// Chunks uploaded while some pending point was open, by upload sequence number.
+    recent: VecDeque<(u64, [u8; 32])>,
+    /// Chunks being stored whose names may not be durable yet.
+    pub(crate) in_flight: HashMap<[u8; 32], usize>,
+}
+
+pub(crate) struct PendingSlot {
+    begin_seq: u64,
+    pub(crate) state: Arc<Mutex<PendingState>>,
+}
+
+impl Live {
+    pub(crate) fn add_pending(&mut self, state: Arc<Mutex<PendingState>>) -> u64 {
+        let token = self.next_token;
+        self.next_token += 1;
+        self.pending.insert(token, PendingSlot { begin_seq: self.next_seq, state });
+        token
+    }
+
+    pub(crate) fn remove_pending(&mut self, token: u64) {
+        self.pending.remove(&token);
+        self.trim();
+    }
+
+    fn record_put(&mut self, hash: [u8; 32]) {
+        if self.pending.is_empty() {
+            return;
+        }
+        self.recent.push_back((self.next_seq, hash));
+        self.next_seq += 1;
+    }
+
+    /// Forgets uploads older than every open pending point.
+    fn trim(&mut self) {
+        match self.pending.values().map(|p| p.begin_seq).min() {
+            None => self.recent.clear(),
+            Some(horizon) => {
+                while self.recent.front().is_some_and(|(seq, _)| *seq < horizon) {
+                    self.recent.pop_front();
+                }
+            }
+        }
+    }
+
+    /// Chunks uploaded since the oldest open pending point began: the sweep keeps them.
+    pub(crate) fn protected_uploads(&mut self) -> impl Iterator<Item = &[u8; 32]> + '_ {
+        self.trim();
+        self.recent.iter().map(|(_, h)| h)
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) root: PathBuf,
+    pub(crate) region_size: u64,
+    /// Shared by every operation that creates files or references; exclusive for retention.
+    gate: RwLock<()>,
+    live: Mutex<Live>,
+    disk_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    pub(crate) tmp: TmpNames,
+    #[cfg(test)]
+    faults: Mutex<HashMap<&'static str, usize>>,
+}
+
+impl Inner {
+    pub(crate) fn shared(&self) -> RwLockReadGuard<'_, ()> {
+        self.gate.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn exclusive(&self) -> RwLockWriteGuard<'_, ()> {
+        self.gate.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn live(&self) -> MutexGuard<'_, Live> {
+        self.live.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The lock serializing commits, checkpoints and tag edits of one disk. Take it after
+    /// [`Inner::shared`], never the other way round.
+    pub(crate) fn disk_lock(&self, disk: &str) -> Arc<Mutex<()>> {
+        let mut locks = self.disk_locks.lock().unwrap_or_else(PoisonError::into_inner);
+        locks.entry(disk.to_string()).or_default().clone()
+    }
+
+    /// Test-only failure injection: the named step fails once it has passed `n` times.
+    #[cfg(test)]
+    pub(crate) fn fault(&self, at: &'static str) -> Result<(), StoreError> {
+        let mut faults = self.faults.lock().unwrap();
+        match faults.get_mut(at) {
+            Some(0) => Err(StoreError::Io {
+                op: "injected fault",
+                path: PathBuf::from(at),
+                source: std::io::Error::other("injected"),
+            }),
+            Some(n) => {
+                *n -= 1;
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    #[cfg(not(test))]
+    #[inline]
+    pub(crate) fn fault(&self, _at: &'static str) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    // -- paths ------------------------------------------------------------------------------
+
+    pub(crate) fn shard_dir(&self, kind: &str, shard: u8) -> PathBuf {
+        self.root.join(kind).join(format!("{shard:02x}"))
+    }
+
+    pub(crate) fn chunk_path(&self, hash: &[u8; 32]) -> PathBuf {
+        self.shard_dir(CHUNKS, hash[0]).join(hex(hash))
+    }
+
+    pub(crate) fn page_path(&self, hash: &[u8; 32]) -> PathBuf {
+        self.shard_dir(PAGES, hash[0]).join(hex(hash))
+    }
+
+    pub(crate) fn disk_dir(&self, disk: &str) -> PathBuf {
+        self.root.join(DISKS).join(disk)
+    }
+
+    pub(crate) fn points_dir(&self, disk: &str) -> PathBuf {
+        self.disk_dir(disk).join(POINTS)
+    }
+
+    // -- disks and points --------------------------------------------------------------------
+
+    pub(crate) fn disk_names(&self) -> Result<Vec<String>, StoreError> {
+        let dir = self.root.join(DISKS);
+        Ok(durable::list(&dir)?
+            .into_iter()
+            .filter(|n| check_name(n).is_ok() && dir.join(n).join(DISK_FILE).exists())
+            .collect())
+    }
+
+    /// Every disk, for retention: like [`Inner::disk_names`], but a directory that holds points
+    /// or a checkpoint without its `disk.json` is an error (their references must not be
+    /// skipped). A directory with neither is an interrupted registration and is skipped.
+    pub(crate) fn disk_names_strict(&self) -> Result<Vec<String>, StoreError> {
+        let dir = self.root.join(DISKS);
+        let mut out = Vec::new();
+        for name in durable::list(&dir)? {
+            if check_name(&name).is_err() || !dir.join(&name).is_dir() {
+                continue;
+            }
+            let disk_dir = dir.join(&name);
+            if disk_dir.join(DISK_FILE).exists() {
+                out.push(name);
+                continue;
+            }
+            let points = disk_dir.join(POINTS);
+            let has_points = points.is_dir()
+                && durable::list(&points)?.iter().any(|n| parse_point_file(n, "json").is_some());
+            if has_points || disk_dir.join(INITIAL_FILE).exists() {
+                return Err(StoreError::format(disk_dir.join(DISK_FILE))(FormatError::Missing));
+            }
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn disk_record(&self, disk: &str) -> Result<DiskRecord, StoreError> {
+        check_name(disk).map_err(|reason| StoreError::InvalidName {
+            what: "disk",
+            name: disk.to_string(),
+            reason,
+        })?;
+        let path = self.disk_dir(disk).join(DISK_FILE);
+        let buf = read_bounded(&path, MAX_METADATA_BYTES, "disk record")?
+            .ok_or_else(|| StoreError::UnknownDisk(disk.to_string()))?;
+        let r = decode_disk_record(&buf, disk).map_err(StoreError::format(&path))?;
+        check_geometry(r.size, r.block_size, self.region_size)
+            .map_err(|_| StoreError::format(&path)(FormatError::Range("disk geometry")))?;
+        Ok(r)
+    }
+
+    /// Ids of a disk's points, ascending.
+    pub(crate) fn point_ids(&self, disk: &str) -> Result<Vec<u64>, StoreError> {
+        let mut ids: Vec<u64> = durable::list(&self.points_dir(disk))?
+            .iter()
+            .filter_map(|n| parse_point_file(n, "json"))
+            .collect();
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    /// A point's metadata and its root's checksum.
+    pub(crate) fn point_record(&self, disk: &str, id: u64) -> Result<(PointInfo, [u8; 32]), StoreError> {
+        let path = self.points_dir(disk).join(point_file(id, "json"));
+        let buf = read_bounded(&path, MAX_METADATA_BYTES, "point record")?
+            .ok_or_else(|| StoreError::UnknownPoint { disk: disk.to_string(), id })?;
+        decode_point_record(&buf, disk, id).map_err(StoreError::format(&path))
+    }
+
+    pub(crate) fn load_point(&self, disk: &DiskRecord, id: u64) -> Result<(PointInfo, Root), StoreError> {
+        let (info, sum) = self.point_record(&disk.name, id)?;
+        let path = self.points_dir(&disk.name).join(point_file(id, "root"));
+        let regions = region_count(disk.size, self.region_size);
+        let buf = read_bounded(&path, max_root_bytes(regions), "point root")?
+            .ok_or_else(|| StoreError::format(&path)(FormatError::Missing))?;
+        let root = decode_root(&buf, disk.size, self.region_size, &sum).map_err(StoreError::format(&path))?;
+        Ok((info, root))
+    }
+
+    pub(crate) fn latest_point(&self, disk: &str) -> Result<Option<PointInfo>, StoreError> {
+        match self.point_ids(disk)?.last() {
+            Some(&id) => Ok(Some(self.point_record(disk, id)?.0)),
+            None => Ok(None),
+        }
+    }
+
+    /// Commits keep generations strictly increasing with ids, so this is a binary search.
+    pub(crate) fn point_for_generation(
+        &self,
+        disk: &str,
+        generation: u64,
+    ) -> Result<Option<PointInfo>, StoreError> {
+        let ids = self.point_ids(disk)?;
+        let (mut lo, mut hi) = (0usize, ids.len());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let info = self.point_record(disk, ids[mid])?.0;
+            match info.generation.cmp(&generation) {
+                std::cmp::Ordering::Equal => return Ok(Some(info)),
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+            }
+        }
+        Ok(None)
+    }
+
+    pub(crate) fn read_initial(&self, disk: &DiskRecord) -> Result<Option<InitialCheckpoint>, StoreError> {
+        let path = self.disk_dir(&disk.name).join(INITIAL_FILE);
+        let regions = region_count(disk.size, self.region_size);
+        match read_bounded(&path, max_root_bytes(regions), "initial checkpoint")? {
+            None => Ok(None),
+            Some(buf) => {
+                decode_initial(&buf, disk.size, self.region_size).map(Some).map_err(StoreError::format(&path))
+            }
+        }
+    }
+
+    pub(crate) fn remove_initial(&self, disk: &str) -> Result<(), StoreError> {
+        durable::remove(&self.disk_dir(disk).join(INITIAL_FILE))?;
+        sync_dir(&self.disk_dir(disk))
+    }
+
+    // -- pages and chunks --------------------------------------------------------------------
+
+    /// Stores a page unless it exists; returns its address. The page's data is durable on
+    /// return; its name is durable once the caller has synced its shard directory.
+    pub(crate) fn write_page(&self, map: &RegionMap) -> Result<[u8; 32], StoreError> {
+        let (buf, address) = encode_page(self.region_size, map);
+        if !self.page_path(&address).exists() {
+            write_atomic(&self.tmp, &self.shard_dir(PAGES, address[0]), &hex(&address), &[&buf], false)?;
+        }
+        Ok(address)
+    }
+
+    pub(crate) fn read_page(&self, address: &[u8; 32]) -> Result<RegionMap, StoreError> {
+        let path = self.page_path(address);
+        let buf = read_bounded(&path, max_page_bytes(self.region_size), "map page")?
+            .ok_or_else(|| StoreError::format(&path)(FormatError::Missing))?;
+        decode_page(&buf, self.region_size, address).map_err(StoreError::format(&path))
+    }
+
+    pub(crate) fn read_chunk(&self, hash: &[u8; 32]) -> Result<Vec<u8>, StoreError> {
+        chunk::read(&self.chunk_path(hash), hash)
+    }
+}
+
+/// Checks a disk's geometry against the store's bounds.
+pub(crate) fn check_geometry(size: u64, block_size: u32, region_size: u64) -> Result<(), StoreError> {
+    let bad = |reason| Err(StoreError::InvalidGeometry { size, block_size, reason });
+    if !block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size) {
+        return bad("the block size must be a power of two from 512 bytes to 1 MiB");
+    }
+    if u64::from(block_size) > region_size {
+        return bad("the block size exceeds the store's map region size");
+    }
+    if size == 0 || size % u64::from(block_size) != 0 {
+        return bad("the size must be a non-zero multiple of the block size");
+    }
+    if size > MAX_DISK_SIZE {
+        return bad("larger than MAX_DISK_SIZE");
+    }
+    if region_count(size, region_size) > MAX_REGIONS {
+        return bad("more map regions than MAX_REGIONS");
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Opens the store in `root`, creating it (with default [`StoreOptions`]) if the
+    /// directory is missing or empty. A directory with other content and no store marker, or a
+    /// marker of another format or version, is refused.
+    pub fn open(root: &Path) -> Result<Store, StoreError> {
+        Store::open_with(root, &StoreOptions::default())
+    }
+
+    /// Like [`Store::open`]; `options` apply only when the store is created.
+    pub fn open_with(root: &Path, options: &StoreOptions) -> Result<Store, StoreError> {
+        fs::create_dir_all(root).map_err(StoreError::io("create directory", root))?;
+        let marker = root.join(MARKER);
+        let region_size = match read_bounded(&marker, max_marker_bytes(), "store marker")? {
+            Some(buf) => {
+                let region_size = decode_marker(&buf).map_err(StoreError::format(&marker))?;
+                for dir in [CHUNKS, PAGES, DISKS] {
+                    if !root.join(dir).is_dir() {
+                        return Err(StoreError::format(root.join(dir))(FormatError::Missing));
+                    }
+                }
+                // A process that died between a rename and its directory fsync left names that
+                // are visible but maybe not durable; make them durable before anything relies
+                // on them.
+                for kind in [CHUNKS, PAGES] {
+                    for shard in 0..=255u8 {
+                        sync_dir(&root.join(kind).join(format!("{shard:02x}")))?;
+                    }
+                }
+                region_size
+            }
+            None => {
+                check_region_size(options.region_size).map_err(StoreError::format(&marker))?;
+                create_layout(root, options.region_size)?;
+                options.region_size
+            }
+        };
+        tracing::debug!(root = %root.display(), region_size, "store open");
+        Ok(Store {
+            inner: Arc::new(Inner {
+                root: root.to_path_buf(),
+                region_size,
+                gate: RwLock::new(()),
+                live: Mutex::new(Live::default()),
+                disk_locks: Mutex::new(HashMap::new()),
+                tmp: TmpNames::default(),
+                #[cfg(test)]
+                faults: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The store's directory.
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    /// Bytes of a disk's address space per map page.
+    pub fn region_size(&self) -> u64 {
+        self.inner.region_size
+    }
+
+    /// Registers a disk, or returns it if it exists with the same geometry.
+    pub fn register_disk(&self, disk: &str, size: u64, block_size: u32) -> Result<DiskInfo, StoreError> {
+        check_name(disk).map_err(|reason| StoreError::InvalidName {
+            what: "disk",
+            name: disk.to_string(),
+            reason,
+        })?;
+        check_geometry(size, block_size, self.inner.region_size)?;
+        let inner = &*self.inner;
+        {
+            let _gate = inner.shared();
+            let lock = inner.disk_lock(disk);
+            let _disk = lock.lock().unwrap_or_else(PoisonError::into_inner);
+            match inner.disk_record(disk) {
+                Ok(r) if r.size == size && r.block_size == block_size => {}
+                Ok(r) => {
+                    return Err(StoreError::DiskMismatch {
+                        disk: disk.to_string(),
+                        existing_size: r.size,
+                        existing_block_size: r.block_size,
+                        size,
+                        block_size,
+                    })
+                }
+                Err(StoreError::UnknownDisk(_)) => {
+                    let dir = inner.disk_dir(disk);
+                    let points = inner.points_dir(disk);
+                    fs::create_dir_all(&points).map_err(StoreError::io("create directory", &points))?;
+                    sync_dir(&dir)?;
+                    sync_dir(&inner.root.join(DISKS))?;
+                    let record = DiskRecord {
+                        format: DISK_FORMAT.into(),
+                        version: VERSION,
+                        name: disk.to_string(),
+                        size,
+                        block_size,
+                        created_unix_ms: now_unix_ms(),
+                    };
+                    let json = serde_json::to_vec_pretty(&record).expect("a disk record serializes");
+                    write_atomic(&inner.tmp, &dir, DISK_FILE, &[&json], true)?;
+                    tracing::info!(disk, size, block_size, "disk registered");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.disk(disk)
+    }
+
+    /// A disk, its latest point and the progress of an interrupted initial copy.
+    pub fn disk(&self, disk: &str) -> Result<DiskInfo, StoreError> {
+        let r = self.inner.disk_record(disk)?;
+        let latest = self.inner.latest_point(disk)?;
+        let initial = self
+            .inner
+            .read_initial(&r)?
+            .map(|c| InitialProgress { generation: c.generation, next_offset: c.next_offset });
+        Ok(DiskInfo { name: r.name, size: r.size, block_size: r.block_size, latest, initial })
+    }
+
+    /// Every registered disk, by name.
+    pub fn disks(&self) -> Result<Vec<DiskInfo>, StoreError> {
+        self.inner.disk_names()?.iter().map(|d| self.disk(d)).collect()
+    }
+
+    /// Whether a chunk is stored. (It may still be collected by a concurrent retention run
+    /// unless a pending point references it; [`PendingPoint::add_chunk`] then says so.)
+    pub fn has_chunk(&self, hash: &[u8; 32]) -> bool {
+        self.inner.chunk_path(hash).exists()
+    }
+
+    /// Stores a chunk: `compressed` is zstd, decompressing to `raw_len` bytes whose blake3 is
+    /// `hash`. Verified before anything is stored (a mismatch is [`StoreError::CorruptChunk`]);
+    /// durable on return. Safe when many agents upload the same chunk at once.
+    ///
+    /// Upload a generation's chunks after [`Store::begin`]: chunks uploaded while a pending
+    /// point is open are kept by retention until it ends.
+    pub fn put_chunk(&self, hash: &[u8; 32], raw_len: u32, compressed: &[u8]) -> Result<(), StoreError> {
+        chunk::verify_upload(hash, raw_len, compressed)?;
+        let inner = &*self.inner;
+        let _gate = inner.shared();
+        let dir = inner.shard_dir(CHUNKS, hash[0]);
+        let _in_flight = InFlight::new(inner, *hash);
+        // A stored copy whose header fails its checks is replaced by this verified upload.
+        let stored = matches!(chunk::read_header(&inner.chunk_path(hash), hash), Ok(Some(_)));
+        if !stored {
+            let header = format::ChunkHeader {
+                raw_len,
+                stored_len: u32::try_from(compressed.len()).expect("bounded by MAX_CHUNK_STORED"),
+                hash: *hash,
+            }
+            .encode();
+            // Racing writers each rename their own complete temporary file over the name.
+            write_atomic(&inner.tmp, &dir, &hex(hash), &[&header, compressed], false)?;
+        }
+        // Also when it existed: its name may have come from a racing writer not yet synced.
+        sync_dir(&dir)?;
+        inner.live().record_put(*hash);
+        Ok(())
+    }
+
+    /// Starts a pending point for `generation` of `disk`. `Incremental` and `Resync` apply on
+    /// top of `base`, which must exist and be older; `InitialFull` starts from `base` or, with
+    /// none, from an all-zero disk. A generation that already has a point may be begun again:
+    /// its commit returns that point.
+    pub fn begin(
+        &self,
+        disk: &str,
+        generation: u64,
+        kind: GenerationKind,
+        base: Option<u64>,
+    ) -> Result<PendingPoint, StoreError> {
+        let inner = &self.inner;
+        let record = inner.disk_record(disk)?;
+        if kind != GenerationKind::InitialFull && base.is_none() {
+            return Err(StoreError::BaseRequired(kind));
+        }
+        let _gate = inner.shared();
+        let root = match base {
+            Some(b) => {
+                let (info, root) = inner.load_point(&record, b)?;
+                if info.generation >= generation {
+                    return Err(StoreError::InvalidBase {
+                        base: b,
+                        base_generation: info.generation,
+                        generation,
+                    });
+                }
+                root
+            }
+            None => Root::new(),
+        };
+        check_not_stale(inner, disk, generation)?;
+        let state = PendingState::new(root, 0);
+        Ok(PendingPoint::start(inner.clone(), record, generation, kind, base, now_unix_ms(), 0, state))
+    }
+
+    /// The interrupted initial full copy of `disk`, as of its last checkpoint, or `None`.
+    pub fn resume_initial(&self, disk: &str) -> Result<Option<PendingPoint>, StoreError> {
+        let inner = &self.inner;
+        let record = inner.disk_record(disk)?;
+        let _gate = inner.shared();
+        let lock = inner.disk_lock(disk);
+        let _disk = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(cp) = inner.read_initial(&record)? else { return Ok(None) };
+        if inner.point_for_generation(disk, cp.generation)?.is_some() {
+            // Committed; the checkpoint outlived the commit by a crash.
+            inner.remove_initial(disk)?;
+            return Ok(None);
+        }
+        check_not_stale(inner, disk, cp.generation)?;
+        let state = PendingState::new(cp.root, cp.changed_bytes);
+        Ok(Some(PendingPoint::start(
+            inner.clone(),
+            record,
+            cp.generation,
+            GenerationKind::InitialFull,
+            cp.base,
+            cp.started_unix_ms,
+            cp.next_offset,
+            state,
+        )))
+    }
+
+    /// Every point of a disk, oldest first.
+    pub fn points(&self, disk: &str) -> Result<Vec<PointInfo>, StoreError> {
+        self.inner.disk_record(disk)?;
+        let ids = self.inner.point_ids(disk)?;
+        ids.iter().map(|&id| Ok(self.inner.point_record(disk, id)?.0)).collect()
+    }
+
+    /// The point committed for `generation`, if any (for an idempotent re-send).
+    pub fn point_for_generation(&self, disk: &str, generation: u64) -> Result<Option<PointInfo>, StoreError> {
+        self.inner.disk_record(disk)?;
+        self.inner.point_for_generation(disk, generation)
+    }
+
+    /// Opens a point for reading. While the reader lives, retention keeps the point.
+    pub fn open_point(&self, disk: &str, point: PointSel) -> Result<PointReader, StoreError> {
+        let inner = &self.inner;
+        let record = inner.disk_record(disk)?;
+        let _gate = inner.shared();
+        let id = match point {
+            PointSel::Id(id) => id,
+            PointSel::Latest => {
+                *inner.point_ids(disk)?.last().ok_or_else(|| StoreError::NoPoint(disk.to_string()))?
+            }
+        };
+        let (info, root) = inner.load_point(&record, id)?;
+        Ok(PointReader::new(inner.clone(), record.size, info, root))
+    }
+
+    /// Tags a point (idempotent). Tagged points are kept by retention.
+    pub fn tag(&self, disk: &str, point: u64, tag: &str) -> Result<(), StoreError> {
+        check_tag(tag).map_err(|reason| StoreError::InvalidName {
+            what: "tag",
+            name: tag.to_string(),
+            reason,
+        })?;
+        self.edit_tags(disk, point, |tags| {
+            if tags.iter().any(|(t, _)| t == tag) {
+                return Ok(false);
+            }
+            if tags.len() >= MAX_TAGS {
+                return Err(StoreError::TooLarge {
+                    what: "tag list",
+                    len: tags.len() as u64 + 1,
+                    max: MAX_TAGS as u64,
+                });
+            }
+            tags.push((tag.to_string(), now_unix_ms()));
+            Ok(true)
+        })
+    }
+
+    /// Removes a tag from a point (idempotent).
+    pub fn untag(&self, disk: &str, point: u64, tag: &str) -> Result<(), StoreError> {
+        self.edit_tags(disk, point, |tags| {
+            let before = tags.len();
+            tags.retain(|(t, _)| t != tag);
+            Ok(tags.len() != before)
+        })
+    }
+
+    fn edit_tags(
+        &self,
+        disk: &str,
+        point: u64,
+        edit: impl FnOnce(&mut Vec<(String, u64)>) -> Result<bool, StoreError>,
+    ) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        inner.disk_record(disk)?;
+        // Shared: retention (exclusive) must not delete the record while it is rewritten.
+        let _gate = inner.shared();
+        let lock = inner.disk_lock(disk);
+        let _disk = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let (mut info, root_sum) = inner.point_record(disk, point)?;
+        if edit(&mut info.tags)? {
+            let json = encode_point_record(&info, &root_sum);
+            write_atomic(&inner.tmp, &inner.points_dir(disk), &point_file(point, "json"), &[&json], true)?;
+        }
+        Ok(())
+    }
+
+    /// Prunes points the policy does not keep (never a disk's latest point, a tagged point or
+    /// one being read), then removes every page and chunk no remaining point, checkpoint or
+    /// pending point references. Writers wait while it runs.
+    pub fn retain(&self, policy: &Retention) -> Result<GcReport, StoreError> {
+        gc::retain(&self.inner, policy, now_unix_ms())
+    }
+
+    #[cfg(test)]
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+
+    /// Test-only: make step `at` fail after it has passed `after` times.
+    #[cfg(test)]
+    pub(crate) fn inject_fault(&self, at: &'static str, after: usize) {
+        self.inner.faults.lock().unwrap().insert(at, after);
+    }
+}
+
+/// Marks a chunk as being stored for as long as it lives.
+struct InFlight<'a> {
+    inner: &'a Inner,
+    hash: [u8; 32],
+}
+
+impl<'a> InFlight<'a> {
+    fn new(inner: &'a Inner, hash: [u8; 32]) -> InFlight<'a> {
+        *inner.live().in_flight.entry(hash).or_default() += 1;
+        InFlight { inner, hash }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut live = self.inner.live();
+        if let Some(n) = live.in_flight.get_mut(&self.hash) {
+            *n -= 1;
+            if *n == 0 {
+                live.in_flight.remove(&self.hash);
+            }
+        }
+    }
+}
+
+/// Refuses a generation older than the disk's latest point unless it has a point of its own.
+pub(crate) fn check_not_stale(inner: &Inner, disk: &str, generation: u64) -> Result<(), StoreError> {
+    if let Some(latest) = inner.latest_point(disk)? {
+        if latest.generation > generation && inner.point_for_generation(disk, generation)?.is_none() {
+            return Err(StoreError::StaleGeneration {
+                disk: disk.to_string(),
+                generation,
+                latest: latest.generation,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn create_layout(root: &Path, region_size: u64) -> Result<(), StoreError> {
+    for name in durable::list(root)? {
+        if ![CHUNKS, PAGES, DISKS].contains(&name.as_str()) && !name.starts_with(TMP_PREFIX) {
+            return Err(StoreError::NotAStore(root.to_path_buf()));
+        }
+    }
+    for kind in [CHUNKS, PAGES] {
+        let dir = root.join(kind);
+        for shard in 0..=255u8 {
+            let d = dir.join(format!("{shard:02x}"));
+            fs::create_dir_all(&d).map_err(StoreError::io("create directory", &d))?;
+        }
+        sync_dir(&dir)?;
+    }
+    let disks = root.join(DISKS);
+    fs::create_dir_all(&disks).map_err(StoreError::io("create directory", &disks))?;
+    sync_dir(root)?;
+    // The marker last: a directory without it is an unfinished creation, finished next time.
+    write_atomic(&TmpNames::default(), root, MARKER, &[&encode_marker(region_size)], true)?;
+    tracing::info!(root = %root.display(), region_size, "store created");
+    Ok(())
+}

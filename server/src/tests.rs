@@ -1,0 +1,961 @@
+//! Store-level tests: round trips against a model disk, structural sharing, dedup, corruption,
+//! idempotence, resumed initial copies, retention and garbage collection (with injected
+//! crashes), sparse restore and concurrency.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use proptest::prelude::*;
+
+use crate::format::hex;
+use crate::store::{CHUNKS, PAGES};
+use crate::*;
+
+const KIB: u64 = 1024;
+
+/// xorshift64*: deterministic test data without another dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        // Half random, half runs: compressible but not trivially so.
+        (0..n).map(|i| if i % 64 < 32 { self.next() as u8 } else { (i / 64) as u8 }).collect()
+    }
+}
+
+fn new_store(region_size: u64) -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_with(&dir.path().join("store"), &StoreOptions { region_size }).unwrap();
+    (dir, store)
+}
+
+fn put(store: &Store, data: &[u8]) -> [u8; 32] {
+    let hash = *blake3::hash(data).as_bytes();
+    let z = zstd::bulk::compress(data, 1).unwrap();
+    store.put_chunk(&hash, data.len() as u32, &z).unwrap();
+    hash
+}
+
+fn read_all(reader: &PointReader) -> Vec<u8> {
+    let mut buf = vec![0xAAu8; reader.size() as usize];
+    reader.read_at(&mut buf, 0).unwrap();
+    buf
+}
+
+/// Object files (not temporaries) under `chunks/` or `pages/`.
+fn objects(store: &Store, kind: &str) -> HashSet<String> {
+    let mut out = HashSet::new();
+    for shard in fs::read_dir(store.root().join(kind)).unwrap() {
+        for f in fs::read_dir(shard.unwrap().path()).unwrap() {
+            out.insert(f.unwrap().file_name().into_string().unwrap());
+        }
+    }
+    out
+}
+
+fn hexes<'a>(hashes: impl IntoIterator<Item = &'a [u8; 32]>) -> HashSet<String> {
+    hashes.into_iter().map(|h| hex(h)).collect()
+}
+
+fn point_image(store: &Store, disk: &str, id: u64) -> Vec<u8> {
+    read_all(&store.open_point(disk, PointSel::Id(id)).unwrap())
+}
+
+/// Commits one generation of random chunk and zero extents, applying it to `model`.
+fn random_generation(
+    store: &Store,
+    rng: &mut Rng,
+    disk: &str,
+    generation: u64,
+    base: Option<u64>,
+    model: &mut [u8],
+    ops: usize,
+) -> PointInfo {
+    let kind = if base.is_some() { GenerationKind::Incremental } else { GenerationKind::InitialFull };
+    let mut p = store.begin(disk, generation, kind, base).unwrap();
+    let blocks = model.len() as u64 / 512;
+    for _ in 0..ops {
+        let start = rng.below(blocks);
+        let len = 1 + rng.below((blocks - start).min(64));
+        let (off, n) = (start * 512, (len * 512) as usize);
+        if rng.below(4) == 0 {
+            p.add_zero(off, n as u64).unwrap();
+            model[off as usize..off as usize + n].fill(0);
+        } else {
+            let data = rng.bytes(n);
+            let h = put(store, &data);
+            p.add_chunk(off, n as u32, h).unwrap();
+            model[off as usize..off as usize + n].copy_from_slice(&data);
+        }
+    }
+    p.commit(1_000 + generation, Consistency::Crash).unwrap()
+}
+
+#[test]
+fn handles_are_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<Store>();
+    send_sync::<PointReader>();
+    send::<PendingPoint>();
+}
+
+#[test]
+fn round_trip_random_generations() {
+    let (_d, store) = new_store(64 * KIB);
+    let size = 1024 * KIB; // 16 regions
+    store.register_disk("vm1", size, 512).unwrap();
+    let mut rng = Rng(0x1234_5678);
+    let mut model = vec![0u8; size as usize];
+    let mut images = Vec::new();
+    let mut base = None;
+    for generation in 1..=6 {
+        let info = random_generation(&store, &mut rng, "vm1", generation, base, &mut model, 40);
+        assert_eq!(info.id, generation);
+        base = Some(info.id);
+        images.push(model.clone());
+        let reader = store.open_point("vm1", PointSel::Latest).unwrap();
+        assert_eq!(reader.info(), &info);
+        assert!(read_all(&reader) == model, "generation {generation} differs");
+        // Unaligned reads of every size.
+        for _ in 0..50 {
+            let off = rng.below(size);
+            let len = rng.below((size - off).min(200_000));
+            let mut buf = vec![0x55; len as usize];
+            reader.read_at(&mut buf, off).unwrap();
+            assert!(buf[..] == model[off as usize..(off + len) as usize]);
+        }
+        // The extent map agrees: zero ranges read as zeroes, ranges are contiguous.
+        let ext = reader.extents(0, size).unwrap();
+        let mut at = 0;
+        for (off, len, kind) in &ext {
+            assert_eq!(*off, at);
+            at += len;
+            if *kind == ExtentKind::Zero {
+                assert!(model[*off as usize..(*off + *len) as usize].iter().all(|b| *b == 0));
+            }
+        }
+        assert_eq!(at, size);
+        assert!(ext.windows(2).all(|w| w[0].2 != w[1].2), "adjacent extents of one kind are merged");
+    }
+    // Every point restores on its own, also after reopening the store.
+    let store = Store::open(store.root()).unwrap();
+    for (i, image) in images.iter().enumerate() {
+        assert!(point_image(&store, "vm1", i as u64 + 1) == *image, "point {} differs", i + 1);
+    }
+    let info = store.disk("vm1").unwrap();
+    assert_eq!(info.latest.unwrap().generation, 6);
+    assert_eq!(store.points("vm1").unwrap().len(), 6);
+}
+
+#[test]
+fn later_extents_override_earlier_ones() {
+    let (_d, store) = new_store(64 * KIB);
+    store.register_disk("d", 256 * KIB, 512).unwrap();
+    let a = put(&store, &[1u8; 8192]);
+    let b = put(&store, &[2u8; 4096]);
+    let mut p = store.begin("d", 1, GenerationKind::InitialFull, None).unwrap();
+    p.add_chunk(0, 8192, a).unwrap();
+    p.add_chunk(2048, 4096, b).unwrap(); // data over data
+    p.add_zero(1024, 512).unwrap(); // zero over data
+    p.add_zero(64 * KIB - 1024, 4096).unwrap(); // zero over nothing, across regions
+    p.add_chunk(64 * KIB - 2048, 8192, a).unwrap(); // data over zero, across regions
+    p.add_chunk(64 * KIB - 2048, 4096, b).unwrap(); // the same range again: last wins
+    p.commit(1, Consistency::App).unwrap();
+    let mut want = vec![0u8; 256 * KIB as usize];
+    want[..8192].fill(1);
+    want[2048..6144].fill(2);
+    want[1024..1536].fill(0);
+    let m = 64 * KIB as usize;
+    want[m - 2048..m + 6144].fill(1);
+    want[m - 2048..m + 2048].fill(2);
+    assert!(point_image(&store, "d", 1) == want);
+}
+
+#[test]
+fn a_new_point_writes_only_the_pages_it_touches() {
+    let (_d, store) = new_store(64 * KIB);
+    store.register_disk("d", 8 * 64 * KIB, 4096).unwrap();
+    let mut rng = Rng(7);
+    let mut p = store.begin("d", 1, GenerationKind::InitialFull, None).unwrap();
+    for region in 0..8 {
+        let h = put(&store, &rng.bytes(4096));
+        p.add_chunk(region * 64 * KIB, 4096, h).unwrap();
+    }
+    let first = p.commit(1, Consistency::Crash).unwrap();
+    let first_image = point_image(&store, "d", first.id);
+    assert_eq!(objects(&store, PAGES).len(), 8);
+
+    let mut p = store.begin("d", 2, GenerationKind::Incremental, Some(first.id)).unwrap();
+    let h = put(&store, &rng.bytes(8192));
+    p.add_chunk(3 * 64 * KIB + 8192, 8192, h).unwrap();
+    let second = p.commit(2, Consistency::Crash).unwrap();
+    assert_eq!(objects(&store, PAGES).len(), 9, "one new page");
+    assert_eq!(objects(&store, CHUNKS).len(), 9);
+
+    // A generation that changes nothing shares every page.
+    let p = store.begin("d", 3, GenerationKind::Incremental, Some(second.id)).unwrap();
+    let third = p.commit(3, Consistency::Crash).unwrap();
+    assert_eq!(objects(&store, PAGES).len(), 9);
+    assert!(point_image(&store, "d", third.id) == point_image(&store, "d", second.id));
+    assert!(point_image(&store, "d", first.id) == first_image, "the base is unchanged");
+}
+
+#[test]
+fn chunks_are_shared_across_disks() {
+    let (_d, store) = new_store(64 * KIB);
+    store.register_disk("a", 128 * KIB, 512).unwrap();
+    store.register_disk("b", 256 * KIB, 512).unwrap();
+    let data = Rng(3).bytes(16384);
+    let h = put(&store, &data);
+    let again = put(&store, &data);
+    assert_eq!(h, again);
+    for (disk, off) in [("a", 0), ("b", 128 * KIB)] {
+        let mut p = store.begin(disk, 1, GenerationKind::InitialFull, None).unwrap();
+        assert!(store.has_chunk(&h));
+        p.add_chunk(off, 16384, h).unwrap();
+        p.commit(5, Consistency::Crash).unwrap();
+    }
+    assert_eq!(objects(&store, CHUNKS), hexes([&h]));
+    assert_eq!(point_image(&store, "a", 1)[..16384], data[..]);
+    assert_eq!(point_image(&store, "b", 1)[128 * KIB as usize..][..16384], data[..]);
+    let names: Vec<_> = store.disks().unwrap().into_iter().map(|d| d.name).collect();
+    assert_eq!(names, ["a", "b"]);
+}
+
+#[test]
+fn a_corrupt_upload_is_rejected_and_nothing_is_stored() {
+    let (_d, store) = new_store(64 * KIB);
+    let data = vec![9u8; 4096];
+    let z = zstd::bulk::compress(&data, 1).unwrap();
+    let wrong = *blake3::hash(b"something else").as_bytes();
+    let e = store.put_chunk(&wrong, 4096, &z).unwrap_err();
+    assert!(matches!(e, StoreError::CorruptChunk { stored: false, .. }), "{e}");
+    assert!(e.caller_fault());
+    let right = *blake3::hash(&data).as_bytes();
+    assert!(matches!(store.put_chunk(&right, 4095, &z), Err(StoreError::CorruptChunk { .. })));
+    assert!(!store.has_chunk(&wrong));
+    assert!(!store.has_chunk(&right));
+    assert!(objects(&store, CHUNKS).is_empty());
+}
+
+#[test]
+fn corruption_on_disk_is_detected_on_read() {
+    let (_d, store) = new_store(64 * KIB);
+    store.register_disk("d", 128 * KIB, 512).unwrap();
+    let data = Rng(11).bytes(8192);
+    let h = put(&store, &data);
+    let mut p = store.begin("d", 1, GenerationKind::InitialFull, None).unwrap();
+    p.add_chunk(0, 8192, h).unwrap();
+    p.commit(1, Consistency::Crash).unwrap();
+
+    let path = store.inner().chunk_path(&h);
+    let good = fs::read(&path).unwrap();
+    let reader = store.open_point("d", PointSel::Latest).unwrap();
+    let mut buf = vec![0u8; 512];
+    reader.read_at(&mut buf, 64 * KIB).unwrap(); // unwritten: no chunk read
+
+    for at in [good.len() - 1, 60, 20] {
+        let mut bad = good.clone();
+        bad[at] ^= 1;
+        fs::write(&path, &bad).unwrap();
+        let reader = store.open_point("d", PointSel::Latest).unwrap();
+        let e = reader.read_at(&mut buf, 0).unwrap_err();
+        assert!(matches!(e, StoreError::CorruptChunk { hash, stored: true, .. } if hash == h), "{e}");
+        assert!(!e.caller_fault());
+    }
+    fs::remove_file(&path).unwrap();
+    let reader = store.open_point("d", PointSel::Latest).unwrap();
+    assert!(matches!(reader.read_at(&mut buf, 4096), Err(StoreError::CorruptChunk { stored: true, .. })));
+    let out = tempfile::NamedTempFile::new().unwrap();
+    assert!(matches!(reader.restore_to(out.path(), &mut |_, _| {}), Err(StoreError::CorruptChunk { .. })));
+
+    // A corrupt page or root is a format error, not silence.
+    fs::write(&path, &good).unwrap();
+    let page = objects(&store, PAGES).into_iter().next().unwrap();
+    let page_path = store.root().join(PAGES).join(&page[..2]).join(&page);
+    let mut bytes = fs::read(&page_path).unwrap();
+    bytes[20] ^= 1;
+    fs::write(&page_path, &bytes).unwrap();
+    let reader = store.open_point("d", PointSel::Latest).unwrap();
+    assert!(matches!(
+        reader.read_at(&mut buf, 0),
+        Err(StoreError::Format { source: FormatError::Checksum, .. })
+    ));
+}
+
+#[test]
+fn commit_is_idempotent_and_stale_generations_are_refused() {
+    let (_d, store) = new_store(64 * KIB);
+    store.register_disk("d", 128 * KIB, 512).unwrap();
+    let h = put(&store, &[5u8; 4096]);
+    let mut p = store.begin("d", 5, GenerationKind::InitialFull, None).unwrap();
+    p.add_chunk(0, 4096, h).unwrap();
+    let first = p.commit(100, Consistency::Crash).unwrap();
+
+    // A re-send of generation 5 (after a lost acknowledgement) returns the same point.
+    let mut again = store.begin("d", 5, GenerationKind::InitialFull, None).unwrap();
+    again.add_chunk(4096, 4096, h).unwrap();
+    assert_eq!(again.commit(100, Consistency::Crash).unwrap(), first);
+    assert_eq!(store.points("d").unwrap(), vec![first.clone()]);
+    assert_eq!(store.point_for_generation("d", 5).unwrap(), Some(first.clone()));
+    assert_eq!(store.point_for_generation("d", 6).unwrap(), None);
+
+    let second = store
+        .begin("d", 9, GenerationKind::Incremental, Some(1))
+        .unwrap()
+        .commit(200, Consistency::App)
+        .unwrap();
+    assert_eq!((second.id, second.base), (2, Some(1)));
+    assert!(matches!(
+        store.begin("d", 7, GenerationKind::Incremental, Some(1)),
+        Err(StoreError::StaleGeneration { generation: 7, latest: 9, .. })
+    ));
+    assert!(matches!(
+        store.begin("d", 10, GenerationKind::Incremental, None),
+        Err(StoreError::BaseRequired(GenerationKind::Incremental))
+    ));
+    assert!(matches!(
+        store.begin("d", 9, GenerationKind::Resync, Some(2)),
+        Err(StoreError::InvalidBase { base: 2, .. })
+    ));
+    assert!(matches!(
+        store.begin("d", 10, GenerationKind::Resync, Some(7)),
+        Err(StoreError::UnknownPoint { id: 7, .. })
+    ));
+    // Generations found by binary search over many points.
+    let mut base = 2;
+    for g in 10..30 {
+        base = store
+            .begin("d", g * 3, GenerationKind::Incremental, Some(base))
+            .unwrap()
+            .commit(g, Consistency::Crash)
+            .unwrap()
+            .id;
+    }
+    for g in 10..30 {
+        assert_eq!(store.point_for_generation("d", g * 3).unwrap().unwrap().id, g - 7);
+        assert_eq!(store.point_for_generation("d", g * 3 + 1).unwrap(), None);
+    }
+}
+
+#[test]
+fn invalid_requests_fail_loudly() {
+    let (d, store) = new_store(64 * KIB);
+    store.register_disk("d", 128 * KIB, 4096).unwrap();
+    assert_eq!(store.register_disk("d", 128 * KIB, 4096).unwrap().size, 128 * KIB);
+    assert!(matches!(store.register_disk("d", 256 * KIB, 4096), Err(StoreError::DiskMismatch { .. })));
+    assert!(matches!(store.register_disk("d", 128 * KIB, 512), Err(StoreError::DiskMismatch { .. })));
+    assert!(matches!(store.register_disk("../x", 4096, 512), Err(StoreError::InvalidName { .. })));
+    assert!(matches!(store.register_disk("e", 1000, 512), Err(StoreError::InvalidGeometry { .. })));
+    assert!(matches!(store.register_disk("e", 4096, 1000), Err(StoreError::InvalidGeometry { .. })));
+    assert!(matches!(store.disk("nope"), Err(StoreError::UnknownDisk(_))));
+    assert!(matches!(store.open_point("d", PointSel::Latest), Err(StoreError::NoPoint(_))));
+
+    let h = put(&store, &[1u8; 4096]);
+    let mut p = store.begin("d", 1, GenerationKind::InitialFull, None).unwrap();
+    assert!(matches!(p.add_chunk(512, 4096, h), Err(StoreError::Unaligned { .. })));
+    assert!(matches!(p.add_chunk(128 * KIB, 4096, h), Err(StoreError::OutOfRange { .. })));
+    assert!(matches!(p.add_zero(u64::MAX - 4095, 4096), Err(StoreError::OutOfRange { .. })));
+    assert!(matches!(p.add_chunk(0, 4096, [0; 32]), Err(StoreError::MissingChunk(_))));
+    assert!(matches!(
+        p.add_chunk(0, 8192, h),
+        Err(StoreError::ChunkLength { stored: 4096, given: 8192, .. })
+    ));
+    let info = p.commit(1, Consistency::Crash).unwrap();
+    let mut q = store.begin("d", 2, GenerationKind::Incremental, Some(info.id)).unwrap();
+    assert!(matches!(q.checkpoint(0), Err(StoreError::NotInitial)));
+    let reader = store.open_point("d", PointSel::Id(1)).unwrap();
+    assert!(matches!(reader.read_at(&mut [0u8; 2], 128 * KIB - 1), Err(StoreError::OutOfRange { .. })));
+    assert!(matches!(store.tag("d", 1, "a\tb"), Err(StoreError::InvalidName { .. })));
+    assert!(matches!(store.tag("d", 5, "x"), Err(StoreError::UnknownPoint { .. })));
+
+    // A directory that is not a store, and a marker of a future version.
+    let other = d.path().join("other");
+    fs::create_dir(&other).unwrap();
+    fs::write(other.join("file"), b"x").unwrap();
+    assert!(matches!(Store::open(&other), Err(StoreError::NotAStore(_))));
+    let marker = store.root().join(crate::store::MARKER);
+    let mut m = fs::read(&marker).unwrap();
+    m[8] = 2;
+    fs::write(&marker, &m).unwrap();
+    assert!(matches!(
+        Store::open(store.root()),
+        Err(StoreError::Format { source: FormatError::Version(2), .. })
+    ));
+}
+
+#[test]
+fn an_interrupted_initial_copy_resumes_from_its_checkpoint() {
+    let (_d, store) = new_store(64 * KIB);
+    let size = 512 * KIB;
+    store.register_disk("d", size, 512).unwrap();
+    let mut rng = Rng(99);
+    let mut model = vec![0u8; size as usize];
+    let chunk = 32 * KIB;
+    let mut p = store.begin("d", 3, GenerationKind::InitialFull, None).unwrap();
+    assert_eq!(p.next_offset(), 0);
+    for i in 0..6 {
+        let data = rng.bytes(chunk as usize);
+        p.add_chunk(i * chunk, chunk as u32, put(&store, &data)).unwrap();
+        model[(i * chunk) as usize..][..chunk as usize].copy_from_slice(&data);
+    }
+    p.checkpoint(6 * chunk).unwrap();
+    // Sent after the checkpoint but lost with the connection.
+    let lost = put(&store, &rng.bytes(chunk as usize));
+    p.add_chunk(6 * chunk, chunk as u32, lost).unwrap();
+    drop(p);
+
+    let store = Store::open(store.root()).unwrap(); // a restart
+    let info = store.disk("d").unwrap();
+    assert_eq!(info.initial, Some(InitialProgress { generation: 3, next_offset: 6 * chunk }));
+    assert_eq!(info.latest, None);
+    // A retention run meanwhile must keep what the checkpoint references.
+    store.retain(&Retention::default()).unwrap();
+    let mut p = store.resume_initial("d").unwrap().expect("a checkpoint");
+    assert_eq!((p.generation(), p.next_offset(), p.kind()), (3, 6 * chunk, GenerationKind::InitialFull));
+    for i in 6..16 {
+        let data = rng.bytes(chunk as usize);
+        p.add_chunk(i * chunk, chunk as u32, put(&store, &data)).unwrap();
+        model[(i * chunk) as usize..][..chunk as usize].copy_from_slice(&data);
+        if i == 10 {
+            p.checkpoint((i + 1) * chunk).unwrap();
+        }
+    }
+    let point = p.commit(77, Consistency::Crash).unwrap();
+    assert_eq!(point.generation, 3);
+    assert!(point_image(&store, "d", point.id) == model);
+    assert_eq!(store.disk("d").unwrap().initial, None);
+    assert!(store.resume_initial("d").unwrap().is_none());
+}
+
+#[test]
+fn a_stale_checkpoint_of_a_committed_copy_is_dropped() {
+    let (_d, store) = new_store(64 * KIB);
+    store.register_disk("d", 128 * KIB, 512).unwrap();
+    let mut p = store.begin("d", 1, GenerationKind::InitialFull, None).unwrap();
+    p.add_chunk(0, 4096, put(&store, &[3; 4096])).unwrap();
+    p.checkpoint(4096).unwrap();
+    let saved = fs::read(store.inner().disk_dir("d").join(crate::store::INITIAL_FILE)).unwrap();
+    p.commit(1, Consistency::Crash).unwrap();
+    // A crash between the commit and the checkpoint's removal.
+    fs::write(store.inner().disk_dir("d").join(crate::store::INITIAL_FILE), saved).unwrap();
+    assert!(store.resume_initial("d").unwrap().is_none());
+    assert_eq!(store.disk("d").unwrap().initial, None);
+}
+
+/// Commits a point whose only data is one fresh chunk; returns the point and the chunk.
+fn one_chunk_point(store: &Store, disk: &str, generation: u64, fill: u8, cut: u64) -> (PointInfo, [u8; 32]) {
+    let base = store.disk(disk).unwrap().latest.map(|l| l.id);
+    let kind = if base.is_some() { GenerationKind::Incremental } else { GenerationKind::InitialFull };
+    let mut p = store.begin(disk, generation, kind, base).unwrap();
+    let h = put(store, &[fill; 4096]);
+    p.add_chunk(0, 4096, h).unwrap();
+    (p.commit(cut, Consistency::Crash).unwrap(), h)
+}
+
+#[test]
+fn retention_keeps_the_latest_and_collects_exactly_the_unreferenced() {
+    let (_d, store) = new_store(64 * KIB);
+    store.register_disk("d", 128 * KIB, 512).unwrap();
+    let now = store::now_unix_ms();
+    let mut chunks = Vec::new();
+    for g in 1..=5 {
+        // Each point overwrites the same block: older chunks are referenced only by older points.
+        let (_, h) = one_chunk_point(&store, "d", g, g as u8, now - (10 - g) * 3_600_000);
+        chunks.push(h);
+    }
+    assert_eq!(objects(&store, CHUNKS).len(), 5);
+
+    // No rule: nothing is pruned, nothing is referenced-free.
+    let r = store.retain(&Retention::default()).unwrap();
+    assert!(r.points_removed.is_empty());
+    assert_eq!((r.chunks_removed, r.pages_removed), (0, 0));
+
+    store.tag("d", 2, "before upgrade").unwrap();
+    store.tag("d", 2, "before upgrade").unwrap();
+    let reader = store.open_point("d", PointSel::Id(3)).unwrap();
+    // Points 1..=5 have cuts 9h..5h old; keep 6.5 hours: points 4 and 5 by age.
+    let r = store
+        .retain(&Retention {
+            keep_last: Some(1),
+            max_age: Some(std::time::Duration::from_secs(6 * 3600 + 1800)),
+        })
+        .unwrap();
+    assert_eq!(r.points_removed, vec![("d".to_string(), 1)]);
+    assert_eq!(r.chunks_removed, 1);
+    assert_eq!(objects(&store, CHUNKS), hexes(&chunks[1..]));
+
+    drop(reader);
+    store.untag("d", 2, "before upgrade").unwrap();
+    let r = store.retain(&Retention { keep_last: Some(0), max_age: None }).unwrap();
+    assert_eq!(r.points_removed, vec![("d".to_string(), 2), ("d".to_string(), 3), ("d".to_string(), 4)]);
+    assert_eq!(r.chunks_removed, 3);
+    assert_eq!(objects(&store, CHUNKS), hexes([&chunks[4]]));
+    let ids: Vec<u64> = store.points("d").unwrap().iter().map(|p| p.id).collect();
+    assert_eq!(ids, [5], "the latest point is never pruned");
+    assert_eq!(point_image(&store, "d", 5)[..4096], [5u8; 4096]);
+    // Pages and roots of pruned points are gone too: one point, one page, one root.
+    assert_eq!(objects(&store, PAGES).len(), 1);
+    let points_dir = store.inner().points_dir("d");
+    assert_eq!(fs::read_dir(points_dir).unwrap().count(), 2);
+    // New ids continue after the latest.
+    assert_eq!(one_chunk_point(&store, "d", 6, 6, now).0.id, 6);
+}
+
+#[test]
+fn retention_keeps_what_pending_generations_use() {
+    let (_d, store) = new_store(64 * KIB);
+    store.register_disk("d", 128 * KIB, 512).unwrap();
+    one_chunk_point(&store, "d", 1, 1, 1);
+    let (second, _) = one_chunk_point(&store, "d", 2, 2, 2);
+
+    // A generation built on point 1 while point 1 is pruned under it.
+    let mut p = store.begin("d", 3, GenerationKind::Incremental, Some(1)).unwrap();
+    let added = put(&store, &[3; 4096]);
+    p.add_chunk(8192, 4096, added).unwrap();
+    let uploaded = put(&store, &[4; 4096]); // uploaded, not yet added
+    let r = store.retain(&Retention { keep_last: Some(1), max_age: None }).unwrap();
+    assert_eq!(r.points_removed, vec![("d".to_string(), 1)]);
+    assert!(store.has_chunk(&added) && store.has_chunk(&uploaded));
+    p.add_chunk(16384, 4096, uploaded).unwrap();
+    let third = p.commit(3, Consistency::Crash).unwrap();
+    let image = point_image(&store, "d", third.id);
+    assert_eq!(image[..4096], [1u8; 4096], "point 1's data, kept for the pending generation");
+    assert_eq!(image[8192..12288], [3u8; 4096]);
+    assert_eq!(image[16384..20480], [4u8; 4096]);
+    assert_eq!(point_image(&store, "d", second.id)[..4096], [2u8; 4096]);
+
+    // An upload outside any pending generation is not protected: add_chunk says so.
+    let orphan = put(&store, &[9; 4096]);
+    store.retain(&Retention::default()).unwrap();
+    assert!(!store.has_chunk(&orphan));
+    let mut p = store.begin("d", 4, GenerationKind::Incremental, Some(third.id)).unwrap();
+    assert!(matches!(p.add_chunk(0, 4096, orphan), Err(StoreError::MissingChunk(_))));
+}
+
+#[test]
+fn a_large_generation_spills_pages_and_keeps_them_through_retention() {
+    let (_d, store) = new_store(4 * KIB);
+    let regions = (pending::MAX_DIRTY_REGIONS as u64) * 3;
+    let size = regions * 4 * KIB;
+    store.register_disk("d", size, 512).unwrap();
+    let mut model = vec![0u8; size as usize];
+    let mut rng = Rng(5);
+    let mut p = store.begin("d", 1, GenerationKind::InitialFull, None).unwrap();
+    for r in 0..regions {
+        let data = rng.bytes(1024);
+        p.add_chunk(r * 4 * KIB + 512, 1024, put(&store, &data)).unwrap();
+        model[(r * 4 * KIB + 512) as usize..][..1024].copy_from_slice(&data);
+        if r == regions / 2 {
+            store.retain(&Retention::default()).unwrap();
+        }
+    }
+    assert!(!objects(&store, PAGES).is_empty(), "pages written before the commit");
+    store.retain(&Retention::default()).unwrap();
+    // Revisit a spilled region: it is loaded back from its page.
+    p.add_zero(512, 512).unwrap();
+    model[512..1024].fill(0);
+    let point = p.commit(1, Consistency::Crash).unwrap();
+    assert!(point_image(&store, "d", point.id) == model);
+    store.retain(&Retention::default()).unwrap();
+    assert_eq!(objects(&store, PAGES).len() as u64, regions);
+    assert!(point_image(&store, "d", point.id) == model);
+}
+
+/// (disk, point id, image) of a point expected to survive.
+type Kept = Vec<(&'static str, u64, Vec<u8>)>;
+
+/// Three points on two disks sharing chunks; returns the images of the points retention keeps
+/// with `keep_last: Some(1)` and the chunks they reference.
+fn gc_fixture(store: &Store) -> (Kept, HashSet<String>) {
+    let mut rng = Rng(21);
+    let mut kept = Vec::new();
+    for disk in ["a", "b"] {
+        store.register_disk(disk, 512 * KIB, 512).unwrap();
+        let mut model = vec![0u8; 512 * KIB as usize];
+        let mut base = None;
+        for g in 1..=3 {
+            let info = random_generation(store, &mut rng, disk, g, base, &mut model, 20);
+            base = Some(info.id);
+        }
+        kept.push((disk, 3, model));
+    }
+    // The chunks the two latest points reference (read back from their pages).
+    let mut referenced = HashSet::new();
+    for disk in ["a", "b"] {
+        let record = store.inner().disk_record(disk).unwrap();
+        let (_, root) = store.inner().load_point(&record, 3).unwrap();
+        for page in root.values() {
+            referenced.extend(hexes(store.inner().read_page(page).unwrap().chunks()));
+        }
+    }
+    (kept, referenced)
+}
+
+fn assert_points_restore(store: &Store, kept: &[(&str, u64, Vec<u8>)]) {
+    for (disk, id, image) in kept {
+        assert!(point_image(store, disk, *id) == *image, "{disk} point {id} differs");
+        let out = tempfile::NamedTempFile::new().unwrap();
+        store.open_point(disk, PointSel::Id(*id)).unwrap().restore_to(out.path(), &mut |_, _| {}).unwrap();
+        assert!(fs::read(out.path()).unwrap() == *image);
+    }
+}
+
+#[test]
+fn a_crash_while_or_after_pruning_loses_nothing_kept() {
+    // After pruning point 1 of disk "a" only; after pruning everything, before the sweep.
+    for (at, after, left_on_a) in [("gc.prune", 1, 2), ("gc.after_prune", 0, 1)] {
+        let (_d, store) = new_store(64 * KIB);
+        let (kept, referenced) = gc_fixture(&store);
+        store.inject_fault(at, after);
+        assert!(store.retain(&Retention { keep_last: Some(1), max_age: None }).is_err());
+        let root = store.root().to_path_buf();
+        drop(store);
+        let store = Store::open(&root).unwrap();
+        assert_eq!(store.points("a").unwrap().len(), left_on_a, "{at}");
+        assert_points_restore(&store, &kept);
+        store.retain(&Retention { keep_last: Some(1), max_age: None }).unwrap();
+        assert_eq!(objects(&store, CHUNKS), referenced);
+        assert_points_restore(&store, &kept);
+    }
+}
+
+#[test]
+fn retention_refuses_a_disk_whose_record_is_missing() {
+    let (_d, store) = new_store(64 * KIB);
+    store.register_disk("d", 128 * KIB, 512).unwrap();
+    let (_, h) = one_chunk_point(&store, "d", 1, 1, 1);
+    fs::remove_file(store.inner().disk_dir("d").join("disk.json")).unwrap();
+    let e = store.retain(&Retention::default()).unwrap_err();
+    assert!(matches!(e, StoreError::Format { source: FormatError::Missing, .. }), "{e}");
+    assert!(store.has_chunk(&h), "nothing swept");
+    // An interrupted registration (no record, no points) is skipped.
+    fs::create_dir_all(store.inner().points_dir("half")).unwrap();
+    fs::write(store.inner().disk_dir("d").join("disk.json"), b"{}").unwrap();
+    assert!(matches!(store.retain(&Retention::default()), Err(StoreError::Format { .. })));
+}
+
+#[test]
+fn an_upload_replaces_a_stored_copy_with_a_bad_header() {
+    let (_d, store) = new_store(64 * KIB);
+    let data = Rng(1).bytes(4096);
+    let h = put(&store, &data);
+    let path = store.inner().chunk_path(&h);
+    fs::write(&path, b"garbage").unwrap();
+    put(&store, &data);
+    assert_eq!(store.inner().read_chunk(&h).unwrap(), data);
+}
+
+#[test]
+fn a_crash_in_the_middle_of_a_sweep_loses_nothing_kept() {
+    for after in [0, 1, 7, 40] {
+        let (_d, store) = new_store(64 * KIB);
+        let (kept, referenced) = gc_fixture(&store);
+        let count = |s: &Store| objects(s, CHUNKS).len() + objects(s, PAGES).len();
+        let before = count(&store);
+        store.inject_fault("gc.delete", after);
+        assert!(store.retain(&Retention { keep_last: Some(1), max_age: None }).is_err());
+        let root = store.root().to_path_buf();
+        drop(store);
+        let store = Store::open(&root).unwrap();
+        assert_eq!(before - count(&store), after, "the crash came after {after} deletions");
+        assert_points_restore(&store, &kept);
+        store.retain(&Retention { keep_last: Some(1), max_age: None }).unwrap();
+        assert_eq!(objects(&store, CHUNKS), referenced, "after {after} deletions");
+        assert_points_restore(&store, &kept);
+    }
+}
+
+#[test]
+fn a_crash_before_the_point_metadata_leaves_no_point() {
+    let (_d, store) = new_store(64 * KIB);
+    store.register_disk("d", 128 * KIB, 512).unwrap();
+    let (first, _) = one_chunk_point(&store, "d", 1, 1, 1);
+    let pages_before = objects(&store, PAGES);
+    store.inject_fault("commit.before_metadata", 0);
+    let mut p = store.begin("d", 2, GenerationKind::Incremental, Some(first.id)).unwrap();
+    p.add_chunk(65536, 4096, put(&store, &[2; 4096])).unwrap();
+    assert!(p.commit(2, Consistency::Crash).is_err());
+    let root = store.root().to_path_buf();
+    drop(store);
+    let store = Store::open(&root).unwrap();
+    assert_eq!(store.disk("d").unwrap().latest.unwrap(), first);
+    assert_eq!(store.point_for_generation("d", 2).unwrap(), None);
+    let r = store.retain(&Retention::default()).unwrap();
+    assert_eq!((r.chunks_removed, r.pages_removed), (1, 1));
+    assert_eq!(objects(&store, PAGES), pages_before);
+    assert_eq!(fs::read_dir(store.inner().points_dir("d")).unwrap().count(), 2, "orphan root removed");
+    // The generation can be sent again and gets the next id.
+    let mut p = store.begin("d", 2, GenerationKind::Incremental, Some(first.id)).unwrap();
+    p.add_chunk(65536, 4096, put(&store, &[2; 4096])).unwrap();
+    assert_eq!(p.commit(2, Consistency::Crash).unwrap().id, 2);
+}
+
+#[test]
+fn restore_writes_a_sparse_image() {
+    let (d, store) = new_store(1024 * KIB);
+    let size = 64 * 1024 * KIB;
+    store.register_disk("d", size, 4096).unwrap();
+    let mut rng = Rng(8);
+    let a = rng.bytes(1 << 20);
+    let b = rng.bytes(4096);
+    let mut p = store.begin("d", 1, GenerationKind::InitialFull, None).unwrap();
+    p.add_chunk(0, 1 << 20, put(&store, &a)).unwrap();
+    p.add_chunk(40 << 20, 4096, put(&store, &b)).unwrap();
+    p.add_zero(8 << 20, 8 << 20).unwrap();
+    p.commit(1, Consistency::Crash).unwrap();
+
+    let out = d.path().join("image.raw");
+    fs::write(&out, vec![0xFFu8; 1 << 20]).unwrap(); // an old file is replaced
+    let reader = store.open_point("d", PointSel::Latest).unwrap();
+    let mut calls = Vec::new();
+    let report = reader.restore_to(&out, &mut |done, total| calls.push((done, total))).unwrap();
+    assert_eq!((report.bytes_written, report.bytes_zero), ((1 << 20) + 4096, size - (1 << 20) - 4096));
+    assert_eq!(calls.first(), Some(&(0, size)));
+    assert_eq!(calls.last(), Some(&(size, size)));
+    assert!(calls.windows(2).all(|w| w[0].0 <= w[1].0));
+
+    let meta = fs::metadata(&out).unwrap();
+    assert_eq!(meta.len(), size);
+    let allocated = meta.blocks() * 512;
+    assert!(allocated < 4 << 20, "{allocated} bytes allocated for 1 MiB of data: no holes");
+    let image = fs::read(&out).unwrap();
+    assert!(image[..1 << 20] == a[..]);
+    assert!(image[40 << 20..(40 << 20) + 4096] == b[..]);
+    assert!(image[1 << 20..40 << 20].iter().all(|x| *x == 0));
+    assert!(image[(40 << 20) + 4096..].iter().all(|x| *x == 0));
+    assert_eq!(
+        reader.extents(0, size).unwrap(),
+        vec![
+            (0, 1 << 20, ExtentKind::Data),
+            (1 << 20, (40 << 20) - (1 << 20), ExtentKind::Zero),
+            (40 << 20, 4096, ExtentKind::Data),
+            ((40 << 20) + 4096, size - (40 << 20) - 4096, ExtentKind::Zero),
+        ]
+    );
+}
+
+#[test]
+fn concurrent_uploads_of_one_chunk_and_parallel_commits() {
+    let (_d, store) = new_store(64 * KIB);
+    let data = Arc::new(Rng(4).bytes(1 << 20));
+    let hash = *blake3::hash(&data).as_bytes();
+    let z = Arc::new(zstd::bulk::compress(&data, 1).unwrap());
+    for d in 0..4 {
+        store.register_disk(&format!("disk{d}"), 4 << 20, 512).unwrap();
+    }
+    std::thread::scope(|s| {
+        for d in 0..4 {
+            let (store, z) = (store.clone(), z.clone());
+            s.spawn(move || {
+                let disk = format!("disk{d}");
+                let mut base = None;
+                for g in 1..=3u64 {
+                    let kind = if base.is_some() {
+                        GenerationKind::Incremental
+                    } else {
+                        GenerationKind::InitialFull
+                    };
+                    let mut p = store.begin(&disk, g, kind, base).unwrap();
+                    store.put_chunk(&hash, 1 << 20, &z).unwrap();
+                    p.add_chunk((g - 1) << 20, 1 << 20, hash).unwrap();
+                    base = Some(p.commit(g, Consistency::Crash).unwrap().id);
+                    if d == 0 {
+                        store.retain(&Retention { keep_last: Some(1), max_age: None }).unwrap();
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(objects(&store, CHUNKS), hexes([&hash]), "one file, no temporaries");
+    for d in 0..4 {
+        let image = read_all(&store.open_point(&format!("disk{d}"), PointSel::Latest).unwrap());
+        for g in 0..3 {
+            assert!(image[g << 20..(g + 1) << 20] == data[..]);
+        }
+        assert!(image[3 << 20..].iter().all(|x| *x == 0));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The model: random generations on two disks, random retention, every point checked.
+
+const P_REGION: u64 = 16 * KIB;
+const P_SIZE: u64 = 8 * P_REGION;
+const P_BLOCKS: u64 = P_SIZE / 512;
+
+#[derive(Debug, Clone)]
+enum Ext {
+    /// Blocks `start..start + len` from the pool chunk `seed` (same seed and length: same chunk).
+    Data {
+        start: u64,
+        len: u64,
+        seed: u8,
+    },
+    Zero {
+        start: u64,
+        len: u64,
+    },
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    Generation { disk: usize, exts: Vec<Ext> },
+    Retain { keep_last: usize },
+    Tag { disk: usize, nth: usize },
+}
+
+fn ext() -> impl Strategy<Value = Ext> {
+    (0..P_BLOCKS, 1..48u64, 0..4u8, 0..5u8).prop_map(|(start, len, seed, kind)| {
+        let len = len.min(P_BLOCKS - start);
+        if kind == 0 {
+            Ext::Zero { start, len }
+        } else {
+            Ext::Data { start, len, seed }
+        }
+    })
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        6 => (0..2usize, prop::collection::vec(ext(), 0..8)).prop_map(|(disk, exts)| Step::Generation { disk, exts }),
+        2 => (0..3usize).prop_map(|keep_last| Step::Retain { keep_last }),
+        1 => (0..2usize, 0..8usize).prop_map(|(disk, nth)| Step::Tag { disk, nth }),
+    ]
+}
+
+/// A model point: per block, the chunk (its data) and block index within it, or zeroes.
+type ModelPoint = Vec<Option<([u8; 32], u64)>>;
+
+struct ModelDisk {
+    points: BTreeMap<u64, (ModelPoint, bool)>,
+    generation: u64,
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn store_matches_model(steps in prop::collection::vec(step(), 1..14)) {
+        let (_d, store) = new_store(P_REGION);
+        let names = ["a", "b"];
+        let mut chunks: BTreeMap<[u8; 32], Vec<u8>> = BTreeMap::new();
+        let mut disks: Vec<ModelDisk> = names
+            .iter()
+            .map(|n| {
+                store.register_disk(n, P_SIZE, 512).unwrap();
+                ModelDisk { points: BTreeMap::new(), generation: 0 }
+            })
+            .collect();
+        for step in steps {
+            match step {
+                Step::Generation { disk, exts } => {
+                    let m = &mut disks[disk];
+                    m.generation += 1 + (exts.len() as u64 % 3);
+                    let base = m.points.keys().next_back().copied();
+                    let kind = if base.is_some() { GenerationKind::Incremental } else { GenerationKind::InitialFull };
+                    let mut p = store.begin(names[disk], m.generation, kind, base).unwrap();
+                    let mut image: ModelPoint = base.map_or_else(|| vec![None; P_BLOCKS as usize], |b| m.points[&b].0.clone());
+                    for e in exts {
+                        match e {
+                            Ext::Data { start, len, seed } => {
+                                let data = Rng(u64::from(seed) * 1000 + len + 1).bytes((len * 512) as usize);
+                                let h = put(&store, &data);
+                                chunks.insert(h, data);
+                                p.add_chunk(start * 512, (len * 512) as u32, h).unwrap();
+                                for i in 0..len {
+                                    image[(start + i) as usize] = Some((h, i));
+                                }
+                            }
+                            Ext::Zero { start, len } => {
+                                p.add_zero(start * 512, len * 512).unwrap();
+                                for i in 0..len {
+                                    image[(start + i) as usize] = None;
+                                }
+                            }
+                        }
+                    }
+                    let info = p.commit(m.generation, Consistency::Crash).unwrap();
+                    prop_assert_eq!(Some(info.id), Some(base.map_or(1, |b| b + 1)));
+                    m.points.insert(info.id, (image, false));
+                }
+                Step::Retain { keep_last } => {
+                    store.retain(&Retention { keep_last: Some(keep_last), max_age: None }).unwrap();
+                    for m in &mut disks {
+                        let ids: Vec<u64> = m.points.keys().copied().collect();
+                        let cut = ids.len().saturating_sub(keep_last.max(1));
+                        for id in &ids[..cut] {
+                            if !m.points[id].1 {
+                                m.points.remove(id);
+                            }
+                        }
+                    }
+                }
+                Step::Tag { disk, nth } => {
+                    let m = &mut disks[disk];
+                    if let Some((&id, point)) = m.points.iter_mut().nth(nth) {
+                        store.tag(names[disk], id, "keep").unwrap();
+                        point.1 = true;
+                    }
+                }
+            }
+            // Every point the model has, and no other, restores to its image.
+            for (disk, m) in disks.iter().enumerate() {
+                let ids: Vec<u64> = store.points(names[disk]).unwrap().iter().map(|p| p.id).collect();
+                prop_assert_eq!(&ids, &m.points.keys().copied().collect::<Vec<_>>());
+                for (&id, (image, _)) in &m.points {
+                    let got = point_image(&store, names[disk], id);
+                    for (b, owner) in image.iter().enumerate() {
+                        let want: &[u8] = match owner {
+                            None => &[0u8; 512],
+                            Some((h, i)) => &chunks[h][*i as usize * 512..][..512],
+                        };
+                        prop_assert!(got[b * 512..][..512] == *want, "disk {} point {} block {}", disk, id, b);
+                    }
+                }
+            }
+        }
+        // After a sweep exactly the chunks some remaining point shows a block of are left.
+        store.retain(&Retention::default()).unwrap();
+        let referenced: HashSet<[u8; 32]> = disks
+            .iter()
+            .flat_map(|m| m.points.values().flat_map(|(image, _)| image.iter().flatten().map(|(h, _)| *h)))
+            .collect();
+        prop_assert_eq!(objects(&store, CHUNKS), hexes(&referenced));
+    }
+}
+
+#[test]
+fn store_directory_layout() {
+    let (_d, store) = new_store(64 * KIB);
+    store.register_disk("d", 128 * KIB, 512).unwrap();
+    one_chunk_point(&store, "d", 1, 1, 1);
+    let root = store.root();
+    let mut top: Vec<String> =
+        fs::read_dir(root).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    top.sort();
+    assert_eq!(top, ["chunks", "disks", "pages", "siterep-store"]);
+    assert_eq!(fs::read_dir(root.join("chunks")).unwrap().count(), 256);
+    let d: &Path = &root.join("disks/d");
+    assert!(d.join("disk.json").is_file());
+    assert!(d.join("points/00000000000000000001.json").is_file());
+    assert!(d.join("points/00000000000000000001.root").is_file());
+    let json: serde_json::Value =
+        serde_json::from_slice(&fs::read(d.join("points/00000000000000000001.json")).unwrap()).unwrap();
+    assert_eq!(json["format"], "siterep.point");
+    assert_eq!(json["version"], 1);
+    assert_eq!(json["consistency"], "crash");
+}

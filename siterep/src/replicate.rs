@@ -1,0 +1,199 @@
+//! `siterep agent` and `siterep server`: replication to the recovery site over mutual TLS.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent::tls::TlsFiles;
+use agent::{parse_duration, AgentConfig, AppConsistency};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use crate::size::parse_size;
+
+/// Certificates for mutual TLS (see scripts/make-certs).
+#[derive(Args, Debug, Clone)]
+pub struct TlsArgs {
+    /// PEM certificate this side presents.
+    #[arg(long, value_name = "PEM")]
+    tls_cert: PathBuf,
+    /// PEM private key of --tls-cert.
+    #[arg(long, value_name = "PEM")]
+    tls_key: PathBuf,
+    /// PEM CA certificate the peer's certificate must chain to.
+    #[arg(long, value_name = "PEM")]
+    tls_ca: PathBuf,
+}
+
+impl TlsArgs {
+    fn files(&self) -> TlsFiles<'_> {
+        TlsFiles { cert: &self.tls_cert, key: &self.tls_key, ca: &self.tls_ca }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    /// The shim's NBD socket (`siterep serve --socket`).
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+    /// The shim's control socket, if not PATH.ctl.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+    /// The shim's export name.
+    #[arg(long, default_value = "siterep")]
+    export: String,
+    /// The recovery server, HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    server: String,
+    /// Name the server's certificate must carry (default: the HOST of --server).
+    #[arg(long, value_name = "NAME")]
+    server_name: Option<String>,
+    /// The protected disk's name at the recovery site.
+    #[arg(long)]
+    disk: String,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// Time between generations.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    interval: Duration,
+    /// Cut early once the live dirty set exceeds this.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    backlog_threshold: u64,
+    /// zstd level (1 fastest .. 19 smallest).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
+    zstd_level: i32,
+    /// Parallel readers/compressors.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    readers: u16,
+    /// Make an application-consistent point this often (around the hooks).
+    #[arg(long, value_parser = parse_duration)]
+    app_consistent_every: Option<Duration>,
+    /// Command run before an app-consistent cut (e.g. "fsfreeze -f /mnt").
+    #[arg(long, value_name = "CMD")]
+    pre_hook: Option<String>,
+    /// Command run after it, always (e.g. "fsfreeze -u /mnt").
+    #[arg(long, value_name = "CMD")]
+    post_hook: Option<String>,
+    /// Longest a hook may run.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    hook_timeout: Duration,
+    /// Scale the retry delays (1, 2, 4, 8, 10 minutes, then every 30); e.g. 0.001 for tests.
+    #[arg(long, default_value_t = 1.0)]
+    retry_scale: f64,
+    /// Run one cycle (the initial copy, or one generation), print a JSON summary, exit.
+    #[arg(long)]
+    once: bool,
+}
+
+pub fn agent(args: AgentArgs) -> Result<()> {
+    if !(args.retry_scale > 0.0 && args.retry_scale <= 100.0) {
+        bail!("--retry-scale must be in (0, 100]");
+    }
+    if (args.pre_hook.is_some() || args.post_hook.is_some()) && args.app_consistent_every.is_none() {
+        bail!("--pre-hook/--post-hook need --app-consistent-every");
+    }
+    let tls = agent::tls::client_config(&args.tls.files())?;
+    let host = args.server.rsplit_once(':').map(|(h, _)| h).unwrap_or(&args.server);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let cfg = AgentConfig {
+        control: tracker::control::control_path(&args.socket, args.control.as_deref()),
+        socket: args.socket,
+        export: args.export,
+        server_name: args.server_name.unwrap_or_else(|| host.to_string()),
+        server: args.server,
+        tls,
+        agent_name: format!(
+            "{}@{}",
+            args.disk,
+            nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default()
+        ),
+        disk: args.disk,
+        interval: args.interval,
+        backlog_threshold: args.backlog_threshold,
+        zstd_level: args.zstd_level,
+        readers: args.readers.into(),
+        app: args.app_consistent_every.map(|every| AppConsistency {
+            every,
+            pre_hook: args.pre_hook,
+            post_hook: args.post_hook,
+            hook_timeout: args.hook_timeout,
+        }),
+        retry_scale: args.retry_scale,
+        once: args.once,
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    match agent::run(&cfg) {
+        Ok(Some(summary)) => {
+            println!("{}", serde_json::to_string(&summary)?);
+            Ok(())
+        }
+        Ok(None) => Ok(()),
+        Err(e) => Err(anyhow::Error::new(e).context("replication stopped")),
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct ServerArgs {
+    /// The recovery site's store directory.
+    #[arg(long, value_name = "DIR")]
+    store: PathBuf,
+    /// Address to accept agents on, HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    listen: String,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// Keep at most this many points per disk (the latest is always kept).
+    #[arg(long, value_name = "N")]
+    retain_count: Option<usize>,
+    /// Drop points older than this (e.g. 7d); the latest is always kept.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    retain_age: Option<Duration>,
+    /// How often retention and garbage collection run.
+    #[arg(long, default_value = "1m", value_parser = parse_duration)]
+    gc_interval: Duration,
+}
+
+pub fn server(args: ServerArgs) -> Result<()> {
+    let tls = agent::tls::server_config(&args.tls.files())?;
+    let store = Arc::new(
+        server::Store::open(&args.store)
+            .with_context(|| format!("opening store {}", args.store.display()))?,
+    );
+    let listener = std::net::TcpListener::bind(&args.listen)
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut signals = nix::sys::signal::SigSet::empty();
+    signals.add(nix::sys::signal::Signal::SIGTERM);
+    signals.add(nix::sys::signal::Signal::SIGINT);
+    signals.thread_block()?;
+    let s = stop.clone();
+    std::thread::spawn(move || {
+        if let Ok(sig) = signals.wait() {
+            tracing::info!("{sig:?}: stopping");
+        }
+        s.store(true, Ordering::SeqCst);
+    });
+    if args.retain_count.is_some() || args.retain_age.is_some() {
+        let policy = server::Retention { keep_last: args.retain_count, max_age: args.retain_age };
+        let (store, stop, every) = (store.clone(), stop.clone(), args.gc_interval);
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                match store.retain(&policy) {
+                    Ok(r) => tracing::info!(report = ?r, "retention"),
+                    Err(e) => tracing::error!("retention failed: {e}"),
+                }
+                let until = std::time::Instant::now() + every;
+                while std::time::Instant::now() < until && !stop.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        });
+    }
+    tracing::info!(store = %args.store.display(), listen = %args.listen, "recovery server ready");
+    let name = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "siterep".into());
+    server::net::serve(listener, tls, store, name, stop)?;
+    Ok(())
+}

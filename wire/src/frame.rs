@@ -1,0 +1,1123 @@
+//! The frames and their codec: conventions `docs/wire.md` §1, framing §2, frames §4, error codes
+//! §5.
+
+use crate::error::WireError;
+use crate::{MAGIC, MAX_CHUNK, MAX_COMPRESSED, MAX_FRAME, MAX_HAVE, MAX_STRING};
+
+/// A blake3 hash of a chunk's uncompressed bytes (§1).
+pub type Hash = [u8; 32];
+
+// Frame type numbers (§4).
+pub(crate) const T_HELLO: u8 = 1;
+pub(crate) const T_WELCOME: u8 = 2;
+pub(crate) const T_REGISTER_DISK: u8 = 3;
+pub(crate) const T_DISK_STATE: u8 = 4;
+pub(crate) const T_BEGIN_GENERATION: u8 = 5;
+pub(crate) const T_CHUNK: u8 = 6;
+pub(crate) const T_ZERO: u8 = 7;
+pub(crate) const T_HAVE_QUERY: u8 = 8;
+pub(crate) const T_HAVE_REPLY: u8 = 9;
+pub(crate) const T_PROGRESS: u8 = 10;
+pub(crate) const T_COMMIT: u8 = 11;
+pub(crate) const T_COMMITTED: u8 = 12;
+pub(crate) const T_PROGRESS_ACK: u8 = 13;
+pub(crate) const T_ERROR: u8 = 14;
+
+/// Bytes of the length field that starts every frame (§2).
+pub(crate) const LEN_FIELD: usize = 4;
+/// A chunk's fields before its data tag, after the type byte: offset, len, hash (§4.6).
+pub(crate) const CHUNK_HEAD: usize = 8 + 4 + 32;
+/// A chunk's type byte and fixed fields up to and including the compressed length (§4.6).
+pub(crate) const CHUNK_FIXED: u32 = 1 + CHUNK_HEAD as u32 + 1 + 4;
+/// Chunk data tags (§4.6).
+const DATA_COMPRESSED: u8 = 0;
+const DATA_KNOWN: u8 = 1;
+
+/// Version mismatch: the ranges in `Hello` do not overlap (§6.1).
+pub const ERR_VERSION: u16 = 1;
+/// The peer is not allowed (its TLS identity, or the disk is not its own).
+pub const ERR_AUTH: u16 = 2;
+/// A frame that cannot be decoded ([`crate::Fault::Violation`]) or is out of place in the session.
+pub const ERR_BAD_REQUEST: u16 = 3;
+/// A frame over a named limit ([`crate::Fault::TooLarge`]).
+pub const ERR_TOO_LARGE: u16 = 4;
+/// A frame names a disk that was not registered in this session.
+pub const ERR_NO_SUCH_DISK: u16 = 5;
+/// The disk no longer matches the server's copy: size or block size changed, or the base point
+/// is not the latest one. Needs a resync or an operator.
+pub const ERR_DISK_MISMATCH: u16 = 6;
+/// A chunk whose decompressed bytes are not `len` long or do not hash to its blake3 hash.
+pub const ERR_CORRUPT_CHUNK: u16 = 7;
+/// The server could not store or sync data.
+pub const ERR_STORAGE: u16 = 8;
+/// The server is overloaded or the disk is in use by another session.
+pub const ERR_BUSY: u16 = 9;
+
+/// The class an `Error` frame with this code is sent with (§5); unknown codes are fatal.
+/// A receiver goes by the class on the wire, not by this table.
+pub fn default_class(code: u16) -> ErrorClass {
+    match code {
+        ERR_CORRUPT_CHUNK | ERR_STORAGE | ERR_BUSY => ErrorClass::Retryable,
+        _ => ErrorClass::Fatal,
+    }
+}
+
+/// The latest durable recovery point of a disk (§4.4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PointRef {
+    pub point: u64,
+    pub generation: u64,
+    pub cut_unix_ms: u64,
+}
+
+/// A resumable initial copy (or resync) in progress (§4.4, §6.5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InitialSync {
+    pub generation: u64,
+    /// Everything below this offset is durable on the server.
+    pub next_offset: u64,
+}
+
+/// What a generation carries (§4.5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GenerationKind {
+    /// The extents changed since the base point.
+    Incremental = 0,
+    /// The first full copy of the disk.
+    InitialFull = 1,
+    /// A full pass after tracking was lost.
+    Resync = 2,
+}
+
+/// How consistent a recovery point is (§4.11).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Consistency {
+    /// As after a power cut: the cut froze the disk at one instant.
+    Crash = 0,
+    /// Applications were frozen (quiesced) at the cut.
+    App = 1,
+    /// Not a consistent image (a resync pass over a disk that kept changing).
+    Inconsistent = 2,
+}
+
+/// Whether an `Error` ends the work or only this attempt (§5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Reconnect (with backoff) and try again.
+    Retryable = 0,
+    /// Trying again will not help; an operator must act.
+    Fatal = 1,
+}
+
+impl ErrorClass {
+    /// Whether the failed work may be tried again on a new connection.
+    pub fn is_retryable(self) -> bool {
+        self == ErrorClass::Retryable
+    }
+}
+
+/// The bytes of a chunk (§4.6).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChunkData {
+    /// zstd of the chunk's `len` raw bytes, at most [`MAX_COMPRESSED`] long.
+    Compressed(Vec<u8>),
+    /// No bytes: the server already has a chunk with this hash (it said so in a `HaveReply`).
+    Known,
+}
+
+/// One message of the protocol (§4), one variant per frame type.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// Type 1, agent → server: the first frame of a session (§4.1).
+    Hello { min_version: u16, max_version: u16, agent: String },
+    /// Type 2, server → agent: the session's version (§4.2).
+    Welcome { version: u16, server: String },
+    /// Type 3, agent → server: a disk this session replicates (§4.3).
+    RegisterDisk { disk: String, size: u64, block_size: u32 },
+    /// Type 4, server → agent: what the server holds of a registered disk (§4.4).
+    DiskState { disk: String, latest: Option<PointRef>, initial: Option<InitialSync> },
+    /// Type 5, agent → server: a generation follows (§4.5).
+    BeginGeneration { disk: String, generation: u64, kind: GenerationKind, base_point: Option<u64> },
+    /// Type 6, agent → server: `len` bytes of the disk at `offset` (§4.6).
+    Chunk { offset: u64, len: u32, hash: Hash, data: ChunkData },
+    /// Type 7, agent → server: an extent that reads as zeroes (§4.7).
+    Zero { offset: u64, len: u64 },
+    /// Type 8, agent → server: which of these chunks does the server have? (§4.8)
+    HaveQuery { hashes: Vec<Hash> },
+    /// Type 9, server → agent: one answer per queried hash, in order (§4.9).
+    HaveReply { have: Vec<bool> },
+    /// Type 10, agent → server: everything below `next_offset` has been sent (§4.10).
+    Progress { next_offset: u64 },
+    /// Type 11, agent → server: the generation is complete; make it a point (§4.11).
+    Commit { generation: u64, cut_unix_ms: u64, consistency: Consistency },
+    /// Type 12, server → agent: the point is durable (§4.12).
+    Committed { point: u64, generation: u64 },
+    /// Type 13, server → agent: the progress is durable (§4.13).
+    ProgressAck { next_offset: u64 },
+    /// Type 14, either way: the session ends (§4.14, §5).
+    Error { class: ErrorClass, code: u16, message: String },
+}
+
+/// The name of a frame type, or `None` for a type byte no frame has.
+pub(crate) fn type_name(ty: u8) -> Option<&'static str> {
+    Some(match ty {
+        T_HELLO => "Hello",
+        T_WELCOME => "Welcome",
+        T_REGISTER_DISK => "RegisterDisk",
+        T_DISK_STATE => "DiskState",
+        T_BEGIN_GENERATION => "BeginGeneration",
+        T_CHUNK => "Chunk",
+        T_ZERO => "Zero",
+        T_HAVE_QUERY => "HaveQuery",
+        T_HAVE_REPLY => "HaveReply",
+        T_PROGRESS => "Progress",
+        T_COMMIT => "Commit",
+        T_COMMITTED => "Committed",
+        T_PROGRESS_ACK => "ProgressAck",
+        T_ERROR => "Error",
+        _ => return None,
+    })
+}
+
+/// The largest valid length field (type byte plus body) of a frame type (§3), or `None` for a
+/// type byte no frame has. A decoder refuses longer frames before buffering them.
+pub(crate) const fn max_frame_len(ty: u8) -> Option<u32> {
+    const S: u32 = 2 + MAX_STRING as u32;
+    Some(match ty {
+        T_HELLO => 1 + 8 + 2 + 2 + S,
+        T_WELCOME => 1 + 2 + S,
+        T_REGISTER_DISK => 1 + S + 8 + 4,
+        T_DISK_STATE => 1 + S + (1 + 24) + (1 + 16),
+        T_BEGIN_GENERATION => 1 + S + 8 + 1 + (1 + 8),
+        T_CHUNK => MAX_FRAME,
+        T_ZERO => 1 + 8 + 8,
+        T_HAVE_QUERY => 1 + 4 + 32 * MAX_HAVE as u32,
+        T_HAVE_REPLY => 1 + 4 + MAX_HAVE.div_ceil(8) as u32,
+        T_PROGRESS | T_PROGRESS_ACK => 1 + 8,
+        T_COMMIT => 1 + 8 + 8 + 1,
+        T_COMMITTED => 1 + 8 + 8,
+        T_ERROR => 1 + 1 + 2 + S,
+        _ => return None,
+    })
+}
+
+/// Checks an extent (§4.6, §4.7): not empty, its end fits in 64 bits.
+fn check_extent(offset: u64, len: u64) -> Result<(), WireError> {
+    if len == 0 || offset.checked_add(len).is_none() {
+        return Err(WireError::BadExtent { offset, len });
+    }
+    Ok(())
+}
+
+/// Checks a chunk's length (§4.6).
+fn check_chunk(offset: u64, len: u32) -> Result<(), WireError> {
+    if len > MAX_CHUNK {
+        return Err(WireError::ChunkTooLarge { len });
+    }
+    check_extent(offset, u64::from(len))
+}
+
+fn check_string(s: &str) -> Result<(), WireError> {
+    if s.len() > MAX_STRING {
+        return Err(WireError::StringTooLong { len: s.len() });
+    }
+    Ok(())
+}
+
+fn check_count(frame: &'static str, count: usize) -> Result<(), WireError> {
+    if count > MAX_HAVE {
+        return Err(WireError::CountTooLarge { frame, count: count as u64 });
+    }
+    Ok(())
+}
+
+/// `s` cut to at most [`MAX_STRING`] bytes, at a character boundary.
+pub(crate) fn fit_string(mut s: String) -> String {
+    if s.len() > MAX_STRING {
+        let mut end = MAX_STRING;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+impl Frame {
+    /// An `Error` frame with the code's [`default_class`]; a message longer than [`MAX_STRING`]
+    /// is cut (§4.14).
+    pub fn error(code: u16, message: impl Into<String>) -> Frame {
+        Frame::Error { class: default_class(code), code, message: fit_string(message.into()) }
+    }
+
+    /// This frame's type number (§4).
+    pub fn frame_type(&self) -> u8 {
+        match self {
+            Frame::Hello { .. } => T_HELLO,
+            Frame::Welcome { .. } => T_WELCOME,
+            Frame::RegisterDisk { .. } => T_REGISTER_DISK,
+            Frame::DiskState { .. } => T_DISK_STATE,
+            Frame::BeginGeneration { .. } => T_BEGIN_GENERATION,
+            Frame::Chunk { .. } => T_CHUNK,
+            Frame::Zero { .. } => T_ZERO,
+            Frame::HaveQuery { .. } => T_HAVE_QUERY,
+            Frame::HaveReply { .. } => T_HAVE_REPLY,
+            Frame::Progress { .. } => T_PROGRESS,
+            Frame::Commit { .. } => T_COMMIT,
+            Frame::Committed { .. } => T_COMMITTED,
+            Frame::ProgressAck { .. } => T_PROGRESS_ACK,
+            Frame::Error { .. } => T_ERROR,
+        }
+    }
+
+    /// This frame's type name, as in `docs/wire.md`.
+    pub fn name(&self) -> &'static str {
+        type_name(self.frame_type()).expect("every frame has a name")
+    }
+
+    /// Checks the frame against every limit and rule a decoder enforces (§1, §3, §4), so that
+    /// values from outside (a configured disk name, a message) can be refused before
+    /// [`Frame::encode`] would panic on them.
+    pub fn check(&self) -> Result<(), WireError> {
+        match self {
+            Frame::Hello { min_version, max_version, agent } => {
+                if min_version > max_version {
+                    return Err(WireError::BadVersionRange { min: *min_version, max: *max_version });
+                }
+                check_string(agent)
+            }
+            Frame::Welcome { server: s, .. }
+            | Frame::RegisterDisk { disk: s, .. }
+            | Frame::DiskState { disk: s, .. }
+            | Frame::BeginGeneration { disk: s, .. }
+            | Frame::Error { message: s, .. } => check_string(s),
+            Frame::Chunk { offset, len, data, .. } => {
+                check_chunk(*offset, *len)?;
+                match data {
+                    ChunkData::Compressed(d) if d.len() as u64 > u64::from(MAX_COMPRESSED) => {
+                        Err(WireError::PayloadTooLarge { len: d.len() as u64 })
+                    }
+                    _ => Ok(()),
+                }
+            }
+            Frame::Zero { offset, len } => check_extent(*offset, *len),
+            Frame::HaveQuery { hashes } => check_count("HaveQuery", hashes.len()),
+            Frame::HaveReply { have } => check_count("HaveReply", have.len()),
+            Frame::Progress { .. }
+            | Frame::Commit { .. }
+            | Frame::Committed { .. }
+            | Frame::ProgressAck { .. } => Ok(()),
+        }
+    }
+
+    /// Bytes [`Frame::encode`] appends: the length field, the type byte and the body (§2).
+    pub fn encoded_len(&self) -> usize {
+        let s = |s: &String| 2 + s.len();
+        let opt = |present: bool, n: usize| 1 + if present { n } else { 0 };
+        let body = match self {
+            Frame::Hello { agent, .. } => 8 + 2 + 2 + s(agent),
+            Frame::Welcome { server, .. } => 2 + s(server),
+            Frame::RegisterDisk { disk, .. } => s(disk) + 8 + 4,
+            Frame::DiskState { disk, latest, initial } => {
+                s(disk) + opt(latest.is_some(), 24) + opt(initial.is_some(), 16)
+            }
+            Frame::BeginGeneration { disk, base_point, .. } => s(disk) + 8 + 1 + opt(base_point.is_some(), 8),
+            Frame::Chunk { data, .. } => {
+                CHUNK_HEAD
+                    + 1
+                    + match data {
+                        ChunkData::Compressed(d) => 4 + d.len(),
+                        ChunkData::Known => 0,
+                    }
+            }
+            Frame::Zero { .. } => 16,
+            Frame::HaveQuery { hashes } => 4 + 32 * hashes.len(),
+            Frame::HaveReply { have } => 4 + have.len().div_ceil(8),
+            Frame::Progress { .. } | Frame::ProgressAck { .. } => 8,
+            Frame::Commit { .. } => 8 + 8 + 1,
+            Frame::Committed { .. } => 16,
+            Frame::Error { message, .. } => 1 + 2 + s(message),
+        };
+        LEN_FIELD + 1 + body
+    }
+
+    /// Appends this frame, whole, to `out` (§2, §4).
+    ///
+    /// # Panics
+    ///
+    /// If the frame breaks a limit or rule of the format ([`Frame::check`] says which): sending
+    /// it would only make the peer close the connection. Check values from outside first.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        if let Err(e) = self.check() {
+            panic!("{} frame cannot be encoded: {e}", self.name());
+        }
+        let start = out.len();
+        out.reserve(self.encoded_len());
+        out.extend_from_slice(&[0; LEN_FIELD]);
+        out.push(self.frame_type());
+        match self {
+            Frame::Hello { min_version, max_version, agent } => {
+                out.extend_from_slice(&MAGIC);
+                put_u16(out, *min_version);
+                put_u16(out, *max_version);
+                put_str(out, agent);
+            }
+            Frame::Welcome { version, server } => {
+                put_u16(out, *version);
+                put_str(out, server);
+            }
+            Frame::RegisterDisk { disk, size, block_size } => {
+                put_str(out, disk);
+                put_u64(out, *size);
+                put_u32(out, *block_size);
+            }
+            Frame::DiskState { disk, latest, initial } => {
+                put_str(out, disk);
+                put_opt(out, latest.as_ref(), |out, p| {
+                    put_u64(out, p.point);
+                    put_u64(out, p.generation);
+                    put_u64(out, p.cut_unix_ms);
+                });
+                put_opt(out, initial.as_ref(), |out, i| {
+                    put_u64(out, i.generation);
+                    put_u64(out, i.next_offset);
+                });
+            }
+            Frame::BeginGeneration { disk, generation, kind, base_point } => {
+                put_str(out, disk);
+                put_u64(out, *generation);
+                out.push(*kind as u8);
+                put_opt(out, base_point.as_ref(), |out, p| put_u64(out, *p));
+            }
+            Frame::Chunk { offset, len, hash, data } => {
+                put_u64(out, *offset);
+                put_u32(out, *len);
+                out.extend_from_slice(hash);
+                match data {
+                    ChunkData::Compressed(d) => {
+                        out.push(DATA_COMPRESSED);
+                        put_u32(out, d.len() as u32);
+                        out.extend_from_slice(d);
+                    }
+                    ChunkData::Known => out.push(DATA_KNOWN),
+                }
+            }
+            Frame::Zero { offset, len } => {
+                put_u64(out, *offset);
+                put_u64(out, *len);
+            }
+            Frame::HaveQuery { hashes } => {
+                put_u32(out, hashes.len() as u32);
+                for h in hashes {
+                    out.extend_from_slice(h);
+                }
+            }
+            Frame::HaveReply { have } => {
+                put_u32(out, have.len() as u32);
+                for bits in have.chunks(8) {
+                    out.push(bits.iter().enumerate().fold(0, |b, (i, &set)| b | (u8::from(set) << i)));
+                }
+            }
+            Frame::Progress { next_offset } | Frame::ProgressAck { next_offset } => {
+                put_u64(out, *next_offset)
+            }
+            Frame::Commit { generation, cut_unix_ms, consistency } => {
+                put_u64(out, *generation);
+                put_u64(out, *cut_unix_ms);
+                out.push(*consistency as u8);
+            }
+            Frame::Committed { point, generation } => {
+                put_u64(out, *point);
+                put_u64(out, *generation);
+            }
+            Frame::Error { class, code, message } => {
+                out.push(*class as u8);
+                put_u16(out, *code);
+                put_str(out, message);
+            }
+        }
+        let len = u32::try_from(out.len() - start - LEN_FIELD).expect("checked frame fits MAX_FRAME");
+        debug_assert!(len <= MAX_FRAME && out.len() - start == self.encoded_len());
+        out[start..start + LEN_FIELD].copy_from_slice(&len.to_be_bytes());
+    }
+
+    /// Decodes a frame from its type byte and body, i.e. a whole frame without its length field
+    /// (§2, §4). The caller has checked the length against [`max_frame_len`].
+    pub(crate) fn decode(ty: u8, body: &[u8]) -> Result<Frame, WireError> {
+        let frame = type_name(ty).ok_or(WireError::UnknownType(ty))?;
+        let mut r = Reader { b: body, frame };
+        let f = match ty {
+            T_HELLO => {
+                let magic: [u8; 8] = r.array()?;
+                if magic != MAGIC {
+                    return Err(WireError::BadMagic(magic));
+                }
+                let (min_version, max_version) = (r.u16()?, r.u16()?);
+                if min_version > max_version {
+                    return Err(WireError::BadVersionRange { min: min_version, max: max_version });
+                }
+                Frame::Hello { min_version, max_version, agent: r.string()? }
+            }
+            T_WELCOME => Frame::Welcome { version: r.u16()?, server: r.string()? },
+            T_REGISTER_DISK => {
+                Frame::RegisterDisk { disk: r.string()?, size: r.u64()?, block_size: r.u32()? }
+            }
+            T_DISK_STATE => Frame::DiskState {
+                disk: r.string()?,
+                latest: r.option(|r| {
+                    Ok(PointRef { point: r.u64()?, generation: r.u64()?, cut_unix_ms: r.u64()? })
+                })?,
+                initial: r.option(|r| Ok(InitialSync { generation: r.u64()?, next_offset: r.u64()? }))?,
+            },
+            T_BEGIN_GENERATION => Frame::BeginGeneration {
+                disk: r.string()?,
+                generation: r.u64()?,
+                kind: match r.u8()? {
+                    0 => GenerationKind::Incremental,
+                    1 => GenerationKind::InitialFull,
+                    2 => GenerationKind::Resync,
+                    tag => return Err(WireError::BadTag { field: "GenerationKind", tag }),
+                },
+                base_point: r.option(Reader::u64)?,
+            },
+            T_CHUNK => {
+                let head = ChunkHead::parse(&mut r)?;
+                let data = match head.tag {
+                    DATA_KNOWN => ChunkData::Known,
+                    _ => {
+                        let n = r.u32()?;
+                        head.check_data_len(n, r.b.len())?;
+                        ChunkData::Compressed(r.take(n as usize)?.to_vec())
+                    }
+                };
+                Frame::Chunk { offset: head.offset, len: head.len, hash: head.hash, data }
+            }
+            T_ZERO => {
+                let (offset, len) = (r.u64()?, r.u64()?);
+                check_extent(offset, len)?;
+                Frame::Zero { offset, len }
+            }
+            T_HAVE_QUERY => {
+                let count = r.u32()?;
+                check_count(frame, count as usize)?;
+                // The count is checked, and the bytes are there, before the vector is allocated.
+                let bytes = r.take(32 * count as usize)?;
+                Frame::HaveQuery { hashes: bytes.chunks_exact(32).map(|h| h.try_into().unwrap()).collect() }
+            }
+            T_HAVE_REPLY => {
+                let count = r.u32()? as usize;
+                check_count(frame, count)?;
+                let bytes = r.take(count.div_ceil(8))?;
+                // Bits past the count, in the last byte, must be zero.
+                let used = count % 8;
+                if used != 0 && bytes[count / 8] >> used != 0 {
+                    return Err(WireError::HaveReplyPadding);
+                }
+                Frame::HaveReply { have: (0..count).map(|i| bytes[i / 8] & (1 << (i % 8)) != 0).collect() }
+            }
+            T_PROGRESS => Frame::Progress { next_offset: r.u64()? },
+            T_COMMIT => Frame::Commit {
+                generation: r.u64()?,
+                cut_unix_ms: r.u64()?,
+                consistency: match r.u8()? {
+                    0 => Consistency::Crash,
+                    1 => Consistency::App,
+                    2 => Consistency::Inconsistent,
+                    tag => return Err(WireError::BadTag { field: "Consistency", tag }),
+                },
+            },
+            T_COMMITTED => Frame::Committed { point: r.u64()?, generation: r.u64()? },
+            T_PROGRESS_ACK => Frame::ProgressAck { next_offset: r.u64()? },
+            T_ERROR => Frame::Error {
+                class: match r.u8()? {
+                    0 => ErrorClass::Retryable,
+                    1 => ErrorClass::Fatal,
+                    tag => return Err(WireError::BadTag { field: "ErrorClass", tag }),
+                },
+                code: r.u16()?,
+                message: r.string()?,
+            },
+            _ => unreachable!("type_name knows every type"),
+        };
+        r.finish()?;
+        Ok(f)
+    }
+}
+
+/// A chunk's fixed fields and data tag (§4.6), parsed and checked; the decoder uses it to see a
+/// chunk's payload length before the payload arrives.
+pub(crate) struct ChunkHead {
+    pub offset: u64,
+    pub len: u32,
+    pub hash: Hash,
+    tag: u8,
+}
+
+impl ChunkHead {
+    /// Bytes of the body (after the type byte) this needs: the fixed fields and the tag.
+    pub const BYTES: usize = CHUNK_HEAD + 1;
+
+    fn parse(r: &mut Reader<'_>) -> Result<ChunkHead, WireError> {
+        let (offset, len, hash) = (r.u64()?, r.u32()?, r.array()?);
+        check_chunk(offset, len)?;
+        let tag = r.u8()?;
+        if tag != DATA_COMPRESSED && tag != DATA_KNOWN {
+            return Err(WireError::BadTag { field: "ChunkData", tag });
+        }
+        Ok(ChunkHead { offset, len, hash, tag })
+    }
+
+    /// Parses the start of a chunk's body, at least [`ChunkHead::BYTES`] long.
+    pub fn parse_prefix(body: &[u8]) -> Result<ChunkHead, WireError> {
+        ChunkHead::parse(&mut Reader { b: body, frame: "Chunk" })
+    }
+
+    pub fn is_compressed(&self) -> bool {
+        self.tag == DATA_COMPRESSED
+    }
+
+    /// Checks a compressed length field against the bytes left in the body after it: the
+    /// payload is the body's last field, so it must fill the rest exactly.
+    pub fn check_data_len(&self, n: u32, rest: usize) -> Result<(), WireError> {
+        if n > MAX_COMPRESSED {
+            return Err(WireError::PayloadTooLarge { len: u64::from(n) });
+        }
+        match (n as usize).cmp(&rest) {
+            std::cmp::Ordering::Greater => Err(WireError::Truncated { frame: "Chunk" }),
+            std::cmp::Ordering::Less => {
+                Err(WireError::TrailingBytes { frame: "Chunk", extra: rest - n as usize })
+            }
+            std::cmp::Ordering::Equal => Ok(()),
+        }
+    }
+}
+
+fn put_u16(out: &mut Vec<u8>, v: u16) {
+    out.extend_from_slice(&v.to_be_bytes());
+}
+
+fn put_u32(out: &mut Vec<u8>, v: u32) {
+    out.extend_from_slice(&v.to_be_bytes());
+}
+
+fn put_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(&v.to_be_bytes());
+}
+
+/// §1: `u16` length, then UTF-8; the caller has checked the length.
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    put_u16(out, s.len() as u16);
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// §1: `u8` 0 (absent) or 1 (present) then the value.
+fn put_opt<T>(out: &mut Vec<u8>, v: Option<&T>, put: impl FnOnce(&mut Vec<u8>, &T)) {
+    match v {
+        None => out.push(0),
+        Some(v) => {
+            out.push(1);
+            put(out, v);
+        }
+    }
+}
+
+/// Reads fields off a body; running out is [`WireError::Truncated`].
+struct Reader<'a> {
+    b: &'a [u8],
+    frame: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        if self.b.len() < n {
+            return Err(WireError::Truncated { frame: self.frame });
+        }
+        let (head, rest) = self.b.split_at(n);
+        self.b = rest;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
+        Ok(self.take(N)?.try_into().unwrap())
+    }
+
+    fn u8(&mut self) -> Result<u8, WireError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, WireError> {
+        self.array().map(u16::from_be_bytes)
+    }
+
+    fn u32(&mut self) -> Result<u32, WireError> {
+        self.array().map(u32::from_be_bytes)
+    }
+
+    fn u64(&mut self) -> Result<u64, WireError> {
+        self.array().map(u64::from_be_bytes)
+    }
+
+    /// §1: the length is checked against [`MAX_STRING`] before anything is read or allocated.
+    fn string(&mut self) -> Result<String, WireError> {
+        let len = usize::from(self.u16()?);
+        if len > MAX_STRING {
+            return Err(WireError::StringTooLong { len });
+        }
+        let s = std::str::from_utf8(self.take(len)?).map_err(WireError::InvalidUtf8)?;
+        Ok(s.to_owned())
+    }
+
+    fn option<T>(
+        &mut self,
+        read: impl FnOnce(&mut Self) -> Result<T, WireError>,
+    ) -> Result<Option<T>, WireError> {
+        match self.u8()? {
+            0 => Ok(None),
+            1 => read(self).map(Some),
+            tag => Err(WireError::BadTag { field: "Option", tag }),
+        }
+    }
+
+    fn finish(self) -> Result<(), WireError> {
+        match self.b.len() {
+            0 => Ok(()),
+            extra => Err(WireError::TrailingBytes { frame: self.frame, extra }),
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::Fault;
+    use proptest::prelude::*;
+
+    /// One of every frame type, some twice to cover both sides of an option or tag.
+    pub(crate) fn samples() -> Vec<Frame> {
+        vec![
+            Frame::Hello { min_version: 1, max_version: 3, agent: "agent-1 (siterep 0.1)".into() },
+            Frame::Welcome { version: 1, server: "dr-site".into() },
+            Frame::RegisterDisk { disk: "vm1/disk0".into(), size: 10 << 30, block_size: 4096 },
+            Frame::DiskState { disk: "d".into(), latest: None, initial: None },
+            Frame::DiskState {
+                disk: "dïsk".into(),
+                latest: Some(PointRef { point: 7, generation: 42, cut_unix_ms: 1_700_000_000_000 }),
+                initial: Some(InitialSync { generation: 43, next_offset: 1 << 33 }),
+            },
+            Frame::BeginGeneration {
+                disk: "d".into(),
+                generation: 43,
+                kind: GenerationKind::Incremental,
+                base_point: Some(7),
+            },
+            Frame::BeginGeneration {
+                disk: "d".into(),
+                generation: 1,
+                kind: GenerationKind::InitialFull,
+                base_point: None,
+            },
+            Frame::BeginGeneration {
+                disk: "d".into(),
+                generation: 9,
+                kind: GenerationKind::Resync,
+                base_point: Some(3),
+            },
+            Frame::Chunk {
+                offset: 4096,
+                len: 65536,
+                hash: [0xab; 32],
+                data: ChunkData::Compressed(vec![1, 2, 3]),
+            },
+            Frame::Chunk { offset: 0, len: MAX_CHUNK, hash: [7; 32], data: ChunkData::Known },
+            Frame::Chunk { offset: 0, len: 1, hash: [0; 32], data: ChunkData::Compressed(Vec::new()) },
+            Frame::Zero { offset: 1 << 20, len: 1 << 30 },
+            Frame::HaveQuery { hashes: vec![[1; 32], [2; 32], [3; 32]] },
+            Frame::HaveQuery { hashes: Vec::new() },
+            Frame::HaveReply { have: vec![true, false, true, true, false, false, false, false, true] },
+            Frame::HaveReply { have: Vec::new() },
+            Frame::Progress { next_offset: 123 << 20 },
+            Frame::Commit { generation: 43, cut_unix_ms: 1_700_000_000_500, consistency: Consistency::Crash },
+            Frame::Commit { generation: 44, cut_unix_ms: 1, consistency: Consistency::App },
+            Frame::Commit { generation: 45, cut_unix_ms: 2, consistency: Consistency::Inconsistent },
+            Frame::Committed { point: 8, generation: 43 },
+            Frame::ProgressAck { next_offset: 123 << 20 },
+            Frame::Error { class: ErrorClass::Retryable, code: ERR_BUSY, message: "busy".into() },
+            Frame::Error { class: ErrorClass::Fatal, code: ERR_VERSION, message: String::new() },
+        ]
+    }
+
+    fn arb_string() -> impl Strategy<Value = String> {
+        proptest::collection::vec(any::<char>(), 0..40).prop_map(String::from_iter)
+    }
+
+    fn arb_hash() -> impl Strategy<Value = Hash> {
+        any::<[u8; 32]>()
+    }
+
+    /// Every variant, with every field's range (strings and lists kept short).
+    pub(crate) fn arb_frame() -> impl Strategy<Value = Frame> {
+        let point = (any::<u64>(), any::<u64>(), any::<u64>())
+            .prop_map(|(point, generation, cut_unix_ms)| PointRef { point, generation, cut_unix_ms });
+        let initial = (any::<u64>(), any::<u64>())
+            .prop_map(|(generation, next_offset)| InitialSync { generation, next_offset });
+        let kind = prop_oneof![
+            Just(GenerationKind::Incremental),
+            Just(GenerationKind::InitialFull),
+            Just(GenerationKind::Resync)
+        ];
+        let consistency =
+            prop_oneof![Just(Consistency::Crash), Just(Consistency::App), Just(Consistency::Inconsistent)];
+        let class = prop_oneof![Just(ErrorClass::Retryable), Just(ErrorClass::Fatal)];
+        let data = prop_oneof![
+            Just(ChunkData::Known),
+            proptest::collection::vec(any::<u8>(), 0..300).prop_map(ChunkData::Compressed)
+        ];
+        let chunk = (1..=MAX_CHUNK).prop_flat_map(|len| (0..=u64::MAX - u64::from(len), Just(len)));
+        let extent = (1..=u64::MAX).prop_flat_map(|len| (0..=u64::MAX - len, Just(len)));
+        prop_oneof![
+            (any::<u16>(), any::<u16>(), arb_string()).prop_map(|(a, b, agent)| Frame::Hello {
+                min_version: a.min(b),
+                max_version: a.max(b),
+                agent
+            }),
+            (any::<u16>(), arb_string()).prop_map(|(version, server)| Frame::Welcome { version, server }),
+            (arb_string(), any::<u64>(), any::<u32>())
+                .prop_map(|(disk, size, block_size)| Frame::RegisterDisk { disk, size, block_size }),
+            (arb_string(), proptest::option::of(point), proptest::option::of(initial))
+                .prop_map(|(disk, latest, initial)| Frame::DiskState { disk, latest, initial }),
+            (arb_string(), any::<u64>(), kind, proptest::option::of(any::<u64>())).prop_map(
+                |(disk, generation, kind, base_point)| Frame::BeginGeneration {
+                    disk,
+                    generation,
+                    kind,
+                    base_point
+                }
+            ),
+            (chunk, arb_hash(), data).prop_map(|((offset, len), hash, data)| Frame::Chunk {
+                offset,
+                len,
+                hash,
+                data
+            }),
+            extent.prop_map(|(offset, len)| Frame::Zero { offset, len }),
+            proptest::collection::vec(arb_hash(), 0..40).prop_map(|hashes| Frame::HaveQuery { hashes }),
+            proptest::collection::vec(any::<bool>(), 0..80).prop_map(|have| Frame::HaveReply { have }),
+            any::<u64>().prop_map(|next_offset| Frame::Progress { next_offset }),
+            (any::<u64>(), any::<u64>(), consistency).prop_map(|(generation, cut_unix_ms, consistency)| {
+                Frame::Commit { generation, cut_unix_ms, consistency }
+            }),
+            (any::<u64>(), any::<u64>())
+                .prop_map(|(point, generation)| Frame::Committed { point, generation }),
+            any::<u64>().prop_map(|next_offset| Frame::ProgressAck { next_offset }),
+            (class, any::<u16>(), arb_string()).prop_map(|(class, code, message)| Frame::Error {
+                class,
+                code,
+                message
+            }),
+        ]
+    }
+
+    fn encode(f: &Frame) -> Vec<u8> {
+        let mut out = Vec::new();
+        f.encode(&mut out);
+        out
+    }
+
+    /// Decodes a whole frame, as the decoder does after routing it.
+    fn decode(b: &[u8]) -> Result<Frame, WireError> {
+        let len = u32::from_be_bytes(b[..4].try_into().unwrap()) as usize;
+        assert_eq!(len, b.len() - 4, "test frame's length field");
+        Frame::decode(b[4], &b[5..])
+    }
+
+    /// A frame of type `ty` with `body` as is.
+    fn raw(ty: u8, body: &[u8]) -> Vec<u8> {
+        let mut b = (body.len() as u32 + 1).to_be_bytes().to_vec();
+        b.push(ty);
+        b.extend_from_slice(body);
+        b
+    }
+
+    #[test]
+    fn every_type_round_trips() {
+        let samples = samples();
+        let mut types: Vec<u8> = samples.iter().map(Frame::frame_type).collect();
+        types.dedup();
+        assert_eq!(types, (1..=14).collect::<Vec<u8>>(), "samples cover every type in order");
+        for f in samples {
+            let b = encode(&f);
+            assert_eq!(b.len(), f.encoded_len(), "{f:?}");
+            assert_eq!(b[4], f.frame_type());
+            assert!(b.len() - 4 <= max_frame_len(f.frame_type()).unwrap() as usize);
+            assert_eq!(decode(&b), Ok(f));
+        }
+    }
+
+    #[test]
+    fn layout_matches_the_spec() {
+        // §4.1: magic, versions, string; all big-endian.
+        let b = encode(&Frame::Hello { min_version: 1, max_version: 2, agent: "ab".into() });
+        assert_eq!(b, [&[0, 0, 0, 17, 1][..], b"SITEREP\x01", &[0, 1, 0, 2, 0, 2], b"ab"].concat());
+        // §4.9: bit i of byte i/8, least significant first.
+        let b = encode(&Frame::HaveReply {
+            have: vec![true, false, false, true, false, false, false, false, false, true],
+        });
+        assert_eq!(b, [0, 0, 0, 7, 9, 0, 0, 0, 10, 0b0000_1001, 0b0000_0010]);
+        // §4.6: a known chunk ends at its tag.
+        let b = encode(&Frame::Chunk { offset: 1, len: 2, hash: [9; 32], data: ChunkData::Known });
+        assert_eq!(b.len(), 4 + 1 + 8 + 4 + 32 + 1);
+        assert_eq!(b[b.len() - 1], DATA_KNOWN);
+        let b = encode(&Frame::Error { class: ErrorClass::Fatal, code: ERR_AUTH, message: "x".into() });
+        assert_eq!(b, [0, 0, 0, 7, 14, 1, 0, 2, 0, 1, b'x']);
+    }
+
+    #[test]
+    fn max_lengths_are_reached() {
+        let s = "x".repeat(MAX_STRING);
+        let big = [
+            Frame::Hello { min_version: 0, max_version: 0, agent: s.clone() },
+            Frame::Welcome { version: 0, server: s.clone() },
+            Frame::RegisterDisk { disk: s.clone(), size: 0, block_size: 0 },
+            Frame::DiskState {
+                disk: s.clone(),
+                latest: Some(PointRef { point: 0, generation: 0, cut_unix_ms: 0 }),
+                initial: Some(InitialSync { generation: 0, next_offset: 0 }),
+            },
+            Frame::BeginGeneration {
+                disk: s.clone(),
+                generation: 0,
+                kind: GenerationKind::Resync,
+                base_point: Some(0),
+            },
+            Frame::Chunk {
+                offset: 0,
+                len: MAX_CHUNK,
+                hash: [0; 32],
+                data: ChunkData::Compressed(vec![0; MAX_COMPRESSED as usize]),
+            },
+            Frame::Zero { offset: 0, len: 1 },
+            Frame::HaveQuery { hashes: vec![[0; 32]; MAX_HAVE] },
+            Frame::HaveReply { have: vec![true; MAX_HAVE] },
+            Frame::Progress { next_offset: 0 },
+            Frame::Commit { generation: 0, cut_unix_ms: 0, consistency: Consistency::App },
+            Frame::Committed { point: 0, generation: 0 },
+            Frame::ProgressAck { next_offset: 0 },
+            Frame::Error { class: ErrorClass::Fatal, code: 0, message: s },
+        ];
+        for f in big {
+            let b = encode(&f);
+            assert_eq!(b.len() - 4, max_frame_len(f.frame_type()).unwrap() as usize, "{}", f.name());
+            assert_eq!(decode(&b), Ok(f));
+        }
+        assert_eq!(max_frame_len(0), None);
+        assert_eq!(max_frame_len(15), None);
+    }
+
+    #[test]
+    fn oversize_string() {
+        let mut body = MAGIC.to_vec();
+        body.extend_from_slice(&[0, 1, 0, 1]);
+        body.extend_from_slice(&(MAX_STRING as u16 + 1).to_be_bytes());
+        body.extend_from_slice(&vec![b'a'; MAX_STRING + 1]);
+        let e = decode(&raw(T_HELLO, &body)).unwrap_err();
+        assert_eq!(e, WireError::StringTooLong { len: MAX_STRING + 1 });
+        assert_eq!(e.fault(), Fault::TooLarge);
+        // Refused from the length alone, before the bytes would be read.
+        let b = raw(T_WELCOME, &[0, 1, 0xff, 0xff]);
+        assert_eq!(decode(&b), Err(WireError::StringTooLong { len: 0xffff }));
+        let f = Frame::RegisterDisk { disk: "é".repeat(513), size: 1, block_size: 512 };
+        assert_eq!(f.check(), Err(WireError::StringTooLong { len: 1026 }));
+    }
+
+    #[test]
+    fn invalid_utf8() {
+        let b = raw(T_WELCOME, &[0, 1, 0, 2, 0xc3, 0x28]);
+        assert!(matches!(decode(&b), Err(WireError::InvalidUtf8(_))));
+    }
+
+    #[test]
+    fn bad_magic() {
+        let mut b = encode(&Frame::Hello { min_version: 1, max_version: 1, agent: String::new() });
+        b[5 + 7] = 2;
+        let e = decode(&b).unwrap_err();
+        assert_eq!(e, WireError::BadMagic(*b"SITEREP\x02"));
+        assert_eq!(e.fault(), Fault::Violation);
+    }
+
+    #[test]
+    fn empty_version_range() {
+        let mut body = MAGIC.to_vec();
+        body.extend_from_slice(&[0, 2, 0, 1, 0, 0]);
+        assert_eq!(decode(&raw(T_HELLO, &body)), Err(WireError::BadVersionRange { min: 2, max: 1 }));
+    }
+
+    #[test]
+    fn have_counts_over_max() {
+        let n = MAX_HAVE as u32 + 1;
+        let e = decode(&raw(T_HAVE_QUERY, &n.to_be_bytes())).unwrap_err();
+        assert_eq!(e, WireError::CountTooLarge { frame: "HaveQuery", count: u64::from(n) });
+        assert_eq!(e.fault(), Fault::TooLarge);
+        let e = decode(&raw(T_HAVE_QUERY, &u32::MAX.to_be_bytes())).unwrap_err();
+        assert!(matches!(e, WireError::CountTooLarge { .. }));
+        let e = decode(&raw(T_HAVE_REPLY, &n.to_be_bytes())).unwrap_err();
+        assert_eq!(e, WireError::CountTooLarge { frame: "HaveReply", count: u64::from(n) });
+        let f = Frame::HaveQuery { hashes: vec![[0; 32]; MAX_HAVE + 1] };
+        assert!(matches!(f.check(), Err(WireError::CountTooLarge { .. })));
+        // A count the bytes do not back is truncated, and nothing was allocated for it.
+        assert_eq!(
+            decode(&raw(T_HAVE_QUERY, &[0, 0, 0, 2, 1])),
+            Err(WireError::Truncated { frame: "HaveQuery" })
+        );
+    }
+
+    #[test]
+    fn have_reply_padding_bits() {
+        assert_eq!(decode(&raw(T_HAVE_REPLY, &[0, 0, 0, 3, 0b1000])), Err(WireError::HaveReplyPadding));
+        assert_eq!(
+            decode(&raw(T_HAVE_REPLY, &[0, 0, 0, 3, 0b101])),
+            Ok(Frame::HaveReply { have: vec![true, false, true] })
+        );
+    }
+
+    #[test]
+    fn chunk_lengths() {
+        let chunk = |len: u32| {
+            let mut body = 0u64.to_be_bytes().to_vec();
+            body.extend_from_slice(&len.to_be_bytes());
+            body.extend_from_slice(&[0; 32]);
+            body.push(DATA_KNOWN);
+            raw(T_CHUNK, &body)
+        };
+        assert_eq!(decode(&chunk(0)), Err(WireError::BadExtent { offset: 0, len: 0 }));
+        let e = decode(&chunk(MAX_CHUNK + 1)).unwrap_err();
+        assert_eq!(e, WireError::ChunkTooLarge { len: MAX_CHUNK + 1 });
+        assert_eq!(e.fault(), Fault::TooLarge);
+        assert!(decode(&chunk(1)).is_ok());
+        assert!(decode(&chunk(MAX_CHUNK)).is_ok());
+        let f = Frame::Chunk { offset: 0, len: 0, hash: [0; 32], data: ChunkData::Known };
+        assert_eq!(f.check(), Err(WireError::BadExtent { offset: 0, len: 0 }));
+        let f = Frame::Chunk { offset: u64::MAX, len: 1, hash: [0; 32], data: ChunkData::Known };
+        assert_eq!(f.check(), Err(WireError::BadExtent { offset: u64::MAX, len: 1 }));
+        let f = Frame::Chunk {
+            offset: 0,
+            len: 1,
+            hash: [0; 32],
+            data: ChunkData::Compressed(vec![0; MAX_COMPRESSED as usize + 1]),
+        };
+        assert_eq!(f.check(), Err(WireError::PayloadTooLarge { len: u64::from(MAX_COMPRESSED) + 1 }));
+    }
+
+    #[test]
+    fn zero_extents() {
+        let zero = |offset: u64, len: u64| raw(T_ZERO, &[offset.to_be_bytes(), len.to_be_bytes()].concat());
+        assert_eq!(decode(&zero(5, 0)), Err(WireError::BadExtent { offset: 5, len: 0 }));
+        assert_eq!(decode(&zero(u64::MAX, 1)), Err(WireError::BadExtent { offset: u64::MAX, len: 1 }));
+        assert_eq!(decode(&zero(u64::MAX - 1, 1)), Ok(Frame::Zero { offset: u64::MAX - 1, len: 1 }));
+    }
+
+    #[test]
+    fn tags_out_of_range() {
+        let begin = |kind: u8, opt: u8| {
+            let mut body = vec![0, 1, b'd'];
+            body.extend_from_slice(&1u64.to_be_bytes());
+            body.extend_from_slice(&[kind, opt]);
+            if opt == 1 {
+                body.extend_from_slice(&1u64.to_be_bytes());
+            }
+            raw(T_BEGIN_GENERATION, &body)
+        };
+        assert!(decode(&begin(2, 1)).is_ok());
+        assert_eq!(decode(&begin(3, 0)), Err(WireError::BadTag { field: "GenerationKind", tag: 3 }));
+        assert_eq!(decode(&begin(0, 2)), Err(WireError::BadTag { field: "Option", tag: 2 }));
+        let mut body = [0u8; 16].to_vec();
+        body.push(3);
+        assert_eq!(decode(&raw(T_COMMIT, &body)), Err(WireError::BadTag { field: "Consistency", tag: 3 }));
+        assert_eq!(
+            decode(&raw(T_ERROR, &[2, 0, 1, 0, 0])),
+            Err(WireError::BadTag { field: "ErrorClass", tag: 2 })
+        );
+        let mut body = [0u8; 8].to_vec();
+        body.extend_from_slice(&1u32.to_be_bytes());
+        body.extend_from_slice(&[0; 32]);
+        body.push(2);
+        assert_eq!(decode(&raw(T_CHUNK, &body)), Err(WireError::BadTag { field: "ChunkData", tag: 2 }));
+        assert_eq!(
+            decode(&raw(T_DISK_STATE, &[0, 0, 2])),
+            Err(WireError::BadTag { field: "Option", tag: 2 })
+        );
+        assert_eq!(
+            decode(&raw(T_DISK_STATE, &[0, 0, 0, 7])),
+            Err(WireError::BadTag { field: "Option", tag: 7 })
+        );
+        // `latest` present, but its fields run short.
+        let body = [&[0, 0, 1][..], &[0; 16]].concat();
+        assert_eq!(decode(&raw(T_DISK_STATE, &body)), Err(WireError::Truncated { frame: "DiskState" }));
+    }
+
+    #[test]
+    fn truncated_bodies() {
+        for f in samples() {
+            let b = encode(&f);
+            // Every strict prefix of a body, relabelled as a whole frame, is refused.
+            for cut in 5..b.len() {
+                let mut short = b[..cut].to_vec();
+                short[..4].copy_from_slice(&(cut as u32 - 4).to_be_bytes());
+                assert!(decode(&short).is_err(), "{f:?} cut at {cut}");
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "RegisterDisk frame cannot be encoded: string of 1025 bytes")]
+    fn encode_refuses_a_frame_over_a_limit() {
+        let f = Frame::RegisterDisk { disk: "x".repeat(MAX_STRING + 1), size: 1, block_size: 512 };
+        f.encode(&mut Vec::new());
+    }
+
+    #[test]
+    fn error_codes_and_classes() {
+        for code in [ERR_CORRUPT_CHUNK, ERR_STORAGE, ERR_BUSY] {
+            assert!(default_class(code).is_retryable());
+        }
+        for code in [
+            ERR_VERSION,
+            ERR_AUTH,
+            ERR_BAD_REQUEST,
+            ERR_TOO_LARGE,
+            ERR_NO_SUCH_DISK,
+            ERR_DISK_MISMATCH,
+            0,
+            999,
+        ] {
+            assert!(!default_class(code).is_retryable());
+        }
+        let f = Frame::error(ERR_STORAGE, "é".repeat(600));
+        f.check().unwrap();
+        match f {
+            Frame::Error { class, code, message } => {
+                assert_eq!((class, code), (ErrorClass::Retryable, ERR_STORAGE));
+                assert_eq!(message.len(), 1024);
+            }
+            f => panic!("{f:?}"),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_frames_round_trip(f in arb_frame()) {
+            prop_assert_eq!(f.check(), Ok(()));
+            let b = encode(&f);
+            prop_assert_eq!(b.len(), f.encoded_len());
+            prop_assert!(b.len() - 4 <= max_frame_len(f.frame_type()).unwrap() as usize);
+            prop_assert_eq!(decode(&b), Ok(f));
+        }
+
+        #[test]
+        fn arbitrary_bodies_never_panic(ty in 0u8..=16, body in proptest::collection::vec(any::<u8>(), 0..200)) {
+            if let Ok(f) = Frame::decode(ty, &body) {
+                // What decodes is canonical: it encodes back to the same bytes.
+                prop_assert_eq!(&encode(&f)[5..], &body[..]);
+            }
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! The versioned agent↔server replication protocol, sans-IO: bytes in, typed [`Frame`]s out, and
+//! back. `docs/wire.md` is the specification; every item here cites the section it implements.
+//!
+//! - [`Frame`] is one message of the protocol, one variant per frame type (§4), with
+//!   [`Frame::encode`] appending its whole frame (§2) to a buffer.
+//! - [`Decoder`] turns a byte stream, fed in pieces of any size, into frames. It checks every
+//!   length against a named maximum before anything is allocated for it (invariant 4 of
+//!   `DESIGN.md`) and copies a chunk's payload once, from the fed bytes into the frame's own
+//!   buffer.
+//! - [`WireError`] says what was wrong with the peer's bytes and whose fault it is ([`Fault`]);
+//!   every decoding error ends the connection.
+//! - [`negotiate`] picks the session's version (§6.1).
+//!
+//! ```
+//! use wire::{Decoder, Frame};
+//!
+//! let mut bytes = Vec::new();
+//! Frame::Progress { next_offset: 1 << 20 }.encode(&mut bytes);
+//! Frame::ProgressAck { next_offset: 1 << 20 }.encode(&mut bytes);
+//!
+//! let mut dec = Decoder::new();
+//! dec.feed(&bytes[..7]); // bytes arrive in pieces of any size
+//! assert_eq!(dec.next_frame(), Ok(None));
+//! dec.feed(&bytes[7..]);
+//! assert_eq!(dec.next_frame(), Ok(Some(Frame::Progress { next_offset: 1 << 20 })));
+//! assert_eq!(dec.next_frame(), Ok(Some(Frame::ProgressAck { next_offset: 1 << 20 })));
+//! assert_eq!(dec.next_frame(), Ok(None));
+//! ```
+//!
+//! Nothing here reads or writes a socket; TLS, timeouts and the order of frames within a session
+//! (§6) belong to the agent and the server.
+#![forbid(unsafe_code)]
+
+mod decoder;
+mod error;
+mod frame;
+
+pub use decoder::Decoder;
+pub use error::{Fault, WireError};
+pub use frame::{
+    default_class, ChunkData, Consistency, ErrorClass, Frame, GenerationKind, Hash, InitialSync, PointRef,
+    ERR_AUTH, ERR_BAD_REQUEST, ERR_BUSY, ERR_CORRUPT_CHUNK, ERR_DISK_MISMATCH, ERR_NO_SUCH_DISK, ERR_STORAGE,
+    ERR_TOO_LARGE, ERR_VERSION,
+};
+
+/// The newest protocol version this crate speaks (§7).
+pub const VERSION: u16 = 1;
+/// The oldest protocol version this crate speaks (§7).
+pub const MIN_VERSION: u16 = 1;
+
+/// The first bytes of every `Hello` body (§4.1): not this protocol if they differ.
+pub const MAGIC: [u8; 8] = *b"SITEREP\x01";
+
+/// Largest value of a frame's length field, i.e. type byte plus body (§2, §3): room for a
+/// compressed [`MAX_CHUNK`] (zstd's worst case adds well under 1 MiB) plus its header.
+pub const MAX_FRAME: u32 = (5 << 20) + 4096;
+/// Largest uncompressed length of one chunk (§3, §4.6).
+pub const MAX_CHUNK: u32 = 4 << 20;
+/// Largest compressed payload of one chunk: what is left of [`MAX_FRAME`] after the chunk's
+/// fixed fields (§4.6).
+pub const MAX_COMPRESSED: u32 = MAX_FRAME - frame::CHUNK_FIXED;
+/// Most hashes in one `HaveQuery`, and answers in one `HaveReply` (§3, §4.8).
+pub const MAX_HAVE: usize = 1024;
+/// Longest string, in bytes of UTF-8 (§1, §3).
+pub const MAX_STRING: usize = 1024;
+
+// The limits fit together, checked at compile time.
+const _: () = assert!(MIN_VERSION <= VERSION);
+// A chunk zstd cannot shrink still fits in a frame (zstd's bound is n + n/256 + 64 KiB at most).
+const _: () = assert!(MAX_CHUNK + MAX_CHUNK / 256 + (64 << 10) <= MAX_COMPRESSED);
+// A string's length fits its u16 field; a HaveQuery's count fits its u32.
+const _: () = assert!(MAX_STRING <= u16::MAX as usize && MAX_HAVE <= u32::MAX as usize);
+
+/// The version a session speaks (§6.1): the highest one both sides support, or `None` if their
+/// ranges do not overlap (or a range is empty).
+pub fn negotiate(client_min: u16, client_max: u16, server_min: u16, server_max: u16) -> Option<u16> {
+    let lo = client_min.max(server_min);
+    let hi = client_max.min(server_max);
+    (lo <= hi).then_some(hi)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn negotiate_picks_highest_common() {
+        assert_eq!(negotiate(1, 1, 1, 1), Some(1));
+        assert_eq!(negotiate(1, 3, 2, 5), Some(3));
+        assert_eq!(negotiate(2, 5, 1, 3), Some(3));
+        assert_eq!(negotiate(1, 9, 4, 4), Some(4));
+        assert_eq!(negotiate(1, 2, 3, 4), None);
+        assert_eq!(negotiate(3, 4, 1, 2), None);
+        // An empty range overlaps nothing.
+        assert_eq!(negotiate(3, 2, 1, 5), None);
+        assert_eq!(negotiate(MIN_VERSION, VERSION, MIN_VERSION, VERSION), Some(VERSION));
+    }
+}
