@@ -16,8 +16,24 @@ pub mod ship;
 pub mod tls;
 
 use std::io;
+use std::sync::atomic::AtomicU64;
 
 pub use run::{parse_duration, run, AgentConfig, AppConsistency, Summary};
+
+/// Counters and gauges for `--metrics`.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub bytes_read_total: AtomicU64,
+    pub bytes_sent_total: AtomicU64,
+    pub bytes_deduplicated_total: AtomicU64,
+    pub bytes_zero_total: AtomicU64,
+    pub points_total: AtomicU64,
+    pub errors_total: AtomicU64,
+    /// Cut time of the newest committed point (ms since the epoch; 0: none yet).
+    pub last_cut_unix_ms: AtomicU64,
+    /// Bytes waiting: the shim's live set plus unreleased generations, when last seen.
+    pub backlog_bytes: AtomicU64,
+}
 
 /// Why the agent stopped or a cycle failed. [`AgentError::is_fatal`] tells retry from stop.
 #[derive(Debug, thiserror::Error)]

@@ -29,11 +29,12 @@ pub struct Link {
 }
 
 impl Link {
-    /// Connects to `addr` over TLS, verifying the server as `server_name`, and negotiates.
+    /// Connects to `addr` over TLS (verifying the server as `server_name`), or in plaintext
+    /// when `tls` is `None` (`--insecure`), and negotiates.
     pub fn connect(
         addr: &str,
         server_name: &str,
-        tls: Arc<ClientConfig>,
+        tls: Option<Arc<ClientConfig>>,
         agent: &str,
     ) -> Result<Self, AgentError> {
         let sa =
@@ -44,6 +45,7 @@ impl Link {
         tcp.set_nodelay(true).map_err(AgentError::Connect)?;
         tcp.set_read_timeout(Some(IO_TIMEOUT)).map_err(AgentError::Connect)?;
         tcp.set_write_timeout(Some(IO_TIMEOUT)).map_err(AgentError::Connect)?;
+        let Some(tls) = tls else { return Self::over(Box::new(tcp), agent) };
         let name = ServerName::try_from(server_name.to_string())
             .map_err(|_| AgentError::Config(format!("invalid TLS server name {server_name:?}")))?;
         let conn = ClientConnection::new(tls, name).map_err(AgentError::Tls)?;

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -36,7 +37,9 @@ pub struct AgentConfig {
     pub export: String,
     pub server: String,
     pub server_name: String,
-    pub tls: Arc<ClientConfig>,
+    /// `None`: plaintext (`--insecure`, loopback only).
+    pub tls: Option<Arc<ClientConfig>>,
+    pub metrics: Arc<crate::Metrics>,
     pub disk: String,
     pub agent_name: String,
     pub interval: Duration,
@@ -116,6 +119,7 @@ pub fn run(cfg: &AgentConfig) -> Result<Option<Summary>, AgentError> {
             Ok(summary) => return Ok(summary),
             Err(e) if e.is_fatal() => return Err(e),
             Err(e) => {
+                cfg.metrics.errors_total.fetch_add(1, Ordering::Relaxed);
                 let delay =
                     RETRY_DELAYS.get(failures).copied().unwrap_or(RETRY_STEADY).mul_f64(cfg.retry_scale);
                 failures += 1;
@@ -156,7 +160,9 @@ impl Agent<'_> {
     }
 
     fn status(&self) -> Result<Status, AgentError> {
-        self.control(&Request::Status)
+        let st: Status = self.control(&Request::Status)?;
+        self.cfg.metrics.backlog_bytes.store(st.backlog_bytes, Ordering::Relaxed);
+        Ok(st)
     }
 
     /// One connection's worth of work.
@@ -325,7 +331,7 @@ impl Agent<'_> {
         self.consistency.retain(|(g, _)| *g != id);
         *latest = PointRef { point, generation: id, cut_unix_ms: gen.cut_unix_ms };
         self.report(point, id, gen.cut_unix_ms)?;
-        let s = summary("incremental", id, point, consistency, &stats, start);
+        let s = summary("incremental", id, point, consistency, &stats, start, &cfg.metrics);
         tracing::info!(
             generation = id,
             point,
@@ -353,6 +359,9 @@ impl Agent<'_> {
     }
 
     fn report(&self, point: u64, generation: u64, cut_unix_ms: u64) -> Result<(), AgentError> {
+        let m = &self.cfg.metrics;
+        m.points_total.fetch_add(1, Ordering::Relaxed);
+        m.last_cut_unix_ms.store(cut_unix_ms, Ordering::Relaxed);
         let p = ReplicatedPoint { point, generation, cut_unix_ms, committed_unix_ms: now_ms() };
         self.control::<serde_json::Value>(&Request::Replicated { point: p })?;
         Ok(())
@@ -443,7 +452,15 @@ impl Agent<'_> {
         // The replica now holds the whole disk (fuzzy); the live set covers what changed since.
         self.control::<serde_json::Value>(&Request::ClearResync)?;
         self.report(point, generation, cut_ms)?;
-        let s = summary("initial", generation, point, Consistency::Inconsistent, &stats, start_time);
+        let s = summary(
+            "initial",
+            generation,
+            point,
+            Consistency::Inconsistent,
+            &stats,
+            start_time,
+            &cfg.metrics,
+        );
         tracing::info!(point, read = s.bytes_read, sent = s.bytes_sent, "initial copy committed");
         Ok(s)
     }
@@ -456,7 +473,12 @@ fn summary(
     c: Consistency,
     s: &Stats,
     start: Instant,
+    m: &crate::Metrics,
 ) -> Summary {
+    m.bytes_read_total.fetch_add(s.bytes_read, Ordering::Relaxed);
+    m.bytes_sent_total.fetch_add(s.bytes_sent, Ordering::Relaxed);
+    m.bytes_deduplicated_total.fetch_add(s.bytes_deduplicated, Ordering::Relaxed);
+    m.bytes_zero_total.fetch_add(s.bytes_zero, Ordering::Relaxed);
     let unique = s.bytes_read.saturating_sub(s.bytes_deduplicated);
     Summary {
         kind,

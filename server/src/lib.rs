@@ -13,7 +13,7 @@
 //! is stored), [`Store::begin`] → [`PendingPoint::add_chunk`] / [`PendingPoint::add_zero`] →
 //! [`PendingPoint::commit`], which returns once the point is durable (invariant 3 of
 //! `DESIGN.md`); reading back with [`Store::open_point`] → [`PointReader`]; pruning with
-//! [`Store::retain`]. No networking: the wire glue drives this API.
+//! [`Store::retain`]. The storage modules do no networking; [`net`] drives this API for agents.
 //!
 //! `docs/store.md` describes the layout, the formats (each with magic, version and checksum,
 //! every length bounded by a named maximum), the durability protocol, the media assumptions

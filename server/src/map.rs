@@ -75,6 +75,9 @@ impl RegionMap {
     /// The extents overlapping `[start, end)`, clipped to it, in order.
     pub(crate) fn overlapping(&self, start: u32, end: u32) -> Vec<(u32, DataRef)> {
         let mut out = Vec::new();
+        if start >= end {
+            return out;
+        }
         if let Some((&s, &d)) = self.ext.range(..start).next_back() {
             if s + d.len > start {
                 out.push((start, d.tail(s, start)));

@@ -7,9 +7,10 @@
 //! Committed. Every chunk is verified (decompressed, blake3) before it is stored; a bad one
 //! rejects the whole generation. A commit is acknowledged only once the point is durable.
 
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,10 +23,86 @@ use crate::{PendingPoint, PointInfo, Store, StoreError};
 /// How long a connection may stay silent before the server drops it.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// Which disks each agent certificate may write.
+///
+/// An agent is known by the blake3 fingerprint of its certificate (DER). `agents: None`:
+/// every agent with a certificate the CA signed may write every disk.
+#[derive(Clone, Debug, Default)]
+pub struct Enrollment {
+    pub agents: Option<HashMap<String, EnrolledAgent>>,
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct EnrolledAgent {
+    pub name: String,
+    pub fingerprint: String,
+    /// Disk names, or `*` for any.
+    pub disks: Vec<String>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct EnrollmentFile {
+    version: u32,
+    agents: Vec<EnrolledAgent>,
+}
+
+impl Enrollment {
+    /// Reads an enrollment file (`siterep certs init` writes one).
+    pub fn load(path: &std::path::Path) -> Result<Self, String> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let f: EnrollmentFile = serde_json::from_str(&text)
+            .map_err(|e| format!("{} is not an enrollment file: {e}", path.display()))?;
+        if f.version != 1 {
+            return Err(format!("{}: unsupported enrollment version {}", path.display(), f.version));
+        }
+        Ok(Self { agents: Some(f.agents.into_iter().map(|a| (a.fingerprint.clone(), a)).collect()) })
+    }
+
+    /// Writes an enrollment file.
+    pub fn save(agents: &[EnrolledAgent], path: &std::path::Path) -> io::Result<()> {
+        let f = EnrollmentFile { version: 1, agents: agents.to_vec() };
+        std::fs::write(path, serde_json::to_vec_pretty(&f).map_err(io::Error::other)?)
+    }
+
+    /// The fingerprint of a certificate (DER).
+    pub fn fingerprint(der: &[u8]) -> String {
+        blake3::hash(der).to_hex().to_string()
+    }
+
+    fn allows(&self, fingerprint: Option<&str>, disk: &str) -> Result<(), String> {
+        let Some(agents) = &self.agents else { return Ok(()) };
+        let Some(fp) = fingerprint else { return Err("no client certificate".into()) };
+        match agents.get(fp) {
+            None => Err("this agent's certificate is not enrolled".into()),
+            Some(a) if a.disks.iter().any(|d| d == "*" || d == disk) => Ok(()),
+            Some(a) => Err(format!("agent {} is not enrolled for disk {disk}", a.name)),
+        }
+    }
+}
+
+/// Counters for `--metrics`.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub connections: AtomicU64,
+    pub points_total: AtomicU64,
+    pub chunks_stored_total: AtomicU64,
+    pub bytes_received_total: AtomicU64,
+    pub rejected_total: AtomicU64,
+}
+
+/// How agents reach the server and what they may do.
+pub struct Access {
+    /// `None`: plaintext (`--insecure`, loopback only).
+    pub tls: Option<Arc<ServerConfig>>,
+    pub enrollment: Enrollment,
+    pub metrics: Arc<Metrics>,
+}
+
 /// Serves agents on `listener` until `stop` is set (checked every 200 ms).
 pub fn serve(
     listener: TcpListener,
-    tls: Arc<ServerConfig>,
+    access: Arc<Access>,
     store: Arc<Store>,
     name: String,
     stop: Arc<AtomicBool>,
@@ -35,10 +112,17 @@ pub fn serve(
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
             Ok((tcp, peer)) => {
-                let (tls, store, name) = (tls.clone(), store.clone(), name.clone());
+                let (access, store, name) = (access.clone(), store.clone(), name.clone());
                 threads.push(std::thread::spawn(move || {
-                    if let Err(e) = connection(tcp, tls, &store, &name) {
-                        tracing::info!(%peer, "agent connection ended: {e}");
+                    access.metrics.connections.fetch_add(1, Ordering::Relaxed);
+                    let r = connection(tcp, &access, &store, &name);
+                    access.metrics.connections.fetch_sub(1, Ordering::Relaxed);
+                    match r {
+                        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                            tracing::debug!(%peer, "agent disconnected")
+                        }
+                        Err(e) => tracing::info!(%peer, "agent connection ended: {e}"),
+                        Ok(()) => {}
                     }
                 }));
             }
@@ -132,16 +216,40 @@ enum Receiving {
     Done(PointInfo),
 }
 
-fn connection(tcp: TcpStream, tls: Arc<ServerConfig>, store: &Store, name: &str) -> io::Result<()> {
+fn connection(tcp: TcpStream, access: &Access, store: &Store, name: &str) -> io::Result<()> {
     tcp.set_nodelay(true)?;
     tcp.set_read_timeout(Some(IDLE_TIMEOUT))?;
     tcp.set_write_timeout(Some(IDLE_TIMEOUT))?;
-    let conn = ServerConnection::new(tls).map_err(io::Error::other)?;
-    let mut stream = StreamOwned::new(conn, tcp);
-    while stream.conn.is_handshaking() {
-        stream.conn.complete_io(&mut stream.sock)?;
+    let buf = vec![0u8; 256 << 10];
+    match &access.tls {
+        Some(tls) => {
+            let conn = ServerConnection::new(tls.clone()).map_err(io::Error::other)?;
+            let mut stream = StreamOwned::new(conn, tcp);
+            while stream.conn.is_handshaking() {
+                stream.conn.complete_io(&mut stream.sock)?;
+            }
+            let fp =
+                stream.conn.peer_certificates().and_then(|c| c.first()).map(|c| Enrollment::fingerprint(c));
+            session(Conn { stream, dec: Decoder::new(), buf, out: Vec::new() }, access, fp, store, name)
+        }
+        None => session(
+            Conn { stream: tcp, dec: Decoder::new(), buf, out: Vec::new() },
+            access,
+            None,
+            store,
+            name,
+        ),
     }
-    let mut c = Conn { stream, dec: Decoder::new(), buf: vec![0u8; 256 << 10], out: Vec::new() };
+}
+
+fn session<S: Read + Write>(
+    mut c: Conn<S>,
+    access: &Access,
+    fingerprint: Option<String>,
+    store: &Store,
+    name: &str,
+) -> io::Result<()> {
+    let metrics = &access.metrics;
     let Some(Frame::Hello { min_version, max_version, agent }) = c.recv()? else {
         return c.error(ErrorClass::Fatal, wire::ERR_BAD_REQUEST, "expected Hello".into());
     };
@@ -159,6 +267,13 @@ fn connection(tcp: TcpStream, tls: Arc<ServerConfig>, store: &Store, name: &str)
     let mut receiving = Receiving::Nothing;
     while let Some(frame) = c.recv()? {
         let result: Result<Option<Frame>, Fail> = match frame {
+            Frame::RegisterDisk { disk: d, .. }
+                if access.enrollment.allows(fingerprint.as_deref(), &d).is_err() =>
+            {
+                let why = access.enrollment.allows(fingerprint.as_deref(), &d).unwrap_err();
+                metrics.rejected_total.fetch_add(1, Ordering::Relaxed);
+                return c.error(ErrorClass::Fatal, wire::ERR_AUTH, why);
+            }
             Frame::RegisterDisk { disk: d, size, block_size } => {
                 store.register_disk(&d, size, block_size).map_err(Fail::from).map(|info| {
                     disk = Some(d.clone());
@@ -192,7 +307,11 @@ fn connection(tcp: TcpStream, tls: Arc<ServerConfig>, store: &Store, name: &str)
             Frame::Chunk { offset, len, hash, data } => match &mut receiving {
                 Receiving::Pending(p) => {
                     let stored = match &data {
-                        ChunkData::Compressed(bytes) => store.put_chunk(&hash, len, bytes),
+                        ChunkData::Compressed(bytes) => {
+                            metrics.bytes_received_total.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                            metrics.chunks_stored_total.fetch_add(1, Ordering::Relaxed);
+                            store.put_chunk(&hash, len, bytes)
+                        }
                         ChunkData::Known => Ok(()),
                     };
                     stored.and_then(|()| p.add_chunk(offset, len, hash)).map(|()| None).map_err(Fail::from)
@@ -223,6 +342,7 @@ fn connection(tcp: TcpStream, tls: Arc<ServerConfig>, store: &Store, name: &str)
                         };
                         p.commit(cut_unix_ms, c).map_err(Fail::from).map(|info| {
                             tracing::info!(disk = ?disk, point = info.id, generation, "recovery point committed");
+                            metrics.points_total.fetch_add(1, Ordering::Relaxed);
                             Some(Frame::Committed { point: info.id, generation })
                         })
                     }
@@ -242,6 +362,7 @@ fn connection(tcp: TcpStream, tls: Arc<ServerConfig>, store: &Store, name: &str)
             Ok(Some(reply)) => c.send(&reply)?,
             Ok(None) => {}
             Err(fail) => {
+                metrics.rejected_total.fetch_add(1, Ordering::Relaxed);
                 // The generation is rejected whole: nothing of it becomes a point. An error
                 // ends the session; the agent reconnects and sends the generation again.
                 let (class, code, msg) = match fail {

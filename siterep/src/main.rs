@@ -4,6 +4,8 @@
 //! crates together; the work lives in `nbd`, `tracker` and (later) `agent`.
 #![forbid(unsafe_code)]
 
+mod certs;
+mod metrics;
 mod recovery;
 mod replicate;
 mod serve;
@@ -47,6 +49,8 @@ enum Command {
     Points(recovery::PointsArgs),
     /// Restore a recovery point to an image file (sparse, hash-verified).
     Restore(recovery::RestoreArgs),
+    /// Certificates for mutual TLS between agents and the server.
+    Certs(certs::CertsArgs),
 }
 
 fn main() {
@@ -70,6 +74,7 @@ fn main() {
         Command::Server(a) => replicate::server(a),
         Command::Points(a) => recovery::points(a),
         Command::Restore(a) => recovery::restore(a),
+        Command::Certs(a) => certs::certs(a),
     };
     if let Err(e) = result {
         eprintln!("siterep: {e:#}");

@@ -92,7 +92,7 @@ pub struct RestoreArgs {
     #[arg(long, value_parser = parse_point)]
     point: PointSel,
     /// The image to write (sparse; replaced if it exists).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, visible_alias = "out", value_name = "FILE")]
     output: PathBuf,
 }
 

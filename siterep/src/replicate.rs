@@ -12,23 +12,40 @@ use clap::Args;
 
 use crate::size::parse_size;
 
-/// Certificates for mutual TLS (see scripts/make-certs).
+/// Certificates for mutual TLS (`siterep certs init`), or `--insecure`.
 #[derive(Args, Debug, Clone)]
 pub struct TlsArgs {
     /// PEM certificate this side presents.
-    #[arg(long, value_name = "PEM")]
-    tls_cert: PathBuf,
+    #[arg(long, value_name = "PEM", required_unless_present = "insecure")]
+    tls_cert: Option<PathBuf>,
     /// PEM private key of --tls-cert.
-    #[arg(long, value_name = "PEM")]
-    tls_key: PathBuf,
+    #[arg(long, value_name = "PEM", required_unless_present = "insecure")]
+    tls_key: Option<PathBuf>,
     /// PEM CA certificate the peer's certificate must chain to.
-    #[arg(long, value_name = "PEM")]
-    tls_ca: PathBuf,
+    #[arg(long, value_name = "PEM", required_unless_present = "insecure")]
+    tls_ca: Option<PathBuf>,
+    /// Plaintext instead of TLS (loopback addresses only).
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "tls_ca"])]
+    insecure: bool,
 }
 
 impl TlsArgs {
-    fn files(&self) -> TlsFiles<'_> {
-        TlsFiles { cert: &self.tls_cert, key: &self.tls_key, ca: &self.tls_ca }
+    /// The certificate files, or `None` with `--insecure` (after checking `addr` is loopback).
+    fn files(&self, addr: &str) -> Result<Option<TlsFiles<'_>>> {
+        if self.insecure {
+            let loopback = std::net::ToSocketAddrs::to_socket_addrs(addr)
+                .with_context(|| format!("cannot resolve {addr}"))?
+                .all(|a| a.ip().is_loopback());
+            if !loopback {
+                bail!("--insecure (plaintext) is allowed on loopback addresses only, not {addr}");
+            }
+            tracing::warn!("--insecure: replication traffic is NOT encrypted or authenticated");
+            return Ok(None);
+        }
+        match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (Some(cert), Some(key), Some(ca)) => Ok(Some(TlsFiles { cert, key, ca })),
+            _ => bail!("give --tls-cert, --tls-key and --tls-ca (or --insecure on loopback)"),
+        }
     }
 }
 
@@ -84,6 +101,9 @@ pub struct AgentArgs {
     /// Run one cycle (the initial copy, or one generation), print a JSON summary, exit.
     #[arg(long)]
     once: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics: Option<String>,
 }
 
 pub fn agent(args: AgentArgs) -> Result<()> {
@@ -93,7 +113,12 @@ pub fn agent(args: AgentArgs) -> Result<()> {
     if (args.pre_hook.is_some() || args.post_hook.is_some()) && args.app_consistent_every.is_none() {
         bail!("--pre-hook/--post-hook need --app-consistent-every");
     }
-    let tls = agent::tls::client_config(&args.tls.files())?;
+    let tls = args.tls.files(&args.server)?.map(|f| agent::tls::client_config(&f)).transpose()?;
+    let metrics = std::sync::Arc::new(agent::Metrics::default());
+    if let Some(addr) = &args.metrics {
+        let m = metrics.clone();
+        crate::metrics::serve(addr, move || agent_samples(&m))?;
+    }
     let host = args.server.rsplit_once(':').map(|(h, _)| h).unwrap_or(&args.server);
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let cfg = AgentConfig {
@@ -103,6 +128,7 @@ pub fn agent(args: AgentArgs) -> Result<()> {
         server_name: args.server_name.unwrap_or_else(|| host.to_string()),
         server: args.server,
         tls,
+        metrics,
         agent_name: format!(
             "{}@{}",
             args.disk,
@@ -152,10 +178,33 @@ pub struct ServerArgs {
     /// How often retention and garbage collection run.
     #[arg(long, default_value = "1m", value_parser = parse_duration)]
     gc_interval: Duration,
+    /// Which agent certificates may write which disks (`siterep certs init` writes one).
+    /// Without it, any agent whose certificate the CA signed may write any disk.
+    #[arg(long, value_name = "FILE")]
+    enrollment: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics: Option<String>,
 }
 
 pub fn server(args: ServerArgs) -> Result<()> {
-    let tls = agent::tls::server_config(&args.tls.files())?;
+    let tls = args.tls.files(&args.listen)?.map(|f| agent::tls::server_config(&f)).transpose()?;
+    let enrollment = match &args.enrollment {
+        Some(path) => server::net::Enrollment::load(path).map_err(anyhow::Error::msg)?,
+        None => {
+            if tls.is_some() {
+                tracing::warn!(
+                    "no --enrollment: any agent with a certificate from this CA may write any disk"
+                );
+            }
+            server::net::Enrollment::default()
+        }
+    };
+    if tls.is_none() && args.enrollment.is_some() {
+        bail!("--enrollment needs TLS: plaintext agents have no certificate to check");
+    }
+    let metrics = Arc::new(server::net::Metrics::default());
+    let access = Arc::new(server::net::Access { tls, enrollment, metrics: metrics.clone() });
     let store = Arc::new(
         server::Store::open(&args.store)
             .with_context(|| format!("opening store {}", args.store.display()))?,
@@ -194,6 +243,66 @@ pub fn server(args: ServerArgs) -> Result<()> {
     let name = nix::unistd::gethostname()
         .map(|h| h.to_string_lossy().into_owned())
         .unwrap_or_else(|_| "siterep".into());
-    server::net::serve(listener, tls, store, name, stop)?;
+    if let Some(addr) = &args.metrics {
+        let m = metrics.clone();
+        crate::metrics::serve(addr, move || server_samples(&m))?;
+    }
+    server::net::serve(listener, access, store, name, stop)?;
     Ok(())
+}
+
+fn agent_samples(m: &agent::Metrics) -> Vec<crate::metrics::Sample> {
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
+    let last = m.last_cut_unix_ms.load(Ordering::Relaxed);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let rpo = if last == 0 { f64::NAN } else { now.saturating_sub(last) as f64 / 1000.0 };
+    vec![
+        ("siterep_rpo_seconds", "gauge", "Now minus the cut time of the newest committed point.", rpo),
+        ("siterep_backlog_bytes", "gauge", "Bytes waiting to be replicated.", get(&m.backlog_bytes)),
+        (
+            "siterep_bytes_read_total",
+            "counter",
+            "Bytes read from the protected disk.",
+            get(&m.bytes_read_total),
+        ),
+        (
+            "siterep_bytes_sent_total",
+            "counter",
+            "Compressed chunk bytes sent to the server.",
+            get(&m.bytes_sent_total),
+        ),
+        (
+            "siterep_bytes_deduplicated_total",
+            "counter",
+            "Bytes the server already had.",
+            get(&m.bytes_deduplicated_total),
+        ),
+        ("siterep_bytes_zero_total", "counter", "Bytes shipped as zero extents.", get(&m.bytes_zero_total)),
+        ("siterep_points_total", "counter", "Recovery points committed.", get(&m.points_total)),
+        ("siterep_errors_total", "counter", "Failed replication attempts (retried).", get(&m.errors_total)),
+    ]
+}
+
+fn server_samples(m: &server::net::Metrics) -> Vec<crate::metrics::Sample> {
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
+    vec![
+        ("siterep_server_connections", "gauge", "Connected agents.", get(&m.connections)),
+        ("siterep_points_total", "counter", "Recovery points committed.", get(&m.points_total)),
+        (
+            "siterep_chunks_received_total",
+            "counter",
+            "Chunks received with data.",
+            get(&m.chunks_stored_total),
+        ),
+        (
+            "siterep_bytes_received_total",
+            "counter",
+            "Compressed chunk bytes received.",
+            get(&m.bytes_received_total),
+        ),
+        ("siterep_rejected_total", "counter", "Requests or generations rejected.", get(&m.rejected_total)),
+    ]
 }
