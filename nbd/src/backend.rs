@@ -274,6 +274,10 @@ impl tracker::ImageRead for Backend {
         buf.copy_from_slice(&bounce.as_slice()[lo..lo + buf.len()]);
         Ok(())
     }
+
+    fn flush(&self) -> io::Result<()> {
+        Backend::flush(self)
+    }
 }
 
 #[cfg(test)]

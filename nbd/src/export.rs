@@ -89,10 +89,14 @@ impl Export {
     }
 
     /// Records a change before the image is touched (invariant 1); pair with `end_write`.
-    pub fn begin_write(&self, offset: u64, len: u64) -> Option<WriteTicket> {
+    /// A quiesced disk (planned failover) refuses the write with EPERM.
+    pub fn begin_write(&self, offset: u64, len: u64) -> Result<Option<WriteTicket>, Errno> {
         match &self.kind {
-            ExportKind::Live { tracker: Some(t) } => Some(t.begin_write(offset, len)),
-            _ => None,
+            ExportKind::Live { tracker: Some(t) } => match t.begin_write(offset, len) {
+                Ok(ticket) => Ok(Some(ticket)),
+                Err(_) => Err(Errno::Perm),
+            },
+            _ => Ok(None),
         }
     }
 
@@ -216,16 +220,18 @@ impl Conn {
         let res: Result<(), Errno> = match cmd {
             Command::Flush => b.flush().map_err(|e| Errno::from_io(&e)),
             Command::Trim { offset, len, fua } => {
-                let ticket = self.export.begin_write(offset, len.into());
-                let r = b.trim(offset, len.into(), fua);
-                self.export.end_write(ticket, offset, len.into(), matches!(r, Ok(true)));
-                r.map(|_| ()).map_err(|e| Errno::from_io(&e))
+                self.export.begin_write(offset, len.into()).and_then(|ticket| {
+                    let r = b.trim(offset, len.into(), fua);
+                    self.export.end_write(ticket, offset, len.into(), matches!(r, Ok(true)));
+                    r.map(|_| ()).map_err(|e| Errno::from_io(&e))
+                })
             }
             Command::WriteZeroes { offset, len, fua, no_hole, fast } => {
-                let ticket = self.export.begin_write(offset, len.into());
-                let r = b.write_zeroes(offset, len.into(), no_hole, fast, fua);
-                self.export.end_write(ticket, offset, len.into(), r.is_ok());
-                r
+                self.export.begin_write(offset, len.into()).and_then(|ticket| {
+                    let r = b.write_zeroes(offset, len.into(), no_hole, fast, fua);
+                    self.export.end_write(ticket, offset, len.into(), r.is_ok());
+                    r
+                })
             }
             Command::Cache { offset, len } => b.cache(offset, len.into()).map_err(|e| Errno::from_io(&e)),
             Command::BlockStatus { offset, len, req_one } => {

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 mod certs;
+mod failover;
 mod metrics;
 mod recovery;
 mod replicate;
@@ -51,6 +52,12 @@ enum Command {
     Restore(recovery::RestoreArgs),
     /// Certificates for mutual TLS between agents and the server.
     Certs(certs::CertsArgs),
+    /// Planned failover, on the source: flush, refuse writes, cut, wait for the commit.
+    Quiesce(failover::QuiesceArgs),
+    /// Accept writes again after quiesce.
+    Thaw(failover::ThawArgs),
+    /// Fail over to a recovery point: materialize it and serve it as the new primary.
+    Failover(failover::FailoverArgs),
 }
 
 fn main() {
@@ -75,6 +82,9 @@ fn main() {
         Command::Points(a) => recovery::points(a),
         Command::Restore(a) => recovery::restore(a),
         Command::Certs(a) => certs::certs(a),
+        Command::Quiesce(a) => failover::quiesce(a),
+        Command::Thaw(a) => failover::thaw(a),
+        Command::Failover(a) => failover::failover(a),
     };
     if let Err(e) = result {
         eprintln!("siterep: {e:#}");

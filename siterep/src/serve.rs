@@ -16,7 +16,11 @@ use tracker::control;
 #[derive(Args, Debug)]
 pub struct ServeArgs {
     /// The disk image (regular file) or block device to serve.
-    image: PathBuf,
+    pub image: PathBuf,
+    /// Set by `siterep failover`: the image was just materialized from this recovery point, so
+    /// the tracker knows it exactly (no resync needed) and tracks from the first write.
+    #[arg(skip)]
+    pub materialized_from: Option<String>,
     /// Unix socket to listen on (replaced if a stale socket file is there).
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
@@ -237,7 +241,10 @@ fn open_tracker(args: &ServeArgs, backend: Arc<Backend>) -> Result<Arc<Tracker>>
         }
     };
     let (tracker, recovery) = Tracker::open(backend.size(), &opts, backend, media, preserve)?;
-    if let Some(why) = &recovery.resync_required {
+    if let Some(origin) = &args.materialized_from {
+        tracing::info!("tracking every write since {origin}");
+        tracker.clear_resync();
+    } else if let Some(why) = &recovery.resync_required {
         tracing::warn!("resync required: {why}");
     }
     if recovery.after_crash {

@@ -33,6 +33,12 @@ pub enum Request {
     Replicated {
         point: ReplicatedPoint,
     },
+    /// Planned failover: refuse writes, drain, flush, cut the final generation.
+    Quiesce {
+        timeout_ms: u64,
+    },
+    /// Accept writes again.
+    Thaw,
 }
 
 /// Why a control call failed.
@@ -88,6 +94,13 @@ fn execute(tracker: &Tracker, req: Request) -> Result<Value, String> {
         Request::Replicated { point } => {
             tracker.set_replicated(point);
             Ok(serde_json::json!({}))
+        }
+        Request::Quiesce { timeout_ms } => serde_json::to_value(
+            tracker.quiesce(std::time::Duration::from_millis(timeout_ms)).map_err(|e| e.to_string())?,
+        ),
+        Request::Thaw => {
+            tracker.thaw();
+            Ok(serde_json::json!({ "quiesced": false }))
         }
     };
     v.map_err(|e| e.to_string())

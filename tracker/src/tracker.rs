@@ -37,6 +37,8 @@ const TOUCHED: u8 = 2;
 /// Reads the protected image (for pre-images).
 pub trait ImageRead: Send + Sync {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Makes every completed write durable (used by quiesce).
+    fn flush(&self) -> io::Result<()>;
 }
 
 /// Tuning of a tracker.
@@ -82,6 +84,12 @@ pub enum TrackError {
     TooManyGenerations,
     #[error("tracking state I/O failed")]
     State(#[source] io::Error),
+    #[error("the disk is quiesced: writes are refused until it is thawed")]
+    Quiesced,
+    #[error("writes still in flight after {0:?}")]
+    Busy(Duration),
+    #[error("flushing the image failed")]
+    Flush(#[source] io::Error),
     #[error("tracking state is poisoned after an earlier failure: {0}")]
     Poisoned(String),
 }
@@ -201,6 +209,8 @@ pub struct Status {
     pub last_replicated: Option<ReplicatedPoint>,
     /// Milliseconds since the cut of `last_replicated`, when the status was taken.
     pub rpo_ms: Option<u64>,
+    /// Writes are refused (planned failover in progress or done).
+    pub quiesced: bool,
 }
 
 /// What recovery found when the tracker was opened.
@@ -265,6 +275,10 @@ pub struct Tracker {
     bg: Arc<Background>,
     interval: Duration,
     replicated: Mutex<Option<ReplicatedPoint>>,
+    /// Writes are refused (planned failover).
+    quiesced: AtomicBool,
+    /// Writes between `begin_write` and `end_write`.
+    inflight: AtomicU64,
 }
 
 impl std::fmt::Debug for Tracker {
@@ -328,6 +342,8 @@ impl Tracker {
             bg: Arc::new(Background { wake: Mutex::new((false, false)), cond: Condvar::new() }),
             interval: opts.checkpoint_interval,
             replicated: Mutex::new(None),
+            quiesced: AtomicBool::new(false),
+            inflight: AtomicU64::new(0),
         };
         let recovery = match &t.persist {
             None => Recovery {
@@ -468,7 +484,14 @@ impl Tracker {
     }
 
     /// Call before a WRITE, TRIM or WRITE_ZEROES touches the image (see the module docs).
-    pub fn begin_write(&self, offset: u64, len: u64) -> WriteTicket {
+    pub fn begin_write(&self, offset: u64, len: u64) -> Result<WriteTicket, TrackError> {
+        // Counted before the check, so quiesce either sees this write in flight or this write
+        // sees the quiesce (both are SeqCst).
+        self.inflight.fetch_add(1, Ordering::SeqCst);
+        if self.quiesced.load(Ordering::SeqCst) {
+            self.inflight.fetch_sub(1, Ordering::SeqCst);
+            return Err(TrackError::Quiesced);
+        }
         let epoch = {
             let live = self.read_live();
             if let Some((first, end)) = live.map.block_range(offset, len) {
@@ -480,7 +503,7 @@ impl Tracker {
             live.epoch
         };
         self.touch_regions(offset, len);
-        WriteTicket { epoch }
+        Ok(WriteTicket { epoch })
     }
 
     /// Call after the command ran, before its reply; `zeroed` if it left the range reading as
@@ -500,6 +523,35 @@ impl Tracker {
         if moved {
             self.touch_regions(offset, len);
         }
+        self.inflight.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Planned failover, on the source: refuse new writes, wait for the ones in flight, flush
+    /// the image, and cut the final generation (whose commit the caller then waits for).
+    pub fn quiesce(&self, timeout: Duration) -> Result<CutInfo, TrackError> {
+        self.quiesced.store(true, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + timeout;
+        while self.inflight.load(Ordering::SeqCst) > 0 {
+            if std::time::Instant::now() >= deadline {
+                self.quiesced.store(false, Ordering::SeqCst);
+                return Err(TrackError::Busy(timeout));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if let Err(e) = self.image.flush() {
+            self.quiesced.store(false, Ordering::SeqCst);
+            return Err(TrackError::Flush(e));
+        }
+        self.cut()
+    }
+
+    /// Accepts writes again after `quiesce` (an aborted planned failover).
+    pub fn thaw(&self) {
+        self.quiesced.store(false, Ordering::SeqCst);
+    }
+
+    pub fn is_quiesced(&self) -> bool {
+        self.quiesced.load(Ordering::SeqCst)
     }
 
     /// Saves the pre-image of every block of `[first, end)` that some generation needs.
@@ -685,6 +737,7 @@ impl Tracker {
         let backlog_bytes =
             live.map.dirty_bytes() + live.gens.iter().map(|g| g.map.dirty_bytes()).sum::<u64>();
         Status {
+            quiesced: self.is_quiesced(),
             backlog_bytes,
             last_replicated,
             rpo_ms: last_replicated.map(|p| now_ms().saturating_sub(p.cut_unix_ms)),
@@ -926,6 +979,9 @@ mod tests {
             buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
             Ok(())
         }
+        fn flush(&self) -> io::Result<()> {
+            Ok(())
+        }
     }
 
     impl MemImage {
@@ -969,7 +1025,7 @@ mod tests {
     }
 
     fn write(t: &Tracker, img: &MemImage, offset: u64, data: &[u8]) {
-        let ticket = t.begin_write(offset, data.len() as u64);
+        let ticket = t.begin_write(offset, data.len() as u64).unwrap();
         img.write(offset, data);
         t.end_write(ticket, offset, data.len() as u64, false);
     }
@@ -1029,7 +1085,7 @@ mod tests {
                         live.extend(o / G..(o + l).div_ceil(G));
                     }
                     Op::Zero(o, l) => {
-                        let ticket = t.begin_write(o, l);
+                        let ticket = t.begin_write(o, l).unwrap();
                         img.write(o, &vec![0; l as usize]);
                         t.end_write(ticket, o, l, true);
                         live.extend(o / G..(o + l).div_ceil(G));
@@ -1084,7 +1140,7 @@ mod tests {
                         must.extend(o / G..(o + l).div_ceil(G));
                     }
                     Op::Zero(o, l) => {
-                        let ticket = t.begin_write(o, l);
+                        let ticket = t.begin_write(o, l).unwrap();
                         t.end_write(ticket, o, l, true);
                         must.extend(o / G..(o + l).div_ceil(G));
                     }
@@ -1248,7 +1304,7 @@ mod tests {
     #[test]
     fn write_straddling_a_cut_is_in_the_next_generation_too() {
         let (t, img, _) = open_mem(SIZE as usize, None, &opts());
-        let ticket = t.begin_write(5 * G, 10);
+        let ticket = t.begin_write(5 * G, 10).unwrap();
         let id = t.cut().unwrap().generation;
         img.write(5 * G, &[9; 10]);
         t.end_write(ticket, 5 * G, 10, false);
@@ -1257,13 +1313,30 @@ mod tests {
     }
 
     #[test]
+    fn quiesce_refuses_writes_and_cuts_the_final_generation() {
+        let (t, img, _) = open_mem(SIZE as usize, None, &opts());
+        write(&t, &img, 0, &[1; 10]);
+        let pending = t.begin_write(G, 10).unwrap();
+        // A write in flight holds the quiesce back.
+        assert!(matches!(t.quiesce(Duration::from_millis(50)), Err(TrackError::Busy(_))));
+        assert!(!t.is_quiesced(), "a failed quiesce thaws");
+        t.end_write(pending, G, 10, false);
+        let cut = t.quiesce(Duration::from_secs(1)).unwrap();
+        assert_eq!(cut.dirty_bytes, 2 * G);
+        assert!(matches!(t.begin_write(0, 1), Err(TrackError::Quiesced)));
+        assert!(t.status().quiesced);
+        t.thaw();
+        write(&t, &img, 0, &[1; 10]);
+    }
+
+    #[test]
     fn zero_extents_are_recorded() {
         let (t, _, _) = open_mem(1 << 20, None, &Options { granularity: 4096, ..opts() });
-        let ticket = t.begin_write(0, 1 << 20);
+        let ticket = t.begin_write(0, 1 << 20).unwrap();
         t.end_write(ticket, 0, 1 << 20, true);
         let st = t.status();
         assert_eq!((st.live_dirty_bytes, st.live_zero_bytes), (1 << 20, 1 << 20));
-        let ticket = t.begin_write(4096, 10);
+        let ticket = t.begin_write(4096, 10).unwrap();
         t.end_write(ticket, 4096, 10, false);
         assert_eq!(t.status().live_zero_bytes, (1 << 20) - 4096);
     }

@@ -91,12 +91,14 @@ pub fn serve(conn: &Conn, sock: File, shutdown: &Shutdown) -> Result<Ending, Con
             Ok(Command::Write { offset, len, fua }) => {
                 let mut buf = pool.get(len as usize);
                 rd.read_exact(buf.as_mut_slice()).map_err(read_err)?;
-                let ticket = conn.export.begin_write(offset, len.into());
-                let r = backend.write_at(buf.as_slice(), offset, fua);
-                conn.export.end_write(ticket, offset, len.into(), false);
+                let r = conn.export.begin_write(offset, len.into()).and_then(|ticket| {
+                    let r = backend.write_at(buf.as_slice(), offset, fua);
+                    conn.export.end_write(ticket, offset, len.into(), false);
+                    r.map_err(|e| Errno::from_io(&e))
+                });
                 match r {
                     Ok(()) => transmission::ok_reply(&mut out, raw.cookie, structured),
-                    Err(e) => transmission::error_reply(&mut out, raw.cookie, structured, Errno::from_io(&e)),
+                    Err(e) => transmission::error_reply(&mut out, raw.cookie, structured, e),
                 }
                 pool.put(buf);
                 wr.write_all(&out).map_err(ConnError::Socket)?;

@@ -429,7 +429,15 @@ impl Engine<'_> {
             return;
         };
         // Invariant 1: the extent is dirty before the write can be acknowledged.
-        let ticket = self.conn.export.begin_write(p.offset, buf.len() as u64);
+        let ticket = match self.conn.export.begin_write(p.offset, buf.len() as u64) {
+            Ok(t) => t,
+            Err(e) => {
+                self.pool.put(buf);
+                transmission::error_reply(&mut self.scratch, p.cookie, self.conn.structured(), e);
+                self.queue_scratch();
+                return;
+            }
+        };
         let kind = OpKind::Write { buf, offset: p.offset, fua: p.fua, done: 0, ticket };
         let idx = self.alloc_op(Op { cookie: p.cookie, kind });
         self.submit_op(idx);
