@@ -91,9 +91,12 @@ pub struct FailoverArgs {
     /// configured for the other points). Without --image, nothing else happens.
     #[arg(long)]
     commit: bool,
-    /// Shim options for the new primary (IMAGE is the materialized point).
+    /// Materialize the point into this new file and serve it as the new primary.
+    #[arg(long, value_name = "OUT")]
+    image: Option<PathBuf>,
+    /// How the new primary is served (--socket, --state-dir, --attach, ...).
     #[command(flatten)]
-    serve: Option<ServeArgs>,
+    serve: ServeArgs,
 }
 
 /// Materializes the point (sparse, verified, with progress) and serves it as the new primary.
@@ -106,22 +109,23 @@ pub fn failover(args: FailoverArgs) -> Result<()> {
         store.tag(&args.disk, info.id, "failover")?;
         println!("failover to point {} of {} is final (tagged `failover`)", info.id, args.disk);
     }
-    let Some(mut serve) = args.serve else {
+    let Some(image) = args.image else {
         if args.commit {
             return Ok(());
         }
-        bail!("give the image to materialize (IMAGE) and how to serve it (--socket ...), or --commit");
+        bail!("give --image OUT (and how to serve it: --socket ...), or --commit");
     };
-    if serve.image.exists() {
-        bail!("{} exists; failover materializes into a new file", serve.image.display());
+    if image.exists() {
+        bail!("{} exists; failover materializes into a new file", image.display());
     }
+    let mut serve = args.serve;
     let start = Instant::now();
     let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         indicatif::ProgressBar::new(reader.size())
     } else {
         indicatif::ProgressBar::hidden()
     };
-    let report = reader.restore_to(&serve.image, &mut |done, _| bar.set_position(done))?;
+    let report = reader.restore_to(&image, &mut |done, _| bar.set_position(done))?;
     bar.finish_and_clear();
     eprintln!(
         "materialized point {} (generation {}, {:?}) of {} into {}: {} bytes of data, {} zero, in {:.1} s",
@@ -129,11 +133,11 @@ pub fn failover(args: FailoverArgs) -> Result<()> {
         info.generation,
         info.consistency,
         args.disk,
-        serve.image.display(),
+        image.display(),
         report.bytes_written,
         report.bytes_zero,
         start.elapsed().as_secs_f64()
     );
     serve.materialized_from = Some(format!("point {} of disk {}", info.id, args.disk));
-    crate::serve::run(serve)
+    crate::serve::run(image, serve)
 }

@@ -30,7 +30,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve a disk image or block device over NBD, tracking every change (the tracking shim).
-    Serve(serve::ServeArgs),
+    Serve(serve::ServeCmd),
     /// Freeze the current dirty set as a new generation (served as export `gen-N`).
     Cut(status::ControlArgs),
     /// Drop generation N and free its preserved pre-images.
@@ -73,7 +73,7 @@ fn main() {
         .with_target(false)
         .init();
     let result = match cli.command {
-        Command::Serve(args) => serve::run(args),
+        Command::Serve(s) => serve::run(s.image, s.args),
         Command::Cut(c) => status::cut(&c),
         Command::Release { generation, control } => status::release(&control, generation),
         Command::Status(c) => status::status(&c),

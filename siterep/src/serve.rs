@@ -14,9 +14,16 @@ use crate::size::parse_size;
 use tracker::control;
 
 #[derive(Args, Debug)]
-pub struct ServeArgs {
+pub struct ServeCmd {
     /// The disk image (regular file) or block device to serve.
     pub image: PathBuf,
+    #[command(flatten)]
+    pub args: ServeArgs,
+}
+
+/// How the shim serves and tracks an image.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
     /// Set by `siterep failover`: the image was just materialized from this recovery point, so
     /// the tracker knows it exactly (no resync needed) and tracks from the first write.
     #[arg(skip)]
@@ -71,7 +78,7 @@ enum EngineArg {
     Sync,
 }
 
-pub fn run(args: ServeArgs) -> Result<()> {
+pub fn run(image: PathBuf, args: ServeArgs) -> Result<()> {
     // Signals are taken by a dedicated thread; block them before any other thread exists.
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGTERM);
@@ -115,12 +122,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
         bail!("--no-track and --state-dir contradict each other");
     }
 
-    let backend = Arc::new(Backend::open(&args.image, args.read_only, args.direct)?);
+    let backend = Arc::new(Backend::open(&image, args.read_only, args.direct)?);
     let tracker = if args.no_track {
         tracing::warn!("--no-track: changes are NOT recorded; use this for benchmark baselines only");
         None
     } else {
-        Some(open_tracker(&args, backend.clone())?)
+        Some(open_tracker(&image, &args, backend.clone())?)
     };
     let control = match (&tracker, &args.socket, &args.control) {
         (None, _, _) => None,
@@ -144,7 +151,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         EngineArg::Sync => EngineKind::Sync,
     };
     tracing::info!(
-        image = %args.image.display(),
+        image = %image.display(),
         size = backend.size(),
         engine = ?engine,
         direct = args.direct,
@@ -214,14 +221,14 @@ impl Drop for SocketFiles {
 
 /// Opens the tracker: persistent with `--state-dir` (recovering what it holds), else in memory
 /// with pre-images in an anonymous file under $TMPDIR (default /var/tmp).
-fn open_tracker(args: &ServeArgs, backend: Arc<Backend>) -> Result<Arc<Tracker>> {
+fn open_tracker(image: &Path, args: &ServeArgs, backend: Arc<Backend>) -> Result<Arc<Tracker>> {
     let opts =
         Options { granularity: args.granularity, preserve_limit: args.preserve_limit, ..Options::default() };
     let (media, preserve): (Option<Box<dyn Media>>, std::fs::File) = match &args.state_dir {
         Some(dir) => {
             let media = DirMedia::open(dir)
                 .with_context(|| format!("cannot use state directory {}", dir.display()))?;
-            claim_state_dir(dir, &args.image)?;
+            claim_state_dir(dir, image)?;
             let preserve = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
