@@ -32,12 +32,29 @@ pub enum OpenError {
 pub enum ImageKind {
     File,
     BlockDevice,
+    /// Not a file: served through a [`VirtualImage`] (e.g. a recovery point).
+    Virtual,
+}
+
+/// An image that is not a file or device, such as a recovery point served from a store. The
+/// server serves these with the pread/pwrite engine.
+pub trait VirtualImage: Send + Sync + std::fmt::Debug {
+    fn size(&self) -> u64;
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Refused with EROFS/EPERM by read-only images.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes the range read as zeroes.
+    fn zero(&self, offset: u64, len: u64) -> io::Result<()>;
+    fn flush(&self) -> io::Result<()>;
+    /// (length, is_hole) runs over the range, at most `max`.
+    fn allocation(&self, offset: u64, len: u64, max: usize) -> io::Result<Vec<(u64, bool)>>;
 }
 
 /// An open image.
 #[derive(Debug)]
 pub struct Backend {
-    file: File,
+    file: Option<File>,
+    virt: Option<std::sync::Arc<dyn VirtualImage>>,
     size: u64,
     kind: ImageKind,
     direct: bool,
@@ -71,7 +88,28 @@ impl Backend {
         } else {
             return Err(OpenError::NotAnImage { path: path.into() });
         };
-        Ok(Self { file, size, kind, direct, min_block })
+        Ok(Self { file: Some(file), virt: None, size, kind, direct, min_block })
+    }
+
+    /// Serves a virtual image (byte-granular, never O_DIRECT).
+    pub fn virtual_image(image: std::sync::Arc<dyn VirtualImage>) -> Self {
+        Self {
+            file: None,
+            size: image.size(),
+            virt: Some(image),
+            kind: ImageKind::Virtual,
+            direct: false,
+            min_block: 1,
+        }
+    }
+
+    fn file(&self) -> &File {
+        self.file.as_ref().expect("only file-backed images reach file operations")
+    }
+
+    /// The descriptor the io_uring engine submits to; `None` for virtual images.
+    pub fn fd(&self) -> Option<RawFd> {
+        self.file.as_ref().map(|f| f.as_raw_fd())
     }
 
     pub fn size(&self) -> u64 {
@@ -90,18 +128,27 @@ impl Backend {
         self.direct
     }
 
+    /// The image's descriptor. Panics for virtual images, which the server never hands to
+    /// the io_uring engine or the kernel front-ends.
     pub fn raw_fd(&self) -> RawFd {
-        self.file.as_raw_fd()
+        self.file().as_raw_fd()
     }
 
     /// Reads exactly `buf.len()` bytes at `offset`.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.file.read_exact_at(buf, offset)
+        if let Some(v) = &self.virt {
+            return v.read_at(buf, offset);
+        }
+        self.file().read_exact_at(buf, offset)
     }
 
     /// Writes all of `buf` at `offset`; with `fua`, durably before returning.
     pub fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
-        self.file.write_all_at(buf, offset)?;
+        if let Some(v) = &self.virt {
+            v.write_at(buf, offset)?;
+            return if fua { v.flush() } else { Ok(()) };
+        }
+        self.file().write_all_at(buf, offset)?;
         if fua {
             self.flush()?;
         }
@@ -110,22 +157,30 @@ impl Backend {
 
     /// Makes every completed write durable (fdatasync covers all connections' writes).
     pub fn flush(&self) -> io::Result<()> {
-        self.file.sync_data()
+        if let Some(v) = &self.virt {
+            return v.flush();
+        }
+        self.file().sync_data()
     }
 
     /// Deallocates a range (advisory: a device or filesystem that cannot is not an error).
     /// Returns whether the range now reads as zeroes (a punched hole in a file; a discarded
     /// block device range is undefined).
     pub fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<bool> {
+        if let Some(v) = &self.virt {
+            v.zero(offset, len)?;
+            return Ok(true);
+        }
         let r = match self.kind {
             ImageKind::File => fallocate(
-                self.file.as_raw_fd(),
+                self.file().as_raw_fd(),
                 FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
                 offset as i64,
                 len as i64,
             )
             .map_err(io::Error::from),
-            ImageKind::BlockDevice => sys::block_discard(self.file.as_fd(), offset, len),
+            ImageKind::BlockDevice => sys::block_discard(self.file().as_fd(), offset, len),
+            ImageKind::Virtual => unreachable!("virtual images return above"),
         };
         let zeroed = match r {
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => false,
@@ -148,11 +203,15 @@ impl Backend {
         fast: bool,
         fua: bool,
     ) -> Result<(), Errno> {
-        let fd = self.file.as_raw_fd();
+        if let Some(v) = &self.virt {
+            return v.zero(offset, len).map_err(|e| Errno::from_io(&e));
+        }
+        let fd = self.file().as_raw_fd();
         let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
         let zero = FallocateFlags::FALLOC_FL_ZERO_RANGE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
         let io_err = |e: io::Error| Errno::from_io(&e);
         let done = match self.kind {
+            ImageKind::Virtual => unreachable!("virtual images return above"),
             ImageKind::File => {
                 let modes: &[FallocateFlags] = if no_hole { &[zero] } else { &[punch, zero] };
                 let mut ok = false;
@@ -181,7 +240,7 @@ impl Backend {
                 }
             }
             ImageKind::BlockDevice => {
-                sys::block_zeroout(self.file.as_fd(), offset, len).map_err(io_err)?;
+                sys::block_zeroout(self.file().as_fd(), offset, len).map_err(io_err)?;
                 true
             }
         };
@@ -202,7 +261,7 @@ impl Backend {
         let zeros = AlignedBuf::zeroed(ZERO_CHUNK.min(len as usize));
         while offset < end {
             let n = (end - offset).min(zeros.len() as u64) as usize;
-            self.file.write_all_at(&zeros.as_slice()[..n], offset)?;
+            self.file().write_all_at(&zeros.as_slice()[..n], offset)?;
             offset += n as u64;
         }
         Ok(())
@@ -210,8 +269,11 @@ impl Backend {
 
     /// Asks the kernel to read a range ahead into its cache.
     pub fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.virt.is_some() {
+            return Ok(());
+        }
         posix_fadvise(
-            self.file.as_raw_fd(),
+            self.file().as_raw_fd(),
             offset as i64,
             len as i64,
             PosixFadviseAdvice::POSIX_FADV_WILLNEED,
@@ -222,11 +284,14 @@ impl Backend {
     /// The allocation of `[offset, offset+len)` as (length, is_hole) runs, at most `max` runs.
     /// Holes read as zeroes. A block device reports one data run.
     pub fn allocation(&self, offset: u64, len: u64, max: usize) -> io::Result<Vec<(u64, bool)>> {
+        if let Some(v) = &self.virt {
+            return v.allocation(offset, len, max);
+        }
         let end = offset + len;
         if self.kind == ImageKind::BlockDevice {
             return Ok(vec![(len, false)]);
         }
-        let fd = self.file.as_raw_fd();
+        let fd = self.file().as_raw_fd();
         let mut runs = Vec::new();
         let mut pos = offset;
         while pos < end && runs.len() < max {

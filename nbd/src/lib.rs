@@ -21,7 +21,7 @@ pub mod proto;
 pub mod server;
 pub mod sys;
 
-pub use backend::{Backend, ImageKind, OpenError};
+pub use backend::{Backend, ImageKind, OpenError, VirtualImage};
 pub use engine::EngineKind;
 pub use export::{Catalog, Export, ExportKind, StaticCatalog, TrackedCatalog};
 pub use server::{Listener, Server, Shutdown};

@@ -365,6 +365,8 @@ fn serve_connection(
 }
 
 fn run_engine(id: u64, peer: &str, conn: &Conn, file: File, engine: EngineKind, shutdown: &Shutdown) {
+    // io_uring needs a descriptor to submit to; virtual images (recovery points) have none.
+    let engine = if conn.export.backend.fd().is_none() { EngineKind::Sync } else { engine };
     let result = match engine {
         EngineKind::Uring => engine::uring::serve(conn, &file, shutdown),
         EngineKind::Sync => engine::sync::serve(conn, file, shutdown),

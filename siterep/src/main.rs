@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 mod certs;
+mod export;
 mod failover;
 mod metrics;
 mod recovery;
@@ -58,6 +59,8 @@ enum Command {
     Thaw(failover::ThawArgs),
     /// Fail over to a recovery point: materialize it and serve it as the new primary.
     Failover(failover::FailoverArgs),
+    /// Serve a recovery point over NBD at once (read-only, or --writable with a discarded overlay).
+    Export(export::ExportArgs),
 }
 
 fn main() {
@@ -85,6 +88,7 @@ fn main() {
         Command::Quiesce(a) => failover::quiesce(a),
         Command::Thaw(a) => failover::thaw(a),
         Command::Failover(a) => failover::failover(a),
+        Command::Export(a) => export::export(a),
     };
     if let Err(e) = result {
         eprintln!("siterep: {e:#}");
