@@ -328,6 +328,49 @@ impl Client {
         Ok(out)
     }
 
+    /// Reads the reply to a command without payload: Ok, or the server's errno.
+    fn simple_ack(&mut self, cookie: u64) -> Result<(), ClientError> {
+        let mut failure = None;
+        loop {
+            let (flags, kind, len) = self.chunk_header(cookie)?;
+            match kind {
+                REPLY_TYPE_NONE if len == 0 => {}
+                k if k & (1 << 15) != 0 => failure = Some(self.error_chunk(len)?),
+                _ => return Err(proto("unexpected chunk in a reply")),
+            }
+            if flags & REPLY_FLAG_DONE != 0 {
+                break;
+            }
+        }
+        failure.map_or(Ok(()), Err)
+    }
+
+    /// Writes `data` at `offset` (at most 32 MiB).
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), ClientError> {
+        if data.len() > MAX_PAYLOAD as usize {
+            return Err(proto("write larger than the maximum payload"));
+        }
+        self.cookie += 1;
+        let r =
+            RawRequest { flags: 0, kind: CMD_WRITE, cookie: self.cookie, offset, length: data.len() as u32 };
+        self.wr.write_all(&r.encode())?;
+        self.wr.write_all(data)?;
+        self.wr.flush()?;
+        self.simple_ack(self.cookie)
+    }
+
+    /// Makes `[offset, offset+len)` read as zeroes.
+    pub fn write_zeroes(&mut self, offset: u64, len: u32) -> Result<(), ClientError> {
+        let cookie = self.send(CMD_WRITE_ZEROES, 0, offset, len)?;
+        self.simple_ack(cookie)
+    }
+
+    /// Makes every acknowledged write durable.
+    pub fn flush(&mut self) -> Result<(), ClientError> {
+        let cookie = self.send(CMD_FLUSH, 0, 0, 0)?;
+        self.simple_ack(cookie)
+    }
+
     /// Ends the session politely.
     pub fn disconnect(mut self) -> Result<(), ClientError> {
         self.send(CMD_DISC, 0, 0, 0)?;

@@ -6,6 +6,7 @@
 
 mod certs;
 mod export;
+mod failback;
 mod failover;
 mod metrics;
 mod recovery;
@@ -61,6 +62,8 @@ enum Command {
     Failover(failover::FailoverArgs),
     /// Serve a recovery point over NBD at once (read-only, or --writable with a discarded overlay).
     Export(export::ExportArgs),
+    /// After a failover: copy back to the original disk only what differs.
+    Failback(failback::FailbackArgs),
 }
 
 fn main() {
@@ -89,6 +92,7 @@ fn main() {
         Command::Thaw(a) => failover::thaw(a),
         Command::Failover(a) => failover::failover(a),
         Command::Export(a) => export::export(a),
+        Command::Failback(a) => failback::failback(a),
     };
     if let Err(e) = result {
         eprintln!("siterep: {e:#}");
