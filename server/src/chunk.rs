@@ -1,12 +1,26 @@
 //! Chunks: content-addressed by the blake3 of their raw bytes, stored zstd-compressed as the
 //! agent sent them, verified on the way in and on every read.
+//!
+//! A verified upload is *staged*: written to `incoming/` without a sync and remembered in the
+//! live registry's staged set. A commit or checkpoint *promotes* the staged chunks it
+//! references: one `syncfs` makes their contents durable, then they are renamed into
+//! `chunks/` and the names synced. So every file in `chunks/` has durable contents, and one
+//! whose hash is not in the staged set has a durable name too; staged files are never trusted
+//! after a restart (`Store::open` removes them). `docs/store.md` has the whole argument.
 
-use std::fs::File;
-use std::io::{ErrorKind, Read};
-use std::path::Path;
+use std::collections::{BTreeSet, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Read, Write};
+use std::path::{Path, PathBuf};
 
+use crate::durable::sync_dir;
 use crate::error::StoreError;
-use crate::format::{ChunkHeader, CHUNK_HEADER, MAX_CHUNK_RAW, MAX_CHUNK_STORED};
+use crate::format::{hex, ChunkHeader, CHUNK_HEADER, MAX_CHUNK_RAW, MAX_CHUNK_STORED};
+use crate::store::{Inner, CHUNKS};
+
+/// A promotion touching at most this many shard directories fsyncs each of them; one touching
+/// more makes the renames durable with a second `syncfs` instead.
+const MAX_DIR_SYNCS: usize = 8;
 
 fn corrupt(hash: &[u8; 32], stored: bool, reason: impl Into<String>) -> StoreError {
     StoreError::CorruptChunk { hash: *hash, reason: reason.into(), stored }
@@ -79,6 +93,155 @@ pub(crate) fn read(path: &Path, hash: &[u8; 32]) -> Result<Vec<u8>, StoreError> 
     let mut stored = vec![0u8; header.stored_len as usize];
     f.read_exact(&mut stored).map_err(StoreError::io("read", path))?;
     decode(hash, header.raw_len, &stored, true)
+}
+
+/// Writes a verified upload to `incoming/` under a name of its own, without a sync, and
+/// returns the file's path; the caller records it in the staged set (or removes it). Nobody
+/// reads the file before it is recorded, so no temporary name is needed.
+pub(crate) fn stage(
+    inner: &Inner,
+    hash: &[u8; 32],
+    raw_len: u32,
+    compressed: &[u8],
+) -> Result<PathBuf, StoreError> {
+    let header = ChunkHeader {
+        raw_len,
+        stored_len: u32::try_from(compressed.len()).expect("bounded by MAX_CHUNK_STORED"),
+        hash: *hash,
+    }
+    .encode();
+    let path = inner.incoming_dir().join(format!("{}.{}", hex(hash), inner.tmp.next_id()));
+    let result = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(StoreError::io("create", &path))
+        .and_then(|mut f| {
+            f.write_all(&header)
+                .and_then(|()| f.write_all(compressed))
+                .map_err(StoreError::io("write", &path))
+        });
+    match result {
+        Ok(()) => Ok(path),
+        Err(e) => {
+            let _ = fs::remove_file(&path);
+            Err(e)
+        }
+    }
+}
+
+/// Where a chunk an extent may name is, with its raw length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Found {
+    /// In `chunks/`, contents and name durable.
+    Durable(u32),
+    /// Staged by this process: durable once promoted.
+    Staged(u32),
+}
+
+/// Looks a chunk up for a reference. The caller holds the gate (no sweep runs).
+///
+/// The file is looked at before the staged set: a hash leaves the staged set only after its
+/// file in `chunks/` is durable, so a file seen before its hash was found not staged is
+/// durable. A promotion may move the file between the two looks (absent from `chunks/`, then
+/// no longer staged); hence one more look. A second miss is real: after a promotion the chunk
+/// is stored, and an upload does not stage a stored chunk.
+pub(crate) fn find(inner: &Inner, hash: &[u8; 32]) -> Result<Option<Found>, StoreError> {
+    for _ in 0..2 {
+        let header = read_header(&inner.chunk_path(hash), hash);
+        if let Some(s) = inner.live().staged.get(hash) {
+            return Ok(Some(Found::Staged(s.raw_len)));
+        }
+        if let Some((_, h)) = header? {
+            return Ok(Some(Found::Durable(h.raw_len)));
+        }
+    }
+    Ok(None)
+}
+
+/// Makes the chunks in `refs` durable in `chunks/`: those still staged are synced with one
+/// `syncfs`, renamed into `chunks/`, and their names synced; the others must already be stored
+/// (promoted by another commit), or this fails with [`StoreError::MissingChunk`] (a failed
+/// sync discarded them). The caller holds the gate; on success every chunk of `refs` is
+/// durable, contents and name.
+pub(crate) fn promote(inner: &Inner, refs: &BTreeSet<[u8; 32]>) -> Result<(), StoreError> {
+    if refs.is_empty() {
+        return Ok(());
+    }
+    // One promotion at a time: a chunk staged once and needed by several commits is moved by
+    // the first, and the others find it stored (and, holding this lock, finished).
+    let _promotion = inner.promotion();
+    let todo: Vec<([u8; 32], PathBuf)> = {
+        let live = inner.live();
+        refs.iter().filter_map(|h| live.staged.get(h).map(|s| (*h, s.path.clone()))).collect()
+    };
+    if todo.len() < refs.len() {
+        let staged: HashSet<[u8; 32]> = todo.iter().map(|(h, _)| *h).collect();
+        for h in refs.iter().filter(|h| !staged.contains(*h)) {
+            // Not staged and no promotion under way: a file here is durable.
+            if read_header(&inner.chunk_path(h), h)?.is_none() {
+                return Err(StoreError::MissingChunk(*h));
+            }
+        }
+    }
+    if todo.is_empty() {
+        return Ok(());
+    }
+    // Contents: everything staged before this call is durable after it.
+    if let Err(e) = inner.fault("promote.syncfs").and_then(|()| inner.syncfs()) {
+        discard_staged(inner, &e);
+        return Err(e);
+    }
+    let mut shards = BTreeSet::new();
+    for (hash, from) in &todo {
+        let to = inner.chunk_path(hash);
+        match fs::rename(from, &to) {
+            Ok(()) => {}
+            // Moved by an earlier promotion whose directory sync failed; sync it now.
+            Err(e) if e.kind() == ErrorKind::NotFound && matches!(read_header(&to, hash), Ok(Some(_))) => {}
+            Err(e) => return Err(StoreError::io("rename", &to)(e)),
+        }
+        shards.insert(hash[0]);
+    }
+    // Names. Until this succeeds the chunks stay in the staged set, so every commit that
+    // needs them comes here (and tolerates their absence from `incoming/`).
+    inner.fault("promote.names")?;
+    if shards.len() <= MAX_DIR_SYNCS {
+        for shard in &shards {
+            sync_dir(&inner.shard_dir(CHUNKS, *shard))?;
+        }
+    } else if let Err(e) = inner.syncfs() {
+        discard_staged(inner, &e);
+        return Err(e);
+    }
+    let mut live = inner.live();
+    for (hash, _) in &todo {
+        live.staged.remove(hash);
+    }
+    tracing::debug!(chunks = todo.len(), shards = shards.len(), "staged chunks promoted");
+    Ok(())
+}
+
+/// After a failed `syncfs`: the write-back error it reported may belong to any staged chunk,
+/// and the next `syncfs` will not report it again, so no staged chunk is trusted any more.
+/// Their files are removed and uploads staged meanwhile are refused (the epoch changes); a
+/// pending point that references one fails with [`StoreError::MissingChunk`] and the agent
+/// sends it again. Chunks an earlier promotion already moved to `chunks/` (their contents
+/// synced by an earlier, successful `syncfs`; their names not yet) stay staged.
+fn discard_staged(inner: &Inner, cause: &StoreError) {
+    let mut live = inner.live();
+    live.stage_epoch += 1;
+    let before = live.staged.len();
+    live.staged.retain(|_, s| match fs::remove_file(&s.path) {
+        Ok(()) => false,
+        Err(e) if e.kind() == ErrorKind::NotFound => true,
+        // Not trusted either way; the next sweep or open removes the file.
+        Err(_) => false,
+    });
+    tracing::error!(
+        discarded = before - live.staged.len(),
+        "staged chunks discarded after a failed sync: {cause}"
+    );
 }
 
 #[cfg(test)]

@@ -17,8 +17,12 @@ pub(crate) struct TmpNames(AtomicU64);
 
 impl TmpNames {
     fn next(&self, dir: &Path) -> PathBuf {
-        let n = self.0.fetch_add(1, Ordering::Relaxed);
-        dir.join(format!("{TMP_PREFIX}{}.{n}", std::process::id()))
+        dir.join(format!("{TMP_PREFIX}{}.{}", std::process::id(), self.next_id()))
+    }
+
+    /// A number not handed out before in this process (also used for staged chunk names).
+    pub(crate) fn next_id(&self) -> u64 {
+        self.0.fetch_add(1, Ordering::Relaxed)
     }
 }
 

@@ -7,7 +7,8 @@
 //! 2. **Sweep**: compute what is referenced from scratch (every remaining point's root, every
 //!    initial-copy checkpoint, every pending point in this process, chunks uploaded since the
 //!    oldest pending point began), following every referenced page to its chunks; only when
-//!    that walk has fully succeeded, remove whatever is not referenced.
+//!    that walk has fully succeeded, remove whatever is not referenced. Staged chunks (in
+//!    `incoming/`, not yet durable) follow the same rule.
 //!
 //! The whole run holds the store's gate exclusively, so no upload, reference or commit
 //! interleaves with it.
@@ -96,7 +97,8 @@ pub(crate) fn sweep(inner: &Inner, report: &mut GcReport) -> Result<(), StoreErr
             pages.extend(cp.root.values());
         }
     }
-    // Mark: pending points of this process, and chunks uploaded for them.
+    // Mark: pending points of this process (also staged chunks they referenced and then
+    // overwrote: their commit still promotes them), and chunks uploaded for them.
     {
         let mut live = inner.live();
         for slot in live.pending.values() {
@@ -105,6 +107,7 @@ pub(crate) fn sweep(inner: &Inner, report: &mut GcReport) -> Result<(), StoreErr
             for map in st.dirty.values() {
                 chunks.extend(map.chunks());
             }
+            chunks.extend(&st.staged);
         }
         chunks.extend(live.protected_uploads());
     }
@@ -132,7 +135,33 @@ pub(crate) fn sweep(inner: &Inner, report: &mut GcReport) -> Result<(), StoreErr
     for disk in inner.disk_names_strict()? {
         report.bytes_freed += sweep_disk(inner, &disk)?;
     }
+    let (removed, bytes) = sweep_staged(inner, &chunks)?;
+    report.staged_removed += removed;
+    report.bytes_freed += bytes;
     Ok(())
+}
+
+/// Drops the staged chunks not in `keep` (uploaded while no generation was open or before the
+/// oldest one began, and referenced by none) and removes their files, and any file in
+/// `incoming/` no staged chunk names (left by a failed upload: none is in progress now).
+fn sweep_staged(inner: &Inner, keep: &HashSet<[u8; 32]>) -> Result<(u64, u64), StoreError> {
+    let (mut removed, mut bytes) = (0, 0);
+    let dir = inner.incoming_dir();
+    let mut live = inner.live();
+    let dropped: Vec<[u8; 32]> = live.staged.keys().filter(|h| !keep.contains(*h)).copied().collect();
+    for hash in dropped {
+        let staged = live.staged.remove(&hash).expect("listed above");
+        // Gone already if a promotion moved it to `chunks/`; the chunk sweep removed it there.
+        bytes += durable::remove(&staged.path)?;
+        removed += 1;
+    }
+    let named: HashSet<&std::ffi::OsStr> = live.staged.values().filter_map(|s| s.path.file_name()).collect();
+    for name in durable::list(&dir)? {
+        if !named.contains(std::ffi::OsStr::new(&name)) {
+            bytes += durable::remove(&dir.join(&name))?;
+        }
+    }
+    Ok((removed, bytes))
 }
 
 /// Removes the objects of a shard directory that are not in `keep`, and temporary files.

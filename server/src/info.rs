@@ -111,11 +111,16 @@ pub struct GcReport {
     pub points_removed: Vec<(String, u64)>,
     pub pages_removed: u64,
     pub chunks_removed: u64,
-    /// Size of the files removed (pages, chunks, orphaned roots and temporary files).
+    /// Size of the files removed (pages, chunks, staged chunks, orphaned roots and temporary
+    /// files).
     pub bytes_freed: u64,
     /// Referenced objects left in place.
     pub pages_kept: u64,
     pub chunks_kept: u64,
+    /// Staged (not yet committed) chunks dropped: uploaded outside every pending generation
+    /// and referenced by none.
+    #[serde(default)]
+    pub staged_removed: u64,
 }
 
 /// What a restore wrote.

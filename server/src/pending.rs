@@ -4,12 +4,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use crate::chunk;
+use crate::chunk::{self, Found};
 use crate::durable::{sync_dir, write_atomic};
 use crate::error::StoreError;
 use crate::format::{encode_initial, encode_point_record, encode_root, DiskRecord, InitialCheckpoint, Root};
 use crate::map::{DataRef, RegionMap};
-use crate::store::{now_unix_ms, point_file, Inner, CHUNKS, INITIAL_FILE, PAGES};
+use crate::store::{now_unix_ms, point_file, Inner, INITIAL_FILE, PAGES};
 use crate::{Consistency, GenerationKind, PointInfo};
 
 /// Regions held in memory before their pages are written out early (bounds a pending point's
@@ -24,6 +24,9 @@ pub(crate) struct PendingState {
     /// Regions changed by this generation, in memory.
     pub(crate) dirty: BTreeMap<u32, RegionMap>,
     pub(crate) changed_bytes: u64,
+    /// Chunks this generation referenced while they were staged: promoted (made durable) by
+    /// the next checkpoint or the commit. The sweep keeps them.
+    pub(crate) staged: BTreeSet<[u8; 32]>,
     /// Page shard directories whose new names are not yet synced.
     unsynced: BTreeSet<u8>,
 }
@@ -115,8 +118,9 @@ impl PendingPoint {
         Ok(())
     }
 
-    /// Maps `[offset, offset + len)` to the chunk `hash`, which must be stored and hold exactly
-    /// `len` bytes. Overrides whatever this generation or the base had there.
+    /// Maps `[offset, offset + len)` to the chunk `hash`, which must be stored or staged by
+    /// this process and hold exactly `len` bytes. Overrides whatever this generation or the
+    /// base had there. A staged chunk is made durable by the next checkpoint or the commit.
     pub fn add_chunk(&mut self, offset: u64, len: u32, hash: [u8; 32]) -> Result<(), StoreError> {
         self.check_range(offset, len.into())?;
         if len == 0 {
@@ -126,16 +130,18 @@ impl PendingPoint {
         // Held from the existence check until the reference is recorded, so a retention run
         // cannot remove the chunk in between.
         let _gate = store.shared();
-        let (_, header) =
-            chunk::read_header(&store.chunk_path(&hash), &hash)?.ok_or(StoreError::MissingChunk(hash))?;
-        if header.raw_len != len {
-            return Err(StoreError::ChunkLength { hash, stored: header.raw_len, given: len });
-        }
-        if store.live().in_flight.contains_key(&hash) {
-            // Visible, but its uploader may not have synced the name yet.
-            sync_dir(&store.shard_dir(CHUNKS, hash[0]))?;
+        let (raw_len, staged) = match chunk::find(store, &hash)? {
+            Some(Found::Durable(n)) => (n, false),
+            Some(Found::Staged(n)) => (n, true),
+            None => return Err(StoreError::MissingChunk(hash)),
+        };
+        if raw_len != len {
+            return Err(StoreError::ChunkLength { hash, stored: raw_len, given: len });
         }
         let mut st = self.lock()?;
+        if staged {
+            st.staged.insert(hash);
+        }
         for (region, start, end, delta) in pieces(store.region_size, offset, len.into()) {
             let map = region_mut(store, &mut st, region)?;
             let chunk_offset = u32::try_from(delta).expect("within a chunk");
@@ -180,6 +186,9 @@ impl PendingPoint {
         let lock = store.disk_lock(&self.disk.name);
         let _disk = lock.lock().unwrap_or_else(PoisonError::into_inner);
         let mut st = self.lock()?;
+        // The checkpoint outlives this process: everything it references must be durable.
+        chunk::promote(store, &st.staged)?;
+        st.staged.clear();
         flush(store, &mut st)?;
         let cp = InitialCheckpoint {
             generation: self.generation,
@@ -197,9 +206,11 @@ impl PendingPoint {
         Ok(())
     }
 
-    /// Makes the generation a recovery point: writes its new map pages and root, syncs them,
-    /// then writes the point's metadata and renames it into place last. Returns once the point
-    /// is durable. If the generation already has a point, returns that one.
+    /// Makes the generation a recovery point: makes the staged chunks it references durable
+    /// (one `syncfs`, then renamed into the store), writes its new map pages and root, syncs
+    /// them, then writes the point's metadata and renames it into place last. Returns once the
+    /// point is durable. If the generation already has a point, returns that one. A referenced
+    /// chunk that a failed sync discarded meanwhile is [`StoreError::MissingChunk`].
     pub fn commit(self, cut_unix_ms: u64, consistency: Consistency) -> Result<PointInfo, StoreError> {
         let store = &*self.store;
         let disk = &self.disk.name;
@@ -222,6 +233,8 @@ impl PendingPoint {
         }
         let id = latest.map_or(1, |l| l.id + 1);
         let mut st = self.lock()?;
+        chunk::promote(store, &st.staged)?;
+        st.staged.clear();
         flush(store, &mut st)?;
         let dir = store.points_dir(disk);
         let (root, root_sum) = encode_root(self.disk.size, store.region_size, &st.root);

@@ -1,7 +1,9 @@
 //! The [`Store`]: one directory holding chunks, map pages, disks and their recovery points.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
-use std::fs;
+use std::fs::{self, File};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -10,11 +12,10 @@ use crate::chunk;
 use crate::durable::{self, read_bounded, sync_dir, write_atomic, TmpNames, TMP_PREFIX};
 use crate::error::{FormatError, StoreError};
 use crate::format::{
-    self, check_name, check_region_size, check_tag, decode_disk_record, decode_initial, decode_marker,
-    decode_page, decode_point_record, decode_root, encode_marker, encode_page, encode_point_record, hex,
-    max_marker_bytes, max_page_bytes, max_root_bytes, region_count, DiskRecord, InitialCheckpoint, Root,
-    DISK_FORMAT, MAX_BLOCK_SIZE, MAX_DISK_SIZE, MAX_METADATA_BYTES, MAX_REGIONS, MAX_TAGS, MIN_BLOCK_SIZE,
-    VERSION,
+    check_name, check_region_size, check_tag, decode_disk_record, decode_initial, decode_marker, decode_page,
+    decode_point_record, decode_root, encode_marker, encode_page, encode_point_record, hex, max_marker_bytes,
+    max_page_bytes, max_root_bytes, region_count, DiskRecord, InitialCheckpoint, Root, DISK_FORMAT,
+    MAX_BLOCK_SIZE, MAX_DISK_SIZE, MAX_METADATA_BYTES, MAX_REGIONS, MAX_TAGS, MIN_BLOCK_SIZE, VERSION,
 };
 use crate::gc;
 use crate::map::RegionMap;
@@ -26,6 +27,8 @@ use crate::{
 
 pub(crate) const MARKER: &str = "siterep-store";
 pub(crate) const CHUNKS: &str = "chunks";
+/// Chunks received but not yet synced; emptied by every [`Store::open`].
+pub(crate) const INCOMING: &str = "incoming";
 pub(crate) const PAGES: &str = "pages";
 pub(crate) const DISKS: &str = "disks";
 pub(crate) const DISK_FILE: &str = "disk.json";
@@ -69,8 +72,20 @@ pub(crate) struct Live {
     pub(crate) readers: HashMap<(String, u64), usize>,
     /// Chunks uploaded while some pending point was open, by upload sequence number.
     recent: VecDeque<(u64, [u8; 32])>,
-    /// Chunks being stored whose names may not be durable yet.
-    pub(crate) in_flight: HashMap<[u8; 32], usize>,
+    /// Chunks this process staged in `incoming/`, whose contents may not be durable. A hash
+    /// leaves this map only once its file in `chunks/` is durable, contents and name (see
+    /// [`chunk::promote`]), so a file in `chunks/` whose hash is not here is durable.
+    pub(crate) staged: HashMap<[u8; 32], Staged>,
+    /// Bumped when a failed `syncfs` discards the staged chunks: an upload that read an older
+    /// value before writing its file is refused instead of staged.
+    pub(crate) stage_epoch: u64,
+}
+
+/// A staged chunk: its file under `incoming/` (or, after a promotion whose directory sync
+/// failed, already moved to `chunks/`) and its raw length.
+pub(crate) struct Staged {
+    pub(crate) path: PathBuf,
+    pub(crate) raw_len: u32,
 }
 
 pub(crate) struct PendingSlot {
@@ -91,7 +106,7 @@ impl Live {
         self.trim();
     }
 
-    fn record_put(&mut self, hash: [u8; 32]) {
+    pub(crate) fn record_put(&mut self, hash: [u8; 32]) {
         if self.pending.is_empty() {
             return;
         }
@@ -124,6 +139,11 @@ pub(crate) struct Inner {
     /// Shared by every operation that creates files or references; exclusive for retention.
     gate: RwLock<()>,
     live: Mutex<Live>,
+    /// Serializes promotions of staged chunks into `chunks/`.
+    promotion: Mutex<()>,
+    /// The store's directory, opened before anything is staged: `syncfs` on it reports every
+    /// write-back error of the file system since then, each once (Linux 5.8 and later).
+    sync_handle: File,
     disk_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     pub(crate) tmp: TmpNames,
     #[cfg(test)]
@@ -141,6 +161,19 @@ impl Inner {
 
     pub(crate) fn live(&self) -> MutexGuard<'_, Live> {
         self.live.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Held while staged chunks are synced and moved into `chunks/`. Taken after the gate, a
+    /// disk lock and a pending point's state; the live registry may be taken inside it.
+    pub(crate) fn promotion(&self) -> MutexGuard<'_, ()> {
+        self.promotion.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `syncfs(2)` of the store's file system: every write made before the call, data and
+    /// metadata, is durable on success.
+    pub(crate) fn syncfs(&self) -> Result<(), StoreError> {
+        nix::unistd::syncfs(self.sync_handle.as_raw_fd())
+            .map_err(|e| StoreError::io("syncfs", &self.root)(e.into()))
     }
 
     /// The lock serializing commits, checkpoints and tag edits of one disk. Take it after
@@ -182,6 +215,10 @@ impl Inner {
 
     pub(crate) fn chunk_path(&self, hash: &[u8; 32]) -> PathBuf {
         self.shard_dir(CHUNKS, hash[0]).join(hex(hash))
+    }
+
+    pub(crate) fn incoming_dir(&self) -> PathBuf {
+        self.root.join(INCOMING)
     }
 
     pub(crate) fn page_path(&self, hash: &[u8; 32]) -> PathBuf {
@@ -382,9 +419,22 @@ impl Store {
                         return Err(StoreError::format(root.join(dir))(FormatError::Missing));
                     }
                 }
+                // Chunks staged by an earlier process were never synced: whatever they hold,
+                // nothing may refer to them. (Stores made before staging existed lack the
+                // directory.)
+                let incoming = root.join(INCOMING);
+                fs::create_dir_all(&incoming).map_err(StoreError::io("create directory", &incoming))?;
+                let mut discarded = 0u64;
+                for name in durable::list(&incoming)? {
+                    durable::remove(&incoming.join(name))?;
+                    discarded += 1;
+                }
+                if discarded > 0 {
+                    tracing::info!(root = %root.display(), discarded, "unsynced staged chunks discarded");
+                }
                 // A process that died between a rename and its directory fsync left names that
                 // are visible but maybe not durable; make them durable before anything relies
-                // on them.
+                // on them. (Their contents were synced before the rename.)
                 for kind in [CHUNKS, PAGES] {
                     for shard in 0..=255u8 {
                         sync_dir(&root.join(kind).join(format!("{shard:02x}")))?;
@@ -398,6 +448,7 @@ impl Store {
                 options.region_size
             }
         };
+        let sync_handle = File::open(root).map_err(StoreError::io("open", root))?;
         tracing::debug!(root = %root.display(), region_size, "store open");
         Ok(Store {
             inner: Arc::new(Inner {
@@ -405,6 +456,8 @@ impl Store {
                 region_size,
                 gate: RwLock::new(()),
                 live: Mutex::new(Live::default()),
+                promotion: Mutex::new(()),
+                sync_handle,
                 disk_locks: Mutex::new(HashMap::new()),
                 tmp: TmpNames::default(),
                 #[cfg(test)]
@@ -487,15 +540,21 @@ impl Store {
         self.inner.disk_names()?.iter().map(|d| self.disk(d)).collect()
     }
 
-    /// Whether a chunk is stored. (It may still be collected by a concurrent retention run
-    /// unless a pending point references it; [`PendingPoint::add_chunk`] then says so.)
+    /// Whether a chunk is stored, or staged by this process. (It may still be collected by a
+    /// concurrent retention run unless a pending point references it, and a failed sync
+    /// discards staged chunks; [`PendingPoint::add_chunk`] or the commit then says so with
+    /// [`StoreError::MissingChunk`].)
     pub fn has_chunk(&self, hash: &[u8; 32]) -> bool {
-        self.inner.chunk_path(hash).exists()
+        self.inner.live().staged.contains_key(hash) || self.inner.chunk_path(hash).exists()
     }
 
-    /// Stores a chunk: `compressed` is zstd, decompressing to `raw_len` bytes whose blake3 is
-    /// `hash`. Verified before anything is stored (a mismatch is [`StoreError::CorruptChunk`]);
-    /// durable on return. Safe when many agents upload the same chunk at once.
+    /// Receives a chunk: `compressed` is zstd, decompressing to `raw_len` bytes whose blake3 is
+    /// `hash`. Verified before anything is written (a mismatch is
+    /// [`StoreError::CorruptChunk`]), then *staged*: written to `incoming/` without a sync.
+    /// It becomes durable when the first [`PendingPoint::commit`] or
+    /// [`PendingPoint::checkpoint`] that references it returns; until then only this process
+    /// trusts it, and [`Store::open`] discards it. Nothing is written if the chunk is stored
+    /// or staged already. Safe when many agents upload the same chunk at once.
     ///
     /// Upload a generation's chunks after [`Store::begin`]: chunks uploaded while a pending
     /// point is open are kept by retention until it ends.
@@ -503,23 +562,39 @@ impl Store {
         chunk::verify_upload(hash, raw_len, compressed)?;
         let inner = &*self.inner;
         let _gate = inner.shared();
-        let dir = inner.shard_dir(CHUNKS, hash[0]);
-        let _in_flight = InFlight::new(inner, *hash);
-        // A stored copy whose header fails its checks is replaced by this verified upload.
+        // The file first, the staged set second (see `chunk::find`). A stored copy whose
+        // header fails its checks is replaced when this upload is promoted.
         let stored = matches!(chunk::read_header(&inner.chunk_path(hash), hash), Ok(Some(_)));
-        if !stored {
-            let header = format::ChunkHeader {
-                raw_len,
-                stored_len: u32::try_from(compressed.len()).expect("bounded by MAX_CHUNK_STORED"),
-                hash: *hash,
+        let epoch = {
+            let mut live = inner.live();
+            if stored || live.staged.contains_key(hash) {
+                live.record_put(*hash);
+                return Ok(());
             }
-            .encode();
-            // Racing writers each rename their own complete temporary file over the name.
-            write_atomic(&inner.tmp, &dir, &hex(hash), &[&header, compressed], false)?;
+            live.stage_epoch
+        };
+        let path = chunk::stage(inner, hash, raw_len, compressed)?;
+        let mut live = inner.live();
+        if live.stage_epoch != epoch {
+            drop(live);
+            let _ = durable::remove(&path);
+            return Err(StoreError::Io {
+                op: "stage chunk",
+                path,
+                source: std::io::Error::other("a failed sync discarded the staged chunks meanwhile"),
+            });
         }
-        // Also when it existed: its name may have come from a racing writer not yet synced.
-        sync_dir(&dir)?;
-        inner.live().record_put(*hash);
+        live.record_put(*hash);
+        match live.staged.entry(*hash) {
+            Entry::Vacant(v) => {
+                v.insert(Staged { path, raw_len });
+            }
+            Entry::Occupied(_) => {
+                // A racing upload of the same chunk staged it first; keep one copy.
+                drop(live);
+                let _ = durable::remove(&path);
+            }
+        }
         Ok(())
     }
 
@@ -683,30 +758,11 @@ impl Store {
     pub(crate) fn inject_fault(&self, at: &'static str, after: usize) {
         self.inner.faults.lock().unwrap().insert(at, after);
     }
-}
 
-/// Marks a chunk as being stored for as long as it lives.
-struct InFlight<'a> {
-    inner: &'a Inner,
-    hash: [u8; 32],
-}
-
-impl<'a> InFlight<'a> {
-    fn new(inner: &'a Inner, hash: [u8; 32]) -> InFlight<'a> {
-        *inner.live().in_flight.entry(hash).or_default() += 1;
-        InFlight { inner, hash }
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        let mut live = self.inner.live();
-        if let Some(n) = live.in_flight.get_mut(&self.hash) {
-            *n -= 1;
-            if *n == 0 {
-                live.in_flight.remove(&self.hash);
-            }
-        }
+    /// Test-only: every step succeeds again.
+    #[cfg(test)]
+    pub(crate) fn clear_faults(&self) {
+        self.inner.faults.lock().unwrap().clear();
     }
 }
 
@@ -726,7 +782,7 @@ pub(crate) fn check_not_stale(inner: &Inner, disk: &str, generation: u64) -> Res
 
 fn create_layout(root: &Path, region_size: u64) -> Result<(), StoreError> {
     for name in durable::list(root)? {
-        if ![CHUNKS, PAGES, DISKS].contains(&name.as_str()) && !name.starts_with(TMP_PREFIX) {
+        if ![CHUNKS, PAGES, DISKS, INCOMING].contains(&name.as_str()) && !name.starts_with(TMP_PREFIX) {
             return Err(StoreError::NotAStore(root.to_path_buf()));
         }
     }
@@ -738,8 +794,10 @@ fn create_layout(root: &Path, region_size: u64) -> Result<(), StoreError> {
         }
         sync_dir(&dir)?;
     }
-    let disks = root.join(DISKS);
-    fs::create_dir_all(&disks).map_err(StoreError::io("create directory", &disks))?;
+    for dir in [DISKS, INCOMING] {
+        let dir = root.join(dir);
+        fs::create_dir_all(&dir).map_err(StoreError::io("create directory", &dir))?;
+    }
     sync_dir(root)?;
     // The marker last: a directory without it is an unfinished creation, finished next time.
     write_atomic(&TmpNames::default(), root, MARKER, &[&encode_marker(region_size)], true)?;

@@ -1,6 +1,6 @@
 //! Store-level tests: round trips against a model disk, structural sharing, dedup, corruption,
-//! idempotence, resumed initial copies, retention and garbage collection (with injected
-//! crashes), sparse restore and concurrency.
+//! idempotence, resumed initial copies, staged chunks (promotion, crashes, failed syncs),
+//! retention and garbage collection (with injected crashes), sparse restore and concurrency.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
@@ -11,7 +11,7 @@ use std::sync::Arc;
 use proptest::prelude::*;
 
 use crate::format::hex;
-use crate::store::{CHUNKS, PAGES};
+use crate::store::{CHUNKS, INCOMING, PAGES};
 use crate::*;
 
 const KIB: u64 = 1024;
@@ -63,6 +63,20 @@ fn objects(store: &Store, kind: &str) -> HashSet<String> {
         }
     }
     out
+}
+
+/// Files in `incoming/` (staged chunks).
+fn incoming(store: &Store) -> Vec<String> {
+    let mut out: Vec<String> = fs::read_dir(store.root().join(INCOMING))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    out.sort();
+    out
+}
+
+fn staged_count(store: &Store) -> usize {
+    store.inner().live().staged.len()
 }
 
 fn hexes<'a>(hashes: impl IntoIterator<Item = &'a [u8; 32]>) -> HashSet<String> {
@@ -540,8 +554,11 @@ fn retention_keeps_what_pending_generations_use() {
 
     // An upload outside any pending generation is not protected: add_chunk says so.
     let orphan = put(&store, &[9; 4096]);
-    store.retain(&Retention::default()).unwrap();
+    assert!(store.has_chunk(&orphan), "staged");
+    let r = store.retain(&Retention::default()).unwrap();
+    assert_eq!(r.staged_removed, 1);
     assert!(!store.has_chunk(&orphan));
+    assert!(incoming(&store).is_empty());
     let mut p = store.begin("d", 4, GenerationKind::Incremental, Some(third.id)).unwrap();
     assert!(matches!(p.add_chunk(0, 4096, orphan), Err(StoreError::MissingChunk(_))));
 }
@@ -651,12 +668,23 @@ fn retention_refuses_a_disk_whose_record_is_missing() {
 #[test]
 fn an_upload_replaces_a_stored_copy_with_a_bad_header() {
     let (_d, store) = new_store(64 * KIB);
+    store.register_disk("d", 128 * KIB, 512).unwrap();
     let data = Rng(1).bytes(4096);
+    let mut p = store.begin("d", 1, GenerationKind::InitialFull, None).unwrap();
     let h = put(&store, &data);
+    p.add_chunk(0, 4096, h).unwrap();
+    let first = p.commit(1, Consistency::Crash).unwrap();
     let path = store.inner().chunk_path(&h);
     fs::write(&path, b"garbage").unwrap();
+    // The damaged copy does not count as stored: the upload is staged, and the next commit
+    // that references it moves it over the damaged one.
     put(&store, &data);
+    assert_eq!(incoming(&store).len(), 1);
+    let mut p = store.begin("d", 2, GenerationKind::Incremental, Some(first.id)).unwrap();
+    p.add_chunk(4096, 4096, h).unwrap();
+    p.commit(2, Consistency::Crash).unwrap();
     assert_eq!(store.inner().read_chunk(&h).unwrap(), data);
+    assert!(point_image(&store, "d", 1)[..4096] == data[..], "the older point reads it too");
 }
 
 #[test]
@@ -692,6 +720,7 @@ fn a_crash_before_the_point_metadata_leaves_no_point() {
     let root = store.root().to_path_buf();
     drop(store);
     let store = Store::open(&root).unwrap();
+    assert!(incoming(&store).is_empty());
     assert_eq!(store.disk("d").unwrap().latest.unwrap(), first);
     assert_eq!(store.point_for_generation("d", 2).unwrap(), None);
     let r = store.retain(&Retention::default()).unwrap();
@@ -947,7 +976,8 @@ fn store_directory_layout() {
     let mut top: Vec<String> =
         fs::read_dir(root).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     top.sort();
-    assert_eq!(top, ["chunks", "disks", "pages", "siterep-store"]);
+    assert_eq!(top, ["chunks", "disks", "incoming", "pages", "siterep-store"]);
+    assert!(incoming(&store).is_empty(), "the commit promoted its chunk");
     assert_eq!(fs::read_dir(root.join("chunks")).unwrap().count(), 256);
     let d: &Path = &root.join("disks/d");
     assert!(d.join("disk.json").is_file());
@@ -958,4 +988,286 @@ fn store_directory_layout() {
     assert_eq!(json["format"], "siterep.point");
     assert_eq!(json["version"], 1);
     assert_eq!(json["consistency"], "crash");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Staged chunks: received without a sync, made durable by the commit that needs them.
+
+#[test]
+fn staged_chunks_are_visible_and_the_commit_makes_them_durable() {
+    let (_d, store) = new_store(64 * KIB);
+    let size = 1024 * KIB;
+    store.register_disk("d", size, 4096).unwrap();
+    let mut rng = Rng(31);
+    let mut model = vec![0u8; size as usize];
+    let mut hashes = Vec::new();
+    let mut p = store.begin("d", 1, GenerationKind::InitialFull, None).unwrap();
+    let mut first = Vec::new();
+    for i in 0..20u64 {
+        let data = rng.bytes(4096);
+        let h = put(&store, &data);
+        assert!(store.has_chunk(&h), "a staged chunk is visible at once");
+        p.add_chunk(i * 8192, 4096, h).unwrap();
+        model[(i * 8192) as usize..][..4096].copy_from_slice(&data);
+        hashes.push(h);
+        if i == 0 {
+            first = data;
+        }
+    }
+    // Staged: one file each in incoming/, nothing in chunks/ yet.
+    assert!(objects(&store, CHUNKS).is_empty());
+    assert_eq!(incoming(&store).len(), 20);
+    assert_eq!(staged_count(&store), 20);
+    // Uploading a staged chunk again writes nothing.
+    put(&store, &first);
+    assert_eq!(incoming(&store).len(), 20);
+    // A chunk staged and then overwritten within the generation is promoted all the same.
+    let info = p.commit(1, Consistency::Crash).unwrap();
+    assert_eq!(objects(&store, CHUNKS), hexes(&hashes));
+    assert!(incoming(&store).is_empty());
+    assert_eq!(staged_count(&store), 0);
+    assert!(point_image(&store, "d", info.id) == model);
+    // Durable: a restart keeps them.
+    let root = store.root().to_path_buf();
+    drop(store);
+    let store = Store::open(&root).unwrap();
+    assert!(hashes.iter().all(|h| store.has_chunk(h)));
+    assert!(point_image(&store, "d", info.id) == model);
+}
+
+#[test]
+fn a_crash_before_the_commit_discards_staged_chunks() {
+    let (_d, store) = new_store(64 * KIB);
+    store.register_disk("d", 128 * KIB, 512).unwrap();
+    let (first, committed) = one_chunk_point(&store, "d", 1, 1, 1);
+    let mut p = store.begin("d", 2, GenerationKind::Incremental, Some(first.id)).unwrap();
+    let staged = put(&store, &[2; 4096]);
+    p.add_chunk(4096, 4096, staged).unwrap();
+    assert!(store.has_chunk(&staged));
+    assert_eq!(incoming(&store).len(), 1);
+    // The process dies: the pending point and the store go without a commit.
+    let root = store.root().to_path_buf();
+    drop(p);
+    drop(store);
+    assert_eq!(fs::read_dir(root.join(INCOMING)).unwrap().count(), 1, "left behind");
+    let store = Store::open(&root).unwrap();
+    assert!(incoming(&store).is_empty(), "never synced, so never trusted");
+    assert!(!store.has_chunk(&staged));
+    assert!(store.has_chunk(&committed));
+    assert_eq!(objects(&store, CHUNKS), hexes([&committed]));
+    assert_eq!(store.disk("d").unwrap().latest.unwrap(), first);
+}
+
+#[test]
+fn a_chunk_only_staged_before_a_crash_is_missing_after_it() {
+    let (_d, store) = new_store(64 * KIB);
+    store.register_disk("d", 128 * KIB, 512).unwrap();
+    let (first, _) = one_chunk_point(&store, "d", 1, 1, 1);
+    let data = Rng(41).bytes(4096);
+    let mut p = store.begin("d", 2, GenerationKind::Incremental, Some(first.id)).unwrap();
+    let h = put(&store, &data);
+    p.add_chunk(4096, 4096, h).unwrap();
+    let root = store.root().to_path_buf();
+    drop(p);
+    drop(store);
+
+    // After the restart the agent sends the generation again; it believes the server has the
+    // chunk (it answered has_chunk before the crash) and sends only its hash.
+    let store = Store::open(&root).unwrap();
+    let mut p = store.begin("d", 2, GenerationKind::Incremental, Some(first.id)).unwrap();
+    assert!(!store.has_chunk(&h));
+    assert!(matches!(p.add_chunk(4096, 4096, h), Err(StoreError::MissingChunk(m)) if m == h));
+    // It uploads it again (its retry), and the commit succeeds.
+    let mut p = store.begin("d", 2, GenerationKind::Incremental, Some(first.id)).unwrap();
+    put(&store, &data);
+    p.add_chunk(4096, 4096, h).unwrap();
+    let second = p.commit(2, Consistency::Crash).unwrap();
+    assert_eq!(point_image(&store, "d", second.id)[4096..8192], data[..]);
+}
+
+#[test]
+fn a_chunk_staged_by_one_session_is_promoted_once_by_the_first_commit_that_needs_it() {
+    let (_d, store) = new_store(64 * KIB);
+    store.register_disk("a", 128 * KIB, 512).unwrap();
+    store.register_disk("b", 128 * KIB, 512).unwrap();
+    let data = Rng(43).bytes(8192);
+    let mut pa = store.begin("a", 1, GenerationKind::InitialFull, None).unwrap();
+    let mut pb = store.begin("b", 1, GenerationKind::InitialFull, None).unwrap();
+    let h = put(&store, &data);
+    pa.add_chunk(0, 8192, h).unwrap();
+    // Session b asks, learns the chunk is there, and sends only its hash.
+    assert!(store.has_chunk(&h));
+    pb.add_chunk(8192, 8192, h).unwrap();
+    let b = pb.commit(1, Consistency::Crash).unwrap();
+    assert_eq!(objects(&store, CHUNKS), hexes([&h]));
+    assert!(incoming(&store).is_empty());
+    let a = pa.commit(1, Consistency::Crash).unwrap();
+    assert_eq!(objects(&store, CHUNKS), hexes([&h]));
+    let store = Store::open(store.root()).unwrap();
+    assert_eq!(point_image(&store, "a", a.id)[..8192], data[..]);
+    assert_eq!(point_image(&store, "b", b.id)[8192..16384], data[..]);
+}
+
+#[test]
+fn a_checkpoint_makes_its_staged_chunks_durable() {
+    let (_d, store) = new_store(64 * KIB);
+    store.register_disk("d", 128 * KIB, 512).unwrap();
+    let mut p = store.begin("d", 1, GenerationKind::InitialFull, None).unwrap();
+    let h = put(&store, &[6; 4096]);
+    p.add_chunk(0, 4096, h).unwrap();
+    p.checkpoint(4096).unwrap();
+    assert_eq!(objects(&store, CHUNKS), hexes([&h]));
+    assert!(incoming(&store).is_empty());
+    let root = store.root().to_path_buf();
+    drop(p);
+    drop(store);
+    let store = Store::open(&root).unwrap();
+    let p = store.resume_initial("d").unwrap().unwrap();
+    let point = p.commit(1, Consistency::Crash).unwrap();
+    assert_eq!(point_image(&store, "d", point.id)[..4096], [6u8; 4096]);
+}
+
+#[test]
+fn a_failed_sync_discards_staged_chunks_and_commits_that_need_them_fail_loudly() {
+    let (_d, store) = new_store(64 * KIB);
+    store.register_disk("a", 128 * KIB, 512).unwrap();
+    store.register_disk("b", 128 * KIB, 512).unwrap();
+    let data = Rng(47).bytes(4096);
+    let mut pa = store.begin("a", 1, GenerationKind::InitialFull, None).unwrap();
+    let mut pb = store.begin("b", 1, GenerationKind::InitialFull, None).unwrap();
+    let h = put(&store, &data);
+    pa.add_chunk(0, 4096, h).unwrap();
+    pb.add_chunk(0, 4096, h).unwrap();
+    store.inject_fault("promote.syncfs", 0);
+    assert!(matches!(pa.commit(1, Consistency::Crash), Err(StoreError::Io { .. })));
+    store.clear_faults();
+    // The write-back error may have been this chunk's: it is not trusted any more.
+    assert!(!store.has_chunk(&h));
+    assert!(incoming(&store).is_empty());
+    assert!(objects(&store, CHUNKS).is_empty());
+    assert!(matches!(pb.commit(1, Consistency::Crash), Err(StoreError::MissingChunk(m)) if m == h));
+    assert_eq!(store.disk("b").unwrap().latest, None);
+    // The agents send the generations again, with the chunk.
+    for disk in ["a", "b"] {
+        let mut p = store.begin(disk, 1, GenerationKind::InitialFull, None).unwrap();
+        put(&store, &data);
+        p.add_chunk(0, 4096, h).unwrap();
+        let point = p.commit(1, Consistency::Crash).unwrap();
+        assert_eq!(point_image(&store, disk, point.id)[..4096], data[..]);
+    }
+}
+
+#[test]
+fn a_failed_name_sync_is_finished_by_the_next_commit_that_needs_the_chunk() {
+    let (_d, store) = new_store(64 * KIB);
+    for disk in ["a", "b", "c"] {
+        store.register_disk(disk, 128 * KIB, 512).unwrap();
+    }
+    let data = Rng(53).bytes(4096);
+    let mut pa = store.begin("a", 1, GenerationKind::InitialFull, None).unwrap();
+    let mut pb = store.begin("b", 1, GenerationKind::InitialFull, None).unwrap();
+    let h = put(&store, &data);
+    pa.add_chunk(0, 4096, h).unwrap();
+    pb.add_chunk(0, 4096, h).unwrap();
+    // Renamed into chunks/, but the directory sync fails: the chunk stays staged.
+    store.inject_fault("promote.names", 0);
+    assert!(pa.commit(1, Consistency::Crash).is_err());
+    store.clear_faults();
+    assert_eq!(objects(&store, CHUNKS), hexes([&h]));
+    assert_eq!(staged_count(&store), 1);
+    // A failed syncfs now discards what is still in incoming/, not the chunk already moved.
+    let mut pc = store.begin("c", 1, GenerationKind::InitialFull, None).unwrap();
+    let other = put(&store, &[7; 4096]);
+    pc.add_chunk(0, 4096, other).unwrap();
+    store.inject_fault("promote.syncfs", 0);
+    assert!(pc.commit(1, Consistency::Crash).is_err());
+    store.clear_faults();
+    assert!(!store.has_chunk(&other));
+    assert!(store.has_chunk(&h));
+    assert_eq!(staged_count(&store), 1);
+    // b's commit finds the chunk gone from incoming/ but in chunks/, and syncs its name.
+    let b = pb.commit(1, Consistency::Crash).unwrap();
+    assert_eq!(staged_count(&store), 0);
+    let store = Store::open(store.root()).unwrap();
+    assert_eq!(point_image(&store, "b", b.id)[..4096], data[..]);
+}
+
+#[test]
+fn retention_keeps_staged_chunks_of_pending_generations_and_removes_stale_files() {
+    let (_d, store) = new_store(64 * KIB);
+    store.register_disk("d", 128 * KIB, 512).unwrap();
+    // Uploaded before the generation began (so not protected as a recent upload), then
+    // referenced and overwritten: its commit still promotes it, so retention keeps it.
+    let early = put(&store, &[1; 4096]);
+    let mut p = store.begin("d", 1, GenerationKind::InitialFull, None).unwrap();
+    p.add_chunk(0, 4096, early).unwrap();
+    let late = put(&store, &[2; 4096]);
+    p.add_chunk(0, 4096, late).unwrap();
+    fs::write(store.root().join(INCOMING).join("left-by-a-failed-upload"), b"x").unwrap();
+    let r = store.retain(&Retention::default()).unwrap();
+    assert_eq!(r.staged_removed, 0);
+    assert_eq!(incoming(&store).len(), 2, "the stale file is removed, the staged ones kept");
+    assert!(store.has_chunk(&early) && store.has_chunk(&late));
+    let point = p.commit(1, Consistency::Crash).unwrap();
+    assert_eq!(point_image(&store, "d", point.id)[..4096], [2u8; 4096]);
+    store.retain(&Retention::default()).unwrap();
+    assert_eq!(objects(&store, CHUNKS), hexes([&late]));
+}
+
+#[test]
+fn many_sessions_stage_and_commit_shared_chunks_at_once() {
+    let (_d, store) = new_store(64 * KIB);
+    let mut rng = Rng(59);
+    let shared: Vec<Vec<u8>> = (0..16).map(|_| rng.bytes(4096)).collect();
+    let sessions = 6;
+    for d in 0..sessions {
+        store.register_disk(&format!("d{d}"), 256 * KIB, 4096).unwrap();
+    }
+    let images: Vec<(String, u64, Vec<u8>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..sessions)
+            .map(|d| {
+                let (store, shared) = (store.clone(), &shared);
+                s.spawn(move || {
+                    let disk = format!("d{d}");
+                    let mut rng = Rng(100 + d as u64);
+                    let mut model = vec![0u8; 256 * KIB as usize];
+                    let mut base = None;
+                    for g in 1..=4u64 {
+                        let kind = if base.is_some() {
+                            GenerationKind::Incremental
+                        } else {
+                            GenerationKind::InitialFull
+                        };
+                        let mut p = store.begin(&disk, g, kind, base).unwrap();
+                        for i in 0..16u64 {
+                            let block = rng.below(64);
+                            let data = if i % 2 == 0 {
+                                shared[rng.below(16) as usize].clone()
+                            } else {
+                                rng.bytes(4096)
+                            };
+                            let h = *blake3::hash(&data).as_bytes();
+                            if !store.has_chunk(&h) || i % 3 == 0 {
+                                put(&store, &data);
+                            }
+                            p.add_chunk(block * 4096, 4096, h).unwrap();
+                            model[(block * 4096) as usize..][..4096].copy_from_slice(&data);
+                        }
+                        base = Some(p.commit(g, Consistency::Crash).unwrap().id);
+                        if d == 0 && g == 2 {
+                            store.retain(&Retention { keep_last: Some(1), max_age: None }).unwrap();
+                        }
+                    }
+                    (disk, base.unwrap(), model)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(staged_count(&store), 0);
+    assert!(incoming(&store).is_empty());
+    let store = Store::open(store.root()).unwrap();
+    for (disk, id, model) in &images {
+        assert!(point_image(&store, disk, *id) == *model, "{disk}");
+    }
 }
