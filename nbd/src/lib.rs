@@ -7,6 +7,8 @@
 //!   default), [`engine::sync`] on plain pread/pwrite where io_uring is unavailable.
 //! - [`server`] accepts connections on Unix and TCP sockets (or systemd-activated ones), does the
 //!   handshake, and hands each connection to an engine thread.
+//! - [`kernel`] attaches the kernel's NBD driver (`/dev/nbdN`) to the server; [`ublk`] serves the
+//!   export as a ublk device (`/dev/ublkbN`) — the two front-ends for physical servers.
 //!
 //! Every acknowledged WRITE, TRIM and WRITE_ZEROES is marked in the export's
 //! [`tracker::DirtyMap`] before its reply is queued.
@@ -20,6 +22,7 @@ pub mod kernel;
 pub mod proto;
 pub mod server;
 pub mod sys;
+pub mod ublk;
 
 pub use backend::{Backend, ImageKind, OpenError, VirtualImage};
 pub use engine::EngineKind;

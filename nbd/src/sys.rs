@@ -69,54 +69,6 @@ pub fn take_listen_fds() -> io::Result<Vec<OwnedFd>> {
     Ok(fds)
 }
 
-// Kernel NBD driver ioctls (include/uapi/linux/nbd.h): _IO(0xab, nr), argument an unsigned long.
-const NBD_SET_SOCK: u64 = 0xab00;
-const NBD_SET_BLKSIZE: u64 = 0xab01;
-const NBD_DO_IT: u64 = 0xab03;
-const NBD_CLEAR_SOCK: u64 = 0xab04;
-const NBD_SET_SIZE_BLOCKS: u64 = 0xab07;
-const NBD_DISCONNECT: u64 = 0xab08;
-const NBD_SET_TIMEOUT: u64 = 0xab09;
-const NBD_SET_FLAGS: u64 = 0xab0a;
-
-/// One kernel NBD ioctl on an open `/dev/nbdN`.
-#[derive(Clone, Copy, Debug)]
-pub enum NbdIoctl {
-    SetSock(RawFd),
-    SetBlockSize(u32),
-    SetSizeBlocks(u64),
-    SetTimeout(u32),
-    SetFlags(u16),
-    /// Blocks until the device is disconnected.
-    DoIt,
-    ClearSock,
-    Disconnect,
-}
-
-/// Issues `op` on the NBD device open at `dev`.
-pub fn nbd_ioctl(dev: BorrowedFd<'_>, op: NbdIoctl) -> io::Result<()> {
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&dev);
-    let (req, arg): (u64, libc::c_ulong) = match op {
-        NbdIoctl::SetSock(s) => (NBD_SET_SOCK, s as libc::c_ulong),
-        NbdIoctl::SetBlockSize(b) => (NBD_SET_BLKSIZE, b.into()),
-        NbdIoctl::SetSizeBlocks(n) => (NBD_SET_SIZE_BLOCKS, n as libc::c_ulong),
-        NbdIoctl::SetTimeout(t) => (NBD_SET_TIMEOUT, t.into()),
-        NbdIoctl::SetFlags(f) => (NBD_SET_FLAGS, f.into()),
-        NbdIoctl::DoIt => (NBD_DO_IT, 0),
-        NbdIoctl::ClearSock => (NBD_CLEAR_SOCK, 0),
-        NbdIoctl::Disconnect => (NBD_DISCONNECT, 0),
-    };
-    // SAFETY: `fd` is an open descriptor borrowed for the call; each of these ioctls takes its
-    // argument by value (a scalar, or a descriptor the kernel takes its own reference to) or
-    // none at all, so no memory is shared with the kernel beyond the call.
-    let r = unsafe { libc::ioctl(fd, req as _, arg) };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
 /// Marks this process as an I/O flusher (PR_SET_IO_FLUSHER) so memory reclaim does not
 /// recurse into the filesystem it backs.
 pub fn set_io_flusher() -> io::Result<()> {

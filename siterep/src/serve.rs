@@ -6,6 +6,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use nbd::kernel::KernelDevice;
+use nbd::ublk::{UblkConfig, UblkDevice};
 use nbd::{Backend, Catalog, EngineKind, Export, Listener, Server, StaticCatalog, TrackedCatalog};
 use nix::sys::signal::{SigSet, Signal};
 use tracker::{DirMedia, Media, Options, Tracker};
@@ -63,6 +64,22 @@ pub struct ServeArgs {
     /// Connections between the kernel device and the shim (multi-queue).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     connections: u16,
+    /// Serve the disk as a ublk block device, /dev/ublkbN (Linux 6.0+, ublk_drv module), with
+    /// user recovery: a restarted shim takes back the device a dead one left. SIGTERM flushes,
+    /// stops and deletes it.
+    #[arg(long, conflicts_with = "attach")]
+    ublk: bool,
+    /// ublk hardware queues (default: one per CPU); each locks queue-depth × 256 KiB of buffers.
+    #[arg(long, value_name = "N", requires = "ublk", value_parser = clap::value_parser!(u16).range(1..=64))]
+    queues: Option<u16>,
+    /// Requests in flight per ublk queue.
+    #[arg(long, value_name = "D", default_value_t = nbd::ublk::DEFAULT_DEPTH,
+          value_parser = clap::value_parser!(u16).range(1..=4096))]
+    queue_depth: u16,
+    /// Recover ublk device DEV_ID (/dev/ublkbDEV_ID) instead of creating one. Without it, a
+    /// device of this image whose shim died is recovered automatically.
+    #[arg(long, value_name = "DEV_ID", requires = "ublk")]
+    recover: Option<u32>,
     /// Control socket for `siterep cut|release|status` (default: the NBD socket path + ".ctl").
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
@@ -104,10 +121,10 @@ pub fn run(image: PathBuf, args: ServeArgs) -> Result<()> {
     for addr in &args.listen {
         listeners.push(Listener::tcp(addr).with_context(|| format!("cannot listen on {addr}"))?);
     }
-    if listeners.is_empty() && args.attach.is_none() {
-        bail!("nothing to serve: give --socket PATH, --listen HOST:PORT, --attach DEVICE, or use socket activation");
+    if listeners.is_empty() && args.attach.is_none() && !args.ublk {
+        bail!("nothing to serve: give --socket PATH, --listen HOST:PORT, --attach DEVICE, --ublk, or use socket activation");
     }
-    if args.attach.is_some() {
+    if args.attach.is_some() || args.ublk {
         // The shim may back a filesystem on this very machine: it must not wait on reclaim that
         // waits on it, nor be paged out.
         if let Err(e) = nbd::sys::set_io_flusher() {
@@ -171,10 +188,16 @@ pub fn run(image: PathBuf, args: ServeArgs) -> Result<()> {
     let shutdown = server.shutdown_handle();
     let device = match &args.attach {
         Some(dev) => Some(
-            KernelDevice::attach(dev, live, args.connections.into(), &server)
+            KernelDevice::attach(dev, live.clone(), args.connections.into(), &server)
                 .with_context(|| format!("cannot attach {}", dev.display()))?,
         ),
         None => None,
+    };
+    let ublk = if args.ublk {
+        let config = UblkConfig { queues: args.queues, depth: args.queue_depth, recover: args.recover };
+        Some(UblkDevice::start(live, &config, shutdown.clone()).context("cannot start the ublk device")?)
+    } else {
+        None
     };
     let control_thread = match (control_listener, &tracker) {
         (Some(l), Some(t)) => {
@@ -192,6 +215,11 @@ pub fn run(image: PathBuf, args: ServeArgs) -> Result<()> {
             // The kernel flushes and disconnects first, so its last requests are answered.
             if let Err(e) = dev.detach() {
                 tracing::error!("detaching the kernel device: {e}");
+            }
+        }
+        if let Some(dev) = ublk {
+            if let Err(e) = dev.stop() {
+                tracing::error!("stopping the ublk device: {e}");
             }
         }
         s.trigger();

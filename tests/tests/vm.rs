@@ -8,6 +8,14 @@
 //! - Scenario "VM disk image": the guest's virtio disk *is* `siterep serve`'s export; ext4, files
 //!   and fio with verification on it, then the image must be clean and every block the guest
 //!   wrote must be inside the tracker's dirty map.
+//! - Scenarios "physical server" (`tests/vm/guest/physical-nbd`, `physical-ublk`): the shim runs
+//!   inside the guest on a raw virtio disk (the host's image file) and gives it to the guest
+//!   kernel as `/dev/nbd0` (`--attach`) or `/dev/ublkb0` (`--ublk`): fio with verification,
+//!   write-zeroes and discard, ext4 and files, fsck, SIGTERM; and the same shim killed with
+//!   SIGKILL under a writer of O_DIRECT|O_SYNC blocks, then restarted (NBD: the writer gets an
+//!   I/O error but never hangs and the device is reclaimed; ublk: user recovery, the writer sees
+//!   no error). On the host: the image is a clean filesystem, every acknowledged block is in it,
+//!   and every non-zero block is inside the dirty map the shim reported last.
 //!
 //! A guest that cannot boot fails the test (with the console's tail); it never skips.
 //! `VM_TIMEOUT` (seconds, default 600) bounds each guest run.
@@ -22,7 +30,9 @@ use std::time::{Duration, Instant};
 
 use siterep_tests::image::{self, MIB};
 use siterep_tests::nbdinfo::{self, Extent};
-use siterep_tests::{describe, run, run_unchecked, scratch_dir, show_output, tool, wait_timeout, Serve};
+use siterep_tests::{
+    describe, run, run_unchecked, scratch_dir, show_output, siterep_bin, tool, wait_timeout, Serve,
+};
 
 const DIRTY: &str = "qemu:dirty-bitmap:live";
 const BLOCK: u64 = 4096;
@@ -101,6 +111,18 @@ impl Guest {
     fn nbd_disk(mut self, uri: &str) -> Guest {
         self.qemu_args.push("-drive".into());
         self.qemu_args.push(format!("file={},format=raw,if=virtio,cache=none", qemu_escape(uri)));
+        self
+    }
+
+    /// A virtio disk in the guest (/dev/vda, /dev/vdb, … in order) backed by the raw image file
+    /// `image` on the host, `cache=none`. qemu's default `discard=ignore` keeps the file's
+    /// allocation as it is.
+    fn raw_disk(mut self, image: &Path) -> Guest {
+        self.qemu_args.push("-drive".into());
+        self.qemu_args.push(format!(
+            "file={},format=raw,if=virtio,cache=none",
+            qemu_escape(&image.display().to_string())
+        ));
         self
     }
 
@@ -348,6 +370,181 @@ fn verify_files_on_host(image: &Path, sums: &Path, dir: &Path) -> usize {
     count
 }
 
+/// A dirty map the guest saved with `nbdinfo --map=qemu:dirty-bitmap:live --json` (checked to
+/// tile `0..size`), merged.
+fn saved_dirty_map(path: &Path, size: u64) -> Vec<Extent> {
+    let text = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let doc = nbdinfo::parse(&text);
+    let extents: Vec<Extent> = doc
+        .as_array()
+        .iter()
+        .map(|e| Extent::new(e.get("offset").as_u64(), e.get("length").as_u64(), e.get("type").as_u64()))
+        .collect();
+    let mut pos = 0;
+    for e in &extents {
+        assert_eq!(e.offset, pos, "{}: extents do not tile the export: {extents:?}", path.display());
+        pos = e.end();
+    }
+    assert_eq!(pos, size, "{}: extents do not cover the export: {extents:?}", path.display());
+    nbdinfo::merge(&extents)
+}
+
+/// Invariant 1 on the host: every non-zero 4 KiB block of `image` (which started as a hole and
+/// was written only through the shim) lies inside a dirty extent of `map`, and the map is not
+/// the whole disk (which would make the check vacuous). Returns (non-zero bytes, dirty bytes).
+#[track_caller]
+fn assert_dirty_map_covers(image: &Path, map: &[Extent], size: u64, context: &str) -> (u64, u64) {
+    let written = nonzero_blocks(image);
+    let missed = not_covered(&written, map);
+    if !missed.is_empty() {
+        let missed_ranges = ranges(&missed);
+        panic!(
+            "{} of {} non-zero 4 KiB blocks are outside the dirty map (block ranges, first 20: {:?})\n\
+             dirty map: {map:?}\n{context}",
+            missed.len(),
+            written.len(),
+            &missed_ranges[..missed_ranges.len().min(20)],
+        );
+    }
+    let dirty_bytes: u64 = map.iter().filter(|e| e.kind & 1 == 1).map(|e| e.length).sum();
+    assert!(
+        dirty_bytes < size,
+        "the whole disk is dirty: legal over-reporting, but then the coverage check proves nothing\n{context}"
+    );
+    (written.len() as u64 * BLOCK, dirty_bytes)
+}
+
+/// Indices of the blocks `siterep-kill FRONTEND NNNNNNNN\n` (the kill scenario's writer) that are
+/// in `image`, at any 4 KiB-aligned offset.
+fn kill_blocks_in_image(image: &Path, frontend: &str) -> std::collections::BTreeSet<u64> {
+    let prefix = format!("siterep-kill {frontend} ");
+    let file = File::open(image).unwrap_or_else(|e| panic!("open {}: {e}", image.display()));
+    let mut found = std::collections::BTreeSet::new();
+    let mut buf = vec![0u8; MIB as usize];
+    for run in image::seek_layout(image).into_iter().filter(|r| r.data) {
+        let mut pos = run.offset / BLOCK * BLOCK;
+        let end = run.offset + run.length;
+        while pos < end {
+            let len = (end - pos).min(MIB) as usize;
+            let buf = &mut buf[..len];
+            file.read_exact_at(buf, pos).unwrap_or_else(|e| panic!("read {} at {pos}: {e}", image.display()));
+            for block in buf.chunks(BLOCK as usize) {
+                if let Some(rest) = block.strip_prefix(prefix.as_bytes()) {
+                    let digits = rest.get(..8).and_then(|d| std::str::from_utf8(d).ok());
+                    if let Some(index) = digits.and_then(|d| d.parse().ok()) {
+                        found.insert(index);
+                    }
+                }
+            }
+            pos += len as u64;
+        }
+    }
+    found
+}
+
+/// One "physical server" guest run: `tests/vm/guest/physical-FRONTEND` with GUEST_SCENARIO
+/// `scenario` on a fresh sparse image of `size` bytes attached as the guest's /dev/vda.
+fn physical_guest(dir: &Path, frontend: &str, scenario: &str, size: u64) -> (PathBuf, PathBuf, GuestRun) {
+    prepare();
+    let image = dir.join("disk.img");
+    image::create_sparse(&image, size);
+    let results = dir.join("results");
+    // The guest sees the host's root, except the directories it replaces with its own.
+    let bin = siterep_bin();
+    assert!(
+        !["/tmp", "/var/tmp", "/run", "/dev", "/proc", "/sys"].iter().any(|d| bin.starts_with(d)),
+        "the guest cannot see {} (SITEREP_BIN under a directory the guest replaces)",
+        bin.display()
+    );
+    let guest = Guest::new(&vm_dir().join(format!("guest/physical-{frontend}")), &results)
+        .raw_disk(&image)
+        .env("SITEREP", bin.display())
+        .env("SCENARIO", scenario)
+        .env("DISK", "/dev/vda")
+        .run();
+    (image, results, guest)
+}
+
+/// The guest's own record of a run, for failure messages.
+fn guest_records(results: &Path) -> String {
+    let read = |name: &str| std::fs::read_to_string(results.join(name)).unwrap_or_default();
+    format!(
+        "--- guest steps ---\n{}\n--- serve.log (guest) ---\n{}",
+        read("steps").trim_end(),
+        read("serve.log").trim_end()
+    )
+}
+
+/// Workload through a kernel front-end of the shim inside the guest, then the host checks.
+fn physical_workload(frontend: &str) {
+    const SIZE: u64 = 512 * MIB;
+    const DATA_MIB: u64 = 64;
+    let started = Instant::now();
+    let dir = scratch_dir(&format!("vm-{frontend}"));
+    let (image, results, guest) = physical_guest(dir.path(), frontend, "workload", SIZE);
+
+    run(tool("e2fsck").args(["-f", "-n"]).arg(&image));
+    let files = verify_files_on_host(&image, &results.join("sums"), &dir.path().join("extracted"));
+    assert_eq!(files as u64, DATA_MIB / 8, "the guest should have written {DATA_MIB} MiB in 8 MiB files");
+    let map = saved_dirty_map(&results.join("dirty.json"), SIZE);
+    let (written, dirty) = assert_dirty_map_covers(&image, &map, SIZE, &guest_records(&results));
+    let (written, dirty) = (written / MIB, dirty / MIB);
+    // mkfs and the files may overwrite what fio wrote first: only the files' size is a bound.
+    assert!(
+        written >= DATA_MIB,
+        "only {written} MiB non-zero in the image: the {DATA_MIB} MiB of files did not land"
+    );
+    eprintln!(
+        "vm physical {frontend}: guest boot {:.1} s, script {:.1} s; {written} MiB non-zero, {dirty} MiB dirty; \
+         whole test {:.1} s",
+        guest.timing("boot_s"),
+        guest.timing("script_s"),
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// The shim killed with SIGKILL under a writer inside the guest, restarted; then the host
+/// checks that every acknowledged block is in the image.
+fn physical_kill(frontend: &str) {
+    const SIZE: u64 = 256 * MIB;
+    let started = Instant::now();
+    let dir = scratch_dir(&format!("vm-{frontend}-kill"));
+    let (image, results, guest) = physical_guest(dir.path(), frontend, "kill", SIZE);
+    let records = guest_records(&results);
+
+    run(tool("e2fsck").args(["-f", "-n"]).arg(&image));
+    let acked: Vec<u64> = std::fs::read_to_string(results.join("acked"))
+        .expect("the guest's acked list")
+        .lines()
+        .map(|l| l.trim().parse().unwrap_or_else(|_| panic!("bad line {l:?} in acked")))
+        .collect();
+    assert!(acked.len() >= 20, "only {} blocks acknowledged\n{records}", acked.len());
+    let found = kill_blocks_in_image(&image, frontend);
+    let missing: Vec<u64> = acked.iter().copied().filter(|i| !found.contains(i)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} acknowledged blocks are not in the image: {:?}\n{records}",
+        missing.len(),
+        acked.len(),
+        &missing[..missing.len().min(20)]
+    );
+    // The tracker kept its state in --state-dir across the crash: its final map still covers
+    // everything both shims wrote.
+    let map = saved_dirty_map(&results.join("dirty.json"), SIZE);
+    let (written, dirty) = assert_dirty_map_covers(&image, &map, SIZE, &records);
+    let (written, dirty) = (written >> 10, dirty >> 10);
+    let kill = std::fs::read_to_string(results.join("kill.txt")).unwrap_or_default();
+    eprintln!(
+        "vm physical {frontend} kill: {} blocks acknowledged, all in the image ({}); {written} KiB non-zero, \
+         {dirty} KiB dirty; guest boot {:.1} s, script {:.1} s; whole test {:.1} s",
+        acked.len(),
+        kill.trim().replace('\n', "; "),
+        guest.timing("boot_s"),
+        guest.timing("script_s"),
+        started.elapsed().as_secs_f64()
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Scenarios
 
@@ -384,31 +581,14 @@ fn vm_disk_image_served_by_the_shim() {
     assert_eq!(files as u64, DATA_MIB / 8, "the guest should have written {DATA_MIB} MiB in 8 MiB files");
 
     // Invariant 1, over-report never under-report: everything the guest wrote is dirty.
-    let written = nonzero_blocks(&image);
-    assert!(
-        written.len() as u64 * BLOCK >= (DATA_MIB + FIO_MIB) * MIB,
-        "only {} non-zero 4 KiB blocks in the image: the guest's {} MiB of data did not land in it",
-        written.len(),
-        DATA_MIB + FIO_MIB
-    );
     let map = nbdinfo::merge(&nbdinfo::map(&server.uri(), Some(DIRTY), SIZE));
-    let missed = not_covered(&written, &map);
-    if !missed.is_empty() {
-        let missed_ranges = ranges(&missed);
-        panic!(
-            "{} of {} non-zero 4 KiB blocks are outside the dirty map (block ranges, first 20: {:?})\n\
-             dirty map: {map:?}\n--- server log ---\n{}",
-            missed.len(),
-            written.len(),
-            &missed_ranges[..missed_ranges.len().min(20)],
-            server.log()
-        );
-    }
-    let dirty_bytes: u64 = map.iter().filter(|e| e.kind & 1 == 1).map(|e| e.length).sum();
+    let context = format!("--- server log ---\n{}", server.log());
+    let (written, dirty) = assert_dirty_map_covers(&image, &map, SIZE, &context);
+    let (written_mib, dirty_mib) = (written / MIB, dirty / MIB);
     assert!(
-        dirty_bytes < SIZE,
-        "the whole disk is dirty: legal over-reporting, but then the check above proves nothing \
-         (did a discard of the whole disk reach the server?)"
+        written_mib >= DATA_MIB + FIO_MIB,
+        "only {written_mib} MiB non-zero in the image: the guest's {} MiB of data did not land in it",
+        DATA_MIB + FIO_MIB
     );
 
     let stop_took = server.stop();
@@ -421,11 +601,44 @@ fn vm_disk_image_served_by_the_shim() {
         guest.timing("script_s"),
         guest.timing("total_s"),
         guest.elapsed.as_secs_f64(),
-        written.len() as u64 * BLOCK / MIB,
-        dirty_bytes / MIB,
+        written_mib,
+        dirty_mib,
         stop_took,
         started.elapsed().as_secs_f64()
     );
+}
+
+/// A physical server: the shim attaches the guest kernel's NBD driver to itself
+/// (`--attach /dev/nbd0 --connections 2`, netlink) on a raw disk. fio with verification on
+/// `/dev/nbd0`, write-zeroes and discard, ext4 with files read back cold, fsck; SIGTERM exits 0
+/// and disconnects the device. On the host the image is clean, holds the files, and the dirty
+/// map covers every block written.
+#[test]
+fn vm_physical_server_over_nbd() {
+    physical_workload("nbd");
+}
+
+/// SIGKILL of an attached shim during O_DIRECT|O_SYNC writes on its filesystem: the writer gets
+/// an I/O error within the request timeout and never hangs, `sync` returns, a restarted shim
+/// reclaims the still-configured `/dev/nbd0` while the filesystem is mounted, and every
+/// acknowledged block is in the image.
+#[test]
+fn vm_physical_nbd_shim_killed_then_reclaimed() {
+    physical_kill("nbd");
+}
+
+/// The same workload through `siterep serve --ublk` (`/dev/ublkb0`, two queues).
+#[test]
+fn vm_physical_server_over_ublk() {
+    physical_workload("ublk");
+}
+
+/// SIGKILL of the ublk shim during O_DIRECT|O_SYNC writes: with user recovery the kernel holds
+/// the I/O, the restarted shim takes the device back, the writer never sees an error, and every
+/// acknowledged block is in the image.
+#[test]
+fn vm_physical_ublk_shim_killed_then_recovered() {
+    physical_kill("ublk");
 }
 
 #[test]
