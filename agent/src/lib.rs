@@ -7,10 +7,14 @@
 //! - [`ship`] turns extents into chunks, reads them through NBD with several connections,
 //!   hashes and compresses them in parallel, asks the server which it already has, and sends the
 //!   rest, with bounded memory.
+//! - [`resync`] brings the server's latest point level with the disk after tracking was lost
+//!   (or fell far behind): hashes of both sides are compared, region by region and then block
+//!   by block, and only the blocks that differ are sent; resumable, rate-limited.
 //! - [`link`] is the framed TLS connection; [`tls`] builds mutual-TLS configurations.
 #![forbid(unsafe_code)]
 
 pub mod link;
+pub mod resync;
 pub mod run;
 pub mod ship;
 pub mod tls;
@@ -18,6 +22,7 @@ pub mod tls;
 use std::io;
 use std::sync::atomic::AtomicU64;
 
+pub use resync::ResyncOptions;
 pub use run::{parse_duration, run, AgentConfig, AppConsistency, Summary};
 
 /// Counters and gauges for `--metrics`.

@@ -26,6 +26,10 @@ pub struct Link {
     buf: Vec<u8>,
     pub server: String,
     pub version: u16,
+    /// Frame bytes queued for the server so far (TLS records not counted).
+    pub bytes_out: u64,
+    /// Bytes received from the server so far.
+    pub bytes_in: u64,
 }
 
 impl Link {
@@ -66,6 +70,8 @@ impl Link {
             buf: vec![0u8; 256 << 10],
             server: String::new(),
             version: 0,
+            bytes_out: 0,
+            bytes_in: 0,
         };
         link.send(&Frame::Hello {
             min_version: wire::MIN_VERSION,
@@ -87,7 +93,9 @@ impl Link {
 
     /// Queues a frame; it is written at the next `flush` or `recv`.
     pub fn queue(&mut self, f: &Frame) {
+        let before = self.out.len();
         f.encode(&mut self.out);
+        self.bytes_out += (self.out.len() - before) as u64;
     }
 
     pub fn flush(&mut self) -> Result<(), AgentError> {
@@ -121,6 +129,7 @@ impl Link {
                     "the server closed the connection",
                 )));
             }
+            self.bytes_in += n as u64;
             self.dec.feed(&self.buf[..n]);
         }
     }
@@ -128,20 +137,5 @@ impl Link {
 
 /// A frame's name, for messages.
 pub fn frame_name(f: &Frame) -> &'static str {
-    match f {
-        Frame::Hello { .. } => "Hello",
-        Frame::Welcome { .. } => "Welcome",
-        Frame::RegisterDisk { .. } => "RegisterDisk",
-        Frame::DiskState { .. } => "DiskState",
-        Frame::BeginGeneration { .. } => "BeginGeneration",
-        Frame::Chunk { .. } => "Chunk",
-        Frame::Zero { .. } => "Zero",
-        Frame::HaveQuery { .. } => "HaveQuery",
-        Frame::HaveReply { .. } => "HaveReply",
-        Frame::Progress { .. } => "Progress",
-        Frame::Commit { .. } => "Commit",
-        Frame::Committed { .. } => "Committed",
-        Frame::ProgressAck { .. } => "ProgressAck",
-        Frame::Error { .. } => "Error",
-    }
+    f.name()
 }

@@ -14,6 +14,7 @@ use tracker::{CutInfo, ReplicatedPoint, Status};
 use wire::{Consistency, Frame, GenerationKind, PointRef};
 
 use crate::link::{frame_name, Link};
+use crate::resync::{resync_reason, ResyncOptions};
 use crate::ship::{plan_chunks, ship_chunks, Known, Stats, MAX_CHUNK};
 use crate::AgentError;
 
@@ -53,8 +54,10 @@ pub struct AgentConfig {
     pub retry_scale: f64,
     /// Run one cycle and return its summary.
     pub once: bool,
-    /// Draw a progress bar during the initial copy.
+    /// Draw a progress bar during the initial copy and a resync.
     pub progress: bool,
+    /// When to resync and how fast (`--resync`, `--resync-rate`, `--resync-backoff`).
+    pub resync: ResyncOptions,
 }
 
 /// What one cycle did (printed as JSON by `--once`).
@@ -72,6 +75,16 @@ pub struct Summary {
     /// Raw bytes read per byte sent (of what was not deduplicated).
     pub compression_ratio: f64,
     pub duration_ms: u64,
+    /// Disk bytes found equal on the server and not sent (a resync; 0 otherwise).
+    pub bytes_matched: u64,
+    /// Disk bytes shipped, as data or zero extents (a resync: those found to differ).
+    pub bytes_transferred: u64,
+    /// Frame bytes this cycle sent to the server (a resync only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wire_bytes_sent: Option<u64>,
+    /// Bytes this cycle received from the server (a resync only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wire_bytes_received: Option<u64>,
 }
 
 /// Retry delays before the first attempts, then `RETRY_STEADY` for every later one.
@@ -86,7 +99,7 @@ const RETRY_STEADY: Duration = Duration::from_secs(1800);
 /// Initial copy: progress is made durable on the server at least this often.
 const PROGRESS_EVERY: u64 = 256 << 20;
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
@@ -112,7 +125,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// Runs until a fatal error (or, with `once`, one successful cycle).
 pub fn run(cfg: &AgentConfig) -> Result<Option<Summary>, AgentError> {
-    let mut agent = Agent { cfg, known: Known::default(), consistency: Vec::new(), last_app: Instant::now() };
+    let mut agent = Agent {
+        cfg,
+        known: Known::default(),
+        consistency: Vec::new(),
+        last_app: Instant::now(),
+        force_resync: cfg.resync.force,
+    };
     let mut failures = 0usize;
     loop {
         match agent.session(&mut failures) {
@@ -146,20 +165,22 @@ pub fn chain(err: &dyn std::error::Error) -> String {
     s
 }
 
-struct Agent<'a> {
-    cfg: &'a AgentConfig,
-    known: Known,
+pub(crate) struct Agent<'a> {
+    pub(crate) cfg: &'a AgentConfig,
+    pub(crate) known: Known,
     /// Consistency of generations this agent cut (app-consistent ones), until committed.
-    consistency: Vec<(u64, Consistency)>,
+    pub(crate) consistency: Vec<(u64, Consistency)>,
     last_app: Instant,
+    /// `--resync` given and not yet done.
+    force_resync: bool,
 }
 
 impl Agent<'_> {
-    fn control<T: serde::de::DeserializeOwned>(&self, req: &Request) -> Result<T, AgentError> {
+    pub(crate) fn control<T: serde::de::DeserializeOwned>(&self, req: &Request) -> Result<T, AgentError> {
         Ok(control::call_as(&self.cfg.control, req)?)
     }
 
-    fn status(&self) -> Result<Status, AgentError> {
+    pub(crate) fn status(&self) -> Result<Status, AgentError> {
         let st: Status = self.control(&Request::Status)?;
         self.cfg.metrics.backlog_bytes.store(st.backlog_bytes, Ordering::Relaxed);
         Ok(st)
@@ -183,6 +204,10 @@ impl Agent<'_> {
         };
         tracing::info!(server = %link.server, disk = %cfg.disk, latest = ?latest, "connected");
         if latest.is_none() {
+            if self.force_resync {
+                tracing::info!("the server has no recovery point to compare with: copying the disk whole");
+                self.force_resync = false;
+            }
             let summary = self.initial_copy(&mut link, initial.map(|i| (i.generation, i.next_offset)))?;
             *failures = 0;
             latest = Some(PointRef {
@@ -195,9 +220,24 @@ impl Agent<'_> {
             }
         }
         let mut latest = latest.expect("set above");
+        // An interrupted resync is only on the server at the session's start.
+        let mut initial = initial;
         loop {
+            let st = self.status()?;
+            let interrupted = initial.take();
+            if let Some(why) = resync_reason(&st, &latest, interrupted, self.force_resync) {
+                let summary = self.resync(&mut link, latest, interrupted, &why)?;
+                self.force_resync = false;
+                *failures = 0;
+                latest =
+                    PointRef { point: summary.point, generation: summary.generation, cut_unix_ms: now_ms() };
+                if cfg.once {
+                    return Ok(Some(summary));
+                }
+                continue;
+            }
             // Generations left by an earlier run (or a failed attempt) go first, oldest first.
-            let pending: Vec<u64> = self.status()?.generations.iter().map(|g| g.id).collect();
+            let pending: Vec<u64> = st.generations.iter().map(|g| g.id).collect();
             let summary = if let Some(&id) = pending.first() {
                 if id <= latest.generation {
                     // Committed before an earlier run could release it.
@@ -344,7 +384,7 @@ impl Agent<'_> {
         Ok(s)
     }
 
-    fn commit(
+    pub(crate) fn commit(
         &self,
         link: &mut Link,
         generation: u64,
@@ -358,7 +398,7 @@ impl Agent<'_> {
         }
     }
 
-    fn report(&self, point: u64, generation: u64, cut_unix_ms: u64) -> Result<(), AgentError> {
+    pub(crate) fn report(&self, point: u64, generation: u64, cut_unix_ms: u64) -> Result<(), AgentError> {
         let m = &self.cfg.metrics;
         m.points_total.fetch_add(1, Ordering::Relaxed);
         m.last_cut_unix_ms.store(cut_unix_ms, Ordering::Relaxed);
@@ -402,7 +442,7 @@ impl Agent<'_> {
             .filter(|(_, _, f)| f & 1 == 0)
             .filter_map(|&(o, l, _)| {
                 let s = o.max(from);
-                (s < o + l).then_some((s, o + l - s))
+                (s < o + l).then(|| (s, o + l - s))
             })
             .collect();
         let total: u64 = data.iter().map(|d| d.1).sum();
@@ -417,7 +457,7 @@ impl Agent<'_> {
                 .filter_map(|&(o, l)| {
                     let s = o.max(slice_start);
                     let e = (o + l).min(slice_end);
-                    (s < e).then_some((s, e - s))
+                    (s < e).then(|| (s, e - s))
                 })
                 .collect();
             // Whole MAX_CHUNK pieces, without merging across gaps: holes stay holes.
@@ -466,7 +506,7 @@ impl Agent<'_> {
     }
 }
 
-fn summary(
+pub(crate) fn summary(
     kind: &'static str,
     generation: u64,
     point: u64,
@@ -496,6 +536,10 @@ fn summary(
         chunks: s.chunks,
         compression_ratio: if s.bytes_sent == 0 { 0.0 } else { unique as f64 / s.bytes_sent as f64 },
         duration_ms: start.elapsed().as_millis() as u64,
+        bytes_matched: 0,
+        bytes_transferred: s.bytes_read + s.bytes_zero,
+        wire_bytes_sent: None,
+        wire_bytes_received: None,
     }
 }
 

@@ -6,6 +6,10 @@
 //! generation BeginGeneration, HaveQuery/HaveReply, Chunk, Zero, Progress/ProgressAck, Commit →
 //! Committed. Every chunk is verified (decompressed, blake3) before it is stored; a bad one
 //! rejects the whole generation. A commit is acknowledged only once the point is durable.
+//!
+//! For a resync the agent asks `HashQuery` → `Hashes` (`docs/wire.md` §6.8): the blake3 of each
+//! block of a point, computed here from the [`PointReader`] (zero ranges without reading
+//! anything), so only blocks that differ cross the network.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -15,10 +19,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::{ServerConfig, ServerConnection, StreamOwned};
-use wire::{ChunkData, Decoder, ErrorClass, Frame, InitialSync, PointRef};
+use wire::{ChunkData, Decoder, ErrorClass, Frame, Hash, InitialSync, PointRef};
 
-use crate::info::{Consistency, GenerationKind};
-use crate::{PendingPoint, PointInfo, Store, StoreError};
+use crate::info::{Consistency, ExtentKind, GenerationKind, PointSel};
+use crate::{PendingPoint, PointInfo, PointReader, Store, StoreError};
 
 /// How long a connection may stay silent before the server drops it.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
@@ -265,6 +269,7 @@ fn session<S: Read + Write>(
     tracing::info!(%agent, version, "agent connected");
     let mut disk: Option<String> = None;
     let mut receiving = Receiving::Nothing;
+    let mut hashes = PointHashes::default();
     while let Some(frame) = c.recv()? {
         let result: Result<Option<Frame>, Fail> = match frame {
             Frame::RegisterDisk { disk: d, .. }
@@ -303,6 +308,17 @@ fn session<S: Read + Write>(
             }
             Frame::HaveQuery { hashes } => {
                 Ok(Some(Frame::HaveReply { have: hashes.iter().map(|h| store.has_chunk(h)).collect() }))
+            }
+            Frame::HashQuery { disk: d, point, offset, len, block } => {
+                if disk.as_deref() != Some(d.as_str()) {
+                    c.error(
+                        ErrorClass::Fatal,
+                        wire::ERR_BAD_REQUEST,
+                        format!("disk {d} was not registered"),
+                    )?;
+                    return Ok(());
+                }
+                hashes.answer(store, &d, point, offset, len, block).map(Some).map_err(Fail::from)
             }
             Frame::Chunk { offset, len, hash, data } => match &mut receiving {
                 Receiving::Pending(p) => {
@@ -395,11 +411,536 @@ fn begin(
         wire::GenerationKind::Resync => GenerationKind::Resync,
     };
     if kind == GenerationKind::InitialFull {
-        if let Some(p) = store.resume_initial(disk)? {
-            if p.generation() == generation {
-                return Ok(Receiving::Pending(Box::new(p)));
-            }
+        match store.resume_initial(disk) {
+            Ok(Some(p)) if p.generation() == generation => return Ok(Receiving::Pending(Box::new(p))),
+            Ok(_) => {}
+            // The checkpoint of a copy abandoned before the latest point: this generation
+            // replaces it with its first checkpoint.
+            Err(StoreError::StaleGeneration { .. }) => {}
+            Err(e) => return Err(e),
         }
     }
     Ok(Receiving::Pending(Box::new(store.begin(disk, generation, kind, base)?)))
+}
+
+/// Bytes of a point read and hashed at once (with blocks up to this size).
+const HASH_READ: u64 = 4 << 20;
+/// The hash answered for a block whose stored data cannot be read back (a corrupt or missing
+/// chunk): it matches no data, so the agent sends the block again and the new point repairs it.
+pub const UNREADABLE_HASH: Hash = [0xff; 32];
+
+/// The blake3 of `len` zero bytes, per length (a zero range is hashed without reading).
+#[derive(Default)]
+struct ZeroHashes(Vec<(u64, Hash)>);
+
+impl ZeroHashes {
+    fn get(&mut self, len: u64) -> Hash {
+        if let Some((_, h)) = self.0.iter().find(|(l, _)| *l == len) {
+            return *h;
+        }
+        static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+        let mut hasher = blake3::Hasher::new();
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(ZEROS.len() as u64);
+            hasher.update(&ZEROS[..n as usize]);
+            left -= n;
+        }
+        let h = *hasher.finalize().as_bytes();
+        // A query has at most two lengths (its block, and a short last one): a few suffice.
+        if self.0.len() >= 8 {
+            self.0.remove(0);
+        }
+        self.0.push((len, h));
+        h
+    }
+}
+
+/// Answers a session's `HashQuery` frames (§4.15): the point compared stays open, and so kept
+/// by retention, until the session asks about another one or ends.
+#[derive(Default)]
+struct PointHashes {
+    reader: Option<PointReader>,
+    zero: ZeroHashes,
+}
+
+impl PointHashes {
+    fn answer(
+        &mut self,
+        store: &Store,
+        disk: &str,
+        point: u64,
+        offset: u64,
+        len: u64,
+        block: u32,
+    ) -> Result<Frame, StoreError> {
+        if self.reader.as_ref().map_or(true, |r| r.info().id != point) {
+            self.reader = None;
+            self.reader = Some(store.open_point(disk, PointSel::Id(point))?);
+        }
+        let reader = self.reader.as_ref().expect("opened above");
+        let hashes = point_hashes(reader, offset, len, block, &mut self.zero)?;
+        Ok(Frame::Hashes { offset, block, hashes })
+    }
+}
+
+/// The blake3 of every `block`-sized piece of the point in `[offset, offset + len)`, the last
+/// one cut at the end of the range (§4.15). Pieces that lie in a zero range are hashed from the
+/// cached zero hash; the rest are read in spans of up to [`HASH_READ`] bytes, a large range by
+/// [`HASH_THREADS`] threads. A piece whose chunk is corrupt or missing in the store answers
+/// [`UNREADABLE_HASH`].
+fn point_hashes(
+    reader: &PointReader,
+    offset: u64,
+    len: u64,
+    block: u32,
+    zero: &mut ZeroHashes,
+) -> Result<Vec<Hash>, StoreError> {
+    let extents = reader.extents(offset, len)?;
+    let block = u64::from(block);
+    let n = wire::hash_count(len, block as u32) as usize;
+    // The only lengths a piece has: the block, and maybe a short last one.
+    let last = len - (n as u64 - 1) * block;
+    let r = Pieces {
+        reader,
+        extents: &extents,
+        offset,
+        end: offset + len,
+        block,
+        zero: (zero.get(block), zero.get(last)),
+    };
+    let threads = HASH_THREADS.min((len / HASH_READ) as usize).max(1);
+    if threads == 1 {
+        return r.hash(0, n);
+    }
+    let parts: Vec<Result<Vec<Hash>, StoreError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let (from, to) = (n * t / threads, n * (t + 1) / threads);
+                let r = &r;
+                scope.spawn(move || r.hash(from, to))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("hashing thread panicked")).collect()
+    });
+    let mut out = Vec::with_capacity(n);
+    for part in parts {
+        out.extend(part?);
+    }
+    Ok(out)
+}
+
+/// Threads one large `HashQuery` is hashed with.
+const HASH_THREADS: usize = 2;
+
+/// The pieces of one `HashQuery` range and what hashing them needs.
+struct Pieces<'a> {
+    reader: &'a PointReader,
+    /// The range's extents, in order, adjacent ones of a kind merged.
+    extents: &'a [(u64, u64, ExtentKind)],
+    offset: u64,
+    end: u64,
+    block: u64,
+    /// The zero hash of a whole block and of the last piece.
+    zero: (Hash, Hash),
+}
+
+impl Pieces<'_> {
+    fn piece(&self, i: usize) -> (u64, u64) {
+        let s = self.offset + i as u64 * self.block;
+        (s, (s + self.block).min(self.end))
+    }
+
+    /// Whether `[s, e)` lies in one zero extent.
+    fn is_zero(&self, s: u64, e: u64) -> bool {
+        let k = self.extents.partition_point(|x| x.0 + x.1 <= s);
+        self.extents.get(k).is_some_and(|x| x.2 == ExtentKind::Zero && x.0 <= s && x.0 + x.1 >= e)
+    }
+
+    /// The hashes of pieces `from..to`.
+    fn hash(&self, from: usize, to: usize) -> Result<Vec<Hash>, StoreError> {
+        let span_max = self.block.max(HASH_READ);
+        let mut out = Vec::with_capacity(to - from);
+        let mut buf = Vec::new();
+        let mut i = from;
+        while i < to {
+            let (s, e) = self.piece(i);
+            if self.is_zero(s, e) {
+                out.push(if e - s == self.block { self.zero.0 } else { self.zero.1 });
+                i += 1;
+                continue;
+            }
+            // A span of consecutive pieces with data, read at once.
+            let mut j = i + 1;
+            let mut span_end = e;
+            while j < to {
+                let (s2, e2) = self.piece(j);
+                if e2 - s > span_max || self.is_zero(s2, e2) {
+                    break;
+                }
+                span_end = e2;
+                j += 1;
+            }
+            buf.resize((span_end - s) as usize, 0);
+            match self.reader.read_at(&mut buf, s) {
+                Ok(()) => out.extend(buf.chunks(self.block as usize).map(|p| *blake3::hash(p).as_bytes())),
+                Err(StoreError::CorruptChunk { stored: true, .. }) => {
+                    // Find the pieces that cannot be read; the others still count as equal.
+                    for k in i..j {
+                        let (ps, pe) = self.piece(k);
+                        let b = &mut buf[(ps - s) as usize..(pe - s) as usize];
+                        match self.reader.read_at(b, ps) {
+                            Ok(()) => out.push(*blake3::hash(b).as_bytes()),
+                            Err(e @ StoreError::CorruptChunk { stored: true, .. }) => {
+                                let info = self.reader.info();
+                                tracing::warn!(
+                                    disk = %info.disk, point = info.id, offset = ps,
+                                    "cannot read the point back ({e}): the agent will send this block again"
+                                );
+                                out.push(UNREADABLE_HASH);
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+            i = j;
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixStream;
+    use std::path::{Path, PathBuf};
+
+    use super::*;
+    use crate::StoreOptions;
+
+    const DISK: &str = "d0";
+    /// Not a multiple of any hash block: the last piece of a query to the end is short.
+    const SIZE: u64 = (1 << 20) + 5 * 512;
+
+    /// Deterministic bytes (xorshift64*).
+    fn bytes(seed: u64, n: usize) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x >> 12;
+                x ^= x << 25;
+                x ^= x >> 27;
+                (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 56) as u8
+            })
+            .collect()
+    }
+
+    fn put(store: &Store, data: &[u8]) -> Hash {
+        let hash = *blake3::hash(data).as_bytes();
+        store.put_chunk(&hash, data.len() as u32, &zstd::bulk::compress(data, 1).unwrap()).unwrap();
+        hash
+    }
+
+    /// A store (64 KiB map regions) holding one point of `DISK`: data extents, a zeroed one
+    /// and never-written gaps. Returns the point's image too.
+    fn store_with_point() -> (tempfile::TempDir, Store, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            Store::open_with(&dir.path().join("store"), &StoreOptions { region_size: 64 << 10 }).unwrap();
+        store.register_disk(DISK, SIZE, 512).unwrap();
+        let mut image = vec![0u8; SIZE as usize];
+        let mut p = store.begin(DISK, 1, GenerationKind::InitialFull, None).unwrap();
+        for (i, &(off, len)) in [
+            (0u64, 8192u64),
+            (12288, 512),
+            (60 << 10, 10 << 10), // across a map region's end
+            (200 << 10, 300 << 10),
+            (SIZE - 1536, 1536), // the disk's last bytes
+        ]
+        .iter()
+        .enumerate()
+        {
+            let data = bytes(i as u64 + 1, len as usize);
+            p.add_chunk(off, len as u32, put(&store, &data)).unwrap();
+            image[off as usize..(off + len) as usize].copy_from_slice(&data);
+        }
+        p.add_zero(300 << 10, 8192).unwrap();
+        image[300 << 10..(300 << 10) + 8192].fill(0);
+        p.commit(1, Consistency::Crash).unwrap();
+        (dir, store, image)
+    }
+
+    fn expected(image: &[u8], offset: u64, len: u64, block: u32) -> Vec<Hash> {
+        image[offset as usize..(offset + len) as usize]
+            .chunks(block as usize)
+            .map(|p| *blake3::hash(p).as_bytes())
+            .collect()
+    }
+
+    #[test]
+    fn hashes_equal_blake3_of_what_the_point_reads() {
+        let (_dir, store, image) = store_with_point();
+        let reader = store.open_point(DISK, PointSel::Id(1)).unwrap();
+        let mut zero = ZeroHashes::default();
+        for block in [4096u32, 8192, 64 << 10, 1 << 20, 64 << 20] {
+            let b = u64::from(block);
+            let mut ranges = vec![(0, SIZE), (0, 1), (SIZE / b * b, SIZE % b), (0, (3 * b + 100).min(SIZE))];
+            if b < SIZE {
+                ranges.extend([(b, SIZE - b), (b, b.min(SIZE - b))]);
+            }
+            for (offset, len) in ranges {
+                if len == 0 {
+                    continue;
+                }
+                let got = point_hashes(&reader, offset, len, block, &mut zero).unwrap();
+                // The reference: blake3 of PointReader::read_at, piece by piece.
+                let mut buf = vec![0u8; len as usize];
+                reader.read_at(&mut buf, offset).unwrap();
+                let from_read: Vec<Hash> =
+                    buf.chunks(block as usize).map(|p| *blake3::hash(p).as_bytes()).collect();
+                assert_eq!(got, from_read, "block {block}, range {offset}+{len}");
+                assert_eq!(got, expected(&image, offset, len, block), "block {block}, range {offset}+{len}");
+                assert_eq!(got.len() as u64, wire::hash_count(len, block));
+            }
+        }
+        // Zero ranges hash as zeroes of their length, without data.
+        let z = point_hashes(&reader, 512 << 10, 64 << 10, 4096, &mut zero).unwrap();
+        assert!(z.iter().all(|h| h == blake3::hash(&[0; 4096]).as_bytes()));
+        // Outside the disk: refused.
+        assert!(matches!(
+            point_hashes(&reader, SIZE - 4096, 8192, 4096, &mut zero),
+            Err(StoreError::OutOfRange { .. })
+        ));
+    }
+
+    #[test]
+    fn a_large_range_is_hashed_by_several_threads_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let size = 24u64 << 20;
+        store.register_disk(DISK, size, 4096).unwrap();
+        let mut image = vec![0u8; size as usize];
+        let mut p = store.begin(DISK, 1, GenerationKind::InitialFull, None).unwrap();
+        for (i, off) in (0..size).step_by(3 << 20).enumerate() {
+            let data = bytes(i as u64 + 10, 1 << 20);
+            p.add_chunk(off, 1 << 20, put(&store, &data)).unwrap();
+            image[off as usize..off as usize + (1 << 20)].copy_from_slice(&data);
+        }
+        p.commit(1, Consistency::Crash).unwrap();
+        let reader = store.open_point(DISK, PointSel::Id(1)).unwrap();
+        for (offset, len, block) in
+            [(0, size, 64 << 10), (4 << 20, size - (4 << 20) - 4096, 4096), (0, size, 1 << 20)]
+        {
+            assert!(len >= HASH_THREADS as u64 * HASH_READ);
+            let got = point_hashes(&reader, offset, len, block, &mut ZeroHashes::default()).unwrap();
+            assert_eq!(
+                got,
+                expected(&image, offset, len, block),
+                "range {offset}+{len} in blocks of {block}"
+            );
+        }
+    }
+
+    /// The file of a stored chunk, wherever the store keeps it.
+    fn find_file(dir: &Path, name: &str) -> Option<PathBuf> {
+        for e in std::fs::read_dir(dir).ok()? {
+            let p = e.ok()?.path();
+            if p.is_dir() {
+                if let Some(f) = find_file(&p, name) {
+                    return Some(f);
+                }
+            } else if p.file_name().is_some_and(|n| n == name) {
+                return Some(p);
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn an_unreadable_chunk_answers_a_hash_that_matches_nothing() {
+        let (_dir, store, image) = store_with_point();
+        // Corrupt the chunk at 200 KiB (300 KiB long): its pieces answer UNREADABLE_HASH,
+        // every other piece its real hash.
+        let hash = *blake3::hash(&bytes(4, 300 << 10)).as_bytes();
+        let name: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+        let path = find_file(store.root(), &name).expect("the chunk's file");
+        let mut data = std::fs::read(&path).unwrap();
+        let n = data.len();
+        data[n - 10] ^= 0xff;
+        std::fs::write(&path, data).unwrap();
+        let reader = store.open_point(DISK, PointSel::Id(1)).unwrap();
+        let got = point_hashes(&reader, 0, SIZE, 64 << 10, &mut ZeroHashes::default()).unwrap();
+        let want = expected(&image, 0, SIZE, 64 << 10);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let (s, e) = ((i as u64) << 16, ((i as u64 + 1) << 16).min(SIZE));
+            let corrupt = s < 500 << 10 && e > 200 << 10 && !(s >= 300 << 10 && e <= (300 << 10) + 8192);
+            if corrupt {
+                assert_eq!(*g, UNREADABLE_HASH, "piece {i}");
+            } else {
+                assert_eq!(g, w, "piece {i}");
+            }
+        }
+    }
+
+    /// A client's end of a session run on a thread.
+    struct Client {
+        stream: UnixStream,
+        dec: Decoder,
+        thread: Option<std::thread::JoinHandle<io::Result<()>>>,
+    }
+
+    impl Client {
+        fn start(store: &Arc<Store>) -> Client {
+            let (ours, theirs) = UnixStream::pair().unwrap();
+            let store = store.clone();
+            let thread = std::thread::spawn(move || {
+                let access = Access { tls: None, enrollment: Enrollment::default(), metrics: Arc::default() };
+                let conn =
+                    Conn { stream: theirs, dec: Decoder::new(), buf: vec![0; 64 << 10], out: Vec::new() };
+                session(conn, &access, None, &store, "test")
+            });
+            let mut c = Client { stream: ours, dec: Decoder::new(), thread: Some(thread) };
+            c.send(&Frame::Hello { min_version: 1, max_version: 1, agent: "test".into() });
+            assert!(matches!(c.recv(), Some(Frame::Welcome { version: 1, .. })));
+            c
+        }
+
+        fn send(&mut self, f: &Frame) {
+            let mut out = Vec::new();
+            f.encode(&mut out);
+            self.stream.write_all(&out).unwrap();
+        }
+
+        fn recv(&mut self) -> Option<Frame> {
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                if let Some(f) = self.dec.next_frame().unwrap() {
+                    return Some(f);
+                }
+                let n = self.stream.read(&mut buf).unwrap();
+                if n == 0 {
+                    return None;
+                }
+                self.dec.feed(&buf[..n]);
+            }
+        }
+
+        fn register(&mut self) -> Frame {
+            self.send(&Frame::RegisterDisk { disk: DISK.into(), size: SIZE, block_size: 512 });
+            self.recv().unwrap()
+        }
+
+        /// Expects an `Error` with `code`, then the end of the session.
+        fn expect_error(mut self, code: u16) {
+            match self.recv() {
+                Some(Frame::Error { code: c, .. }) => assert_eq!(c, code),
+                other => panic!("expected an error {code}, got {other:?}"),
+            }
+            assert_eq!(self.recv(), None);
+            self.thread.take().unwrap().join().unwrap().unwrap();
+        }
+    }
+
+    fn query(point: u64, offset: u64, len: u64, block: u32) -> Frame {
+        Frame::HashQuery { disk: DISK.into(), point, offset, len, block }
+    }
+
+    #[test]
+    fn a_session_answers_hash_queries_in_order_and_refuses_bad_ones() {
+        let (_dir, store, image) = store_with_point();
+        let store = Arc::new(store);
+        let mut c = Client::start(&store);
+        // Before RegisterDisk the disk is unknown to the session.
+        c.send(&query(1, 0, 4096, 4096));
+        c.expect_error(wire::ERR_BAD_REQUEST);
+
+        let mut c = Client::start(&store);
+        assert!(matches!(c.register(), Frame::DiskState { latest: Some(PointRef { point: 1, .. }), .. }));
+        // Pipelined: the answers come in the order asked.
+        let asks = [(0, SIZE, 64 << 10), (64 << 10, 64 << 10, 4096), (1 << 20, SIZE - (1 << 20), 4096)];
+        for &(o, l, b) in &asks {
+            c.send(&query(1, o, l, b));
+        }
+        for &(o, l, b) in &asks {
+            assert_eq!(
+                c.recv(),
+                Some(Frame::Hashes { offset: o, block: b, hashes: expected(&image, o, l, b) })
+            );
+        }
+        // A point the disk does not have.
+        c.send(&query(9, 0, 4096, 4096));
+        c.expect_error(wire::ERR_BAD_REQUEST);
+        // A range past the disk's end.
+        let mut c = Client::start(&store);
+        c.register();
+        c.send(&query(1, 1 << 20, 8192, 4096));
+        c.expect_error(wire::ERR_BAD_REQUEST);
+    }
+
+    /// A resync as the agent runs it: an InitialFull generation on the latest point, hash
+    /// queries between the chunks, a checkpoint, a reconnect that resumes, and the commit.
+    #[test]
+    fn a_resync_generation_on_a_base_resumes_and_commits() {
+        let (_dir, store, mut image) = store_with_point();
+        let store = Arc::new(store);
+        let mut c = Client::start(&store);
+        c.register();
+        c.send(&Frame::BeginGeneration {
+            disk: DISK.into(),
+            generation: 5,
+            kind: wire::GenerationKind::InitialFull,
+            base_point: Some(1),
+        });
+        c.send(&query(1, 0, 64 << 10, 4096));
+        assert!(matches!(c.recv(), Some(Frame::Hashes { .. })));
+        let data = bytes(99, 4096);
+        c.send(&Frame::Chunk {
+            offset: 4096,
+            len: 4096,
+            hash: *blake3::hash(&data).as_bytes(),
+            data: ChunkData::Compressed(zstd::bulk::compress(&data, 1).unwrap()),
+        });
+        image[4096..8192].copy_from_slice(&data);
+        c.send(&Frame::Progress { next_offset: 512 << 10 });
+        assert_eq!(c.recv(), Some(Frame::ProgressAck { next_offset: 512 << 10 }));
+        drop(c); // the connection breaks
+        let mut c = Client::start(&store);
+        match c.register() {
+            Frame::DiskState { latest, initial, .. } => {
+                assert_eq!(latest.map(|l| l.point), Some(1));
+                assert_eq!(initial, Some(InitialSync { generation: 5, next_offset: 512 << 10 }));
+            }
+            f => panic!("{f:?}"),
+        }
+        c.send(&Frame::BeginGeneration {
+            disk: DISK.into(),
+            generation: 5,
+            kind: wire::GenerationKind::InitialFull,
+            base_point: Some(1),
+        });
+        // Above the checkpoint the base still answers.
+        c.send(&query(1, 512 << 10, SIZE - (512 << 10), 64 << 10));
+        assert_eq!(
+            c.recv(),
+            Some(Frame::Hashes {
+                offset: 512 << 10,
+                block: 64 << 10,
+                hashes: expected(&image, 512 << 10, SIZE - (512 << 10), 64 << 10)
+            })
+        );
+        c.send(&Frame::Zero { offset: SIZE - 1024, len: 1024 });
+        image[SIZE as usize - 1024..].fill(0);
+        c.send(&Frame::Commit {
+            generation: 5,
+            cut_unix_ms: 7,
+            consistency: wire::Consistency::Inconsistent,
+        });
+        assert_eq!(c.recv(), Some(Frame::Committed { point: 2, generation: 5 }));
+        let reader = store.open_point(DISK, PointSel::Latest).unwrap();
+        assert_eq!(reader.info().consistency, Consistency::Inconsistent);
+        let mut got = vec![0u8; SIZE as usize];
+        reader.read_at(&mut got, 0).unwrap();
+        assert!(got == image, "the resynced point reads as the base with the changes applied");
+    }
 }

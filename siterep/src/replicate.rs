@@ -98,9 +98,21 @@ pub struct AgentArgs {
     /// Scale the retry delays (1, 2, 4, 8, 10 minutes, then every 30); e.g. 0.001 for tests.
     #[arg(long, default_value_t = 1.0)]
     retry_scale: f64,
-    /// Run one cycle (the initial copy, or one generation), print a JSON summary, exit.
+    /// Run one cycle (the initial copy, a resync, or one generation), print a JSON summary, exit.
     #[arg(long)]
     once: bool,
+    /// Resync now: compare the disk with the server's latest point by hashes and send only the
+    /// blocks that differ (with --once: just the resync). Also automatic when the shim requires
+    /// it (tracking lost) or the backlog exceeds half the disk.
+    #[arg(long)]
+    resync: bool,
+    /// Most bytes per second a resync reads from the disk (default: unlimited).
+    #[arg(long, value_name = "BYTES_PER_SEC", value_parser = parse_size)]
+    resync_rate: Option<u64>,
+    /// A resync pauses its reads while the application dirties more than this many new bytes
+    /// per second (measured every second; after 10 s of pausing it runs 2 s regardless); 0: never.
+    #[arg(long, value_name = "BYTES_PER_SEC", default_value = "32M", value_parser = parse_size)]
+    resync_backoff: u64,
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, value_name = "HOST:PORT")]
     metrics: Option<String>,
@@ -109,6 +121,9 @@ pub struct AgentArgs {
 pub fn agent(args: AgentArgs) -> Result<()> {
     if !(args.retry_scale > 0.0 && args.retry_scale <= 100.0) {
         bail!("--retry-scale must be in (0, 100]");
+    }
+    if args.resync_rate == Some(0) {
+        bail!("--resync-rate must be above 0");
     }
     if (args.pre_hook.is_some() || args.post_hook.is_some()) && args.app_consistent_every.is_none() {
         bail!("--pre-hook/--post-hook need --app-consistent-every");
@@ -148,6 +163,11 @@ pub fn agent(args: AgentArgs) -> Result<()> {
         retry_scale: args.retry_scale,
         once: args.once,
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        resync: agent::ResyncOptions {
+            force: args.resync,
+            rate: args.resync_rate,
+            backoff_rate: args.resync_backoff,
+        },
     };
     match agent::run(&cfg) {
         Ok(Some(summary)) => {

@@ -1,7 +1,9 @@
 //! What can be wrong with a peer's bytes (`docs/wire.md` §2, §3, §5).
 
 use crate::frame::{fit_string, ErrorClass, Frame, ERR_BAD_REQUEST, ERR_TOO_LARGE};
-use crate::{MAX_CHUNK, MAX_COMPRESSED, MAX_FRAME, MAX_HAVE, MAX_STRING};
+use crate::{
+    MAX_CHUNK, MAX_COMPRESSED, MAX_FRAME, MAX_HASHES, MAX_HASH_BLOCK, MAX_HAVE, MAX_STRING, MIN_HASH_BLOCK,
+};
 
 /// A frame that cannot be accepted. Decoding errors are final: the connection must be closed
 /// (after sending [`WireError::error_frame`], if the sender is to learn why). [`Frame::check`]
@@ -59,6 +61,17 @@ pub enum WireError {
     /// A `HaveReply` with bits set past its count (§4.9).
     #[error("HaveReply has bits set past its count")]
     HaveReplyPadding,
+    /// A `HashQuery` or `Hashes` block size that is not a power of two from [`MIN_HASH_BLOCK`]
+    /// to [`MAX_HASH_BLOCK`], or a `HashQuery` offset that is not a multiple of it (§4.15).
+    #[error(
+        "hash block {block} at offset {offset}: blocks are powers of two from {MIN_HASH_BLOCK} to \
+         {MAX_HASH_BLOCK} and offsets multiples of them"
+    )]
+    BadHashBlock { block: u32, offset: u64 },
+    /// A `HashQuery` covering more than [`MAX_HASHES`] blocks, or a `Hashes` reply with more
+    /// hashes (§4.15, §4.16).
+    #[error("{frame} count {count} exceeds MAX_HASHES ({MAX_HASHES})")]
+    HashCountTooLarge { frame: &'static str, count: u64 },
 }
 
 /// Whose fault a [`WireError`] is, and so what the connection's end is reported as (§5).
@@ -83,7 +96,8 @@ impl WireError {
             | WireError::StringTooLong { .. }
             | WireError::ChunkTooLarge { .. }
             | WireError::PayloadTooLarge { .. }
-            | WireError::CountTooLarge { .. } => Fault::TooLarge,
+            | WireError::CountTooLarge { .. }
+            | WireError::HashCountTooLarge { .. } => Fault::TooLarge,
             WireError::EmptyFrame
             | WireError::UnknownType(_)
             | WireError::BadMagic(_)
@@ -93,7 +107,8 @@ impl WireError {
             | WireError::InvalidUtf8(_)
             | WireError::BadVersionRange { .. }
             | WireError::BadExtent { .. }
-            | WireError::HaveReplyPadding => Fault::Violation,
+            | WireError::HaveReplyPadding
+            | WireError::BadHashBlock { .. } => Fault::Violation,
         }
     }
 

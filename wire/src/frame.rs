@@ -2,7 +2,10 @@
 //! §5.
 
 use crate::error::WireError;
-use crate::{MAGIC, MAX_CHUNK, MAX_COMPRESSED, MAX_FRAME, MAX_HAVE, MAX_STRING};
+use crate::{
+    MAGIC, MAX_CHUNK, MAX_COMPRESSED, MAX_FRAME, MAX_HASHES, MAX_HASH_BLOCK, MAX_HAVE, MAX_STRING,
+    MIN_HASH_BLOCK,
+};
 
 /// A blake3 hash of a chunk's uncompressed bytes (§1).
 pub type Hash = [u8; 32];
@@ -22,6 +25,8 @@ pub(crate) const T_COMMIT: u8 = 11;
 pub(crate) const T_COMMITTED: u8 = 12;
 pub(crate) const T_PROGRESS_ACK: u8 = 13;
 pub(crate) const T_ERROR: u8 = 14;
+pub(crate) const T_HASH_QUERY: u8 = 15;
+pub(crate) const T_HASHES: u8 = 16;
 
 /// Bytes of the length field that starts every frame (§2).
 pub(crate) const LEN_FIELD: usize = 4;
@@ -156,6 +161,12 @@ pub enum Frame {
     ProgressAck { next_offset: u64 },
     /// Type 14, either way: the session ends (§4.14, §5).
     Error { class: ErrorClass, code: u16, message: String },
+    /// Type 15, agent → server: the blake3 of every `block`-sized piece of `point`'s data in
+    /// `[offset, offset + len)`, the last piece cut at `offset + len` (§4.15).
+    HashQuery { disk: String, point: u64, offset: u64, len: u64, block: u32 },
+    /// Type 16, server → agent: the answer to a `HashQuery`, one hash per piece in order
+    /// (§4.16).
+    Hashes { offset: u64, block: u32, hashes: Vec<Hash> },
 }
 
 /// The name of a frame type, or `None` for a type byte no frame has.
@@ -175,6 +186,8 @@ pub(crate) fn type_name(ty: u8) -> Option<&'static str> {
         T_COMMITTED => "Committed",
         T_PROGRESS_ACK => "ProgressAck",
         T_ERROR => "Error",
+        T_HASH_QUERY => "HashQuery",
+        T_HASHES => "Hashes",
         _ => return None,
     })
 }
@@ -197,6 +210,8 @@ pub(crate) const fn max_frame_len(ty: u8) -> Option<u32> {
         T_COMMIT => 1 + 8 + 8 + 1,
         T_COMMITTED => 1 + 8 + 8,
         T_ERROR => 1 + 1 + 2 + S,
+        T_HASH_QUERY => 1 + S + 8 + 8 + 8 + 4,
+        T_HASHES => 1 + 8 + 4 + 4 + 32 * MAX_HASHES as u32,
         _ => return None,
     })
 }
@@ -229,6 +244,38 @@ fn check_count(frame: &'static str, count: usize) -> Result<(), WireError> {
         return Err(WireError::CountTooLarge { frame, count: count as u64 });
     }
     Ok(())
+}
+
+/// How many pieces a `HashQuery` of `len` bytes in blocks of `block` bytes has: its `Hashes`
+/// reply's count (§4.15). `block` must not be 0.
+pub fn hash_count(len: u64, block: u32) -> u64 {
+    len.div_ceil(u64::from(block))
+}
+
+/// Checks a hash block size and the offset it is aligned to (§4.15, §4.16).
+fn check_hash_block(block: u32, offset: u64) -> Result<(), WireError> {
+    if !block.is_power_of_two()
+        || !(MIN_HASH_BLOCK..=MAX_HASH_BLOCK).contains(&block)
+        || offset % u64::from(block) != 0
+    {
+        return Err(WireError::BadHashBlock { block, offset });
+    }
+    Ok(())
+}
+
+fn check_hash_count(frame: &'static str, count: u64) -> Result<(), WireError> {
+    if count > MAX_HASHES as u64 {
+        return Err(WireError::HashCountTooLarge { frame, count });
+    }
+    Ok(())
+}
+
+/// Checks a `HashQuery`'s range (§4.15): a non-empty extent, aligned to a valid block, of at
+/// most [`MAX_HASHES`] blocks.
+fn check_hash_query(offset: u64, len: u64, block: u32) -> Result<(), WireError> {
+    check_extent(offset, len)?;
+    check_hash_block(block, offset)?;
+    check_hash_count("HashQuery", hash_count(len, block))
 }
 
 /// `s` cut to at most [`MAX_STRING`] bytes, at a character boundary.
@@ -267,6 +314,8 @@ impl Frame {
             Frame::Committed { .. } => T_COMMITTED,
             Frame::ProgressAck { .. } => T_PROGRESS_ACK,
             Frame::Error { .. } => T_ERROR,
+            Frame::HashQuery { .. } => T_HASH_QUERY,
+            Frame::Hashes { .. } => T_HASHES,
         }
     }
 
@@ -303,6 +352,14 @@ impl Frame {
             Frame::Zero { offset, len } => check_extent(*offset, *len),
             Frame::HaveQuery { hashes } => check_count("HaveQuery", hashes.len()),
             Frame::HaveReply { have } => check_count("HaveReply", have.len()),
+            Frame::HashQuery { disk, offset, len, block, .. } => {
+                check_string(disk)?;
+                check_hash_query(*offset, *len, *block)
+            }
+            Frame::Hashes { offset, block, hashes } => {
+                check_hash_block(*block, *offset)?;
+                check_hash_count("Hashes", hashes.len() as u64)
+            }
             Frame::Progress { .. }
             | Frame::Commit { .. }
             | Frame::Committed { .. }
@@ -337,6 +394,8 @@ impl Frame {
             Frame::Commit { .. } => 8 + 8 + 1,
             Frame::Committed { .. } => 16,
             Frame::Error { message, .. } => 1 + 2 + s(message),
+            Frame::HashQuery { disk, .. } => s(disk) + 8 + 8 + 8 + 4,
+            Frame::Hashes { hashes, .. } => 8 + 4 + 4 + 32 * hashes.len(),
         };
         LEN_FIELD + 1 + body
     }
@@ -434,6 +493,21 @@ impl Frame {
                 out.push(*class as u8);
                 put_u16(out, *code);
                 put_str(out, message);
+            }
+            Frame::HashQuery { disk, point, offset, len, block } => {
+                put_str(out, disk);
+                put_u64(out, *point);
+                put_u64(out, *offset);
+                put_u64(out, *len);
+                put_u32(out, *block);
+            }
+            Frame::Hashes { offset, block, hashes } => {
+                put_u64(out, *offset);
+                put_u32(out, *block);
+                put_u32(out, hashes.len() as u32);
+                for h in hashes {
+                    out.extend_from_slice(h);
+                }
             }
         }
         let len = u32::try_from(out.len() - start - LEN_FIELD).expect("checked frame fits MAX_FRAME");
@@ -537,6 +611,24 @@ impl Frame {
                 code: r.u16()?,
                 message: r.string()?,
             },
+            T_HASH_QUERY => {
+                let (disk, point, offset, len, block) = (r.string()?, r.u64()?, r.u64()?, r.u64()?, r.u32()?);
+                check_hash_query(offset, len, block)?;
+                Frame::HashQuery { disk, point, offset, len, block }
+            }
+            T_HASHES => {
+                let (offset, block) = (r.u64()?, r.u32()?);
+                check_hash_block(block, offset)?;
+                let count = r.u32()?;
+                check_hash_count(frame, u64::from(count))?;
+                // The count is checked, and the bytes are there, before the vector is allocated.
+                let bytes = r.take(32 * count as usize)?;
+                Frame::Hashes {
+                    offset,
+                    block,
+                    hashes: bytes.chunks_exact(32).map(|h| h.try_into().unwrap()).collect(),
+                }
+            }
             _ => unreachable!("type_name knows every type"),
         };
         r.finish()?;
@@ -743,6 +835,10 @@ pub(crate) mod tests {
             Frame::ProgressAck { next_offset: 123 << 20 },
             Frame::Error { class: ErrorClass::Retryable, code: ERR_BUSY, message: "busy".into() },
             Frame::Error { class: ErrorClass::Fatal, code: ERR_VERSION, message: String::new() },
+            Frame::HashQuery { disk: "d".into(), point: 7, offset: 64 << 20, len: 64 << 20, block: 64 << 10 },
+            Frame::HashQuery { disk: "d".into(), point: 1, offset: 0, len: 1, block: MIN_HASH_BLOCK },
+            Frame::Hashes { offset: 64 << 20, block: 4096, hashes: vec![[5; 32], [6; 32]] },
+            Frame::Hashes { offset: 0, block: MAX_HASH_BLOCK, hashes: Vec::new() },
         ]
     }
 
@@ -774,6 +870,18 @@ pub(crate) mod tests {
         ];
         let chunk = (1..=MAX_CHUNK).prop_flat_map(|len| (0..=u64::MAX - u64::from(len), Just(len)));
         let extent = (1..=u64::MAX).prop_flat_map(|len| (0..=u64::MAX - len, Just(len)));
+        let shift = MIN_HASH_BLOCK.trailing_zeros()..=MAX_HASH_BLOCK.trailing_zeros();
+        // An aligned range of 1..=MAX_HASHES blocks, the last one possibly short.
+        let query = (shift.clone(), 1..=MAX_HASHES as u64)
+            .prop_flat_map(|(shift, n)| {
+                let block = 1u64 << shift;
+                ((n - 1) * block + 1..=n * block).prop_map(move |len| (shift, len))
+            })
+            .prop_flat_map(|(shift, len)| {
+                (0..=(u64::MAX - len) >> shift).prop_map(move |i| (i << shift, len, 1u32 << shift))
+            });
+        let hashes = (shift, any::<u64>(), proptest::collection::vec(arb_hash(), 0..40))
+            .prop_map(|(shift, i, hashes)| (i >> shift << shift, 1u32 << shift, hashes));
         prop_oneof![
             (any::<u16>(), any::<u16>(), arb_string()).prop_map(|(a, b, agent)| Frame::Hello {
                 min_version: a.min(b),
@@ -814,6 +922,10 @@ pub(crate) mod tests {
                 code,
                 message
             }),
+            (arb_string(), any::<u64>(), query).prop_map(|(disk, point, (offset, len, block))| {
+                Frame::HashQuery { disk, point, offset, len, block }
+            }),
+            hashes.prop_map(|(offset, block, hashes)| Frame::Hashes { offset, block, hashes }),
         ]
     }
 
@@ -843,7 +955,7 @@ pub(crate) mod tests {
         let samples = samples();
         let mut types: Vec<u8> = samples.iter().map(Frame::frame_type).collect();
         types.dedup();
-        assert_eq!(types, (1..=14).collect::<Vec<u8>>(), "samples cover every type in order");
+        assert_eq!(types, (1..=16).collect::<Vec<u8>>(), "samples cover every type in order");
         for f in samples {
             let b = encode(&f);
             assert_eq!(b.len(), f.encoded_len(), "{f:?}");
@@ -902,7 +1014,9 @@ pub(crate) mod tests {
             Frame::Commit { generation: 0, cut_unix_ms: 0, consistency: Consistency::App },
             Frame::Committed { point: 0, generation: 0 },
             Frame::ProgressAck { next_offset: 0 },
-            Frame::Error { class: ErrorClass::Fatal, code: 0, message: s },
+            Frame::Error { class: ErrorClass::Fatal, code: 0, message: s.clone() },
+            Frame::HashQuery { disk: s, point: 0, offset: 0, len: 1, block: MIN_HASH_BLOCK },
+            Frame::Hashes { offset: 0, block: MIN_HASH_BLOCK, hashes: vec![[0; 32]; MAX_HASHES] },
         ];
         for f in big {
             let b = encode(&f);
@@ -910,7 +1024,7 @@ pub(crate) mod tests {
             assert_eq!(decode(&b), Ok(f));
         }
         assert_eq!(max_frame_len(0), None);
-        assert_eq!(max_frame_len(15), None);
+        assert_eq!(max_frame_len(17), None);
     }
 
     #[test]
@@ -1055,6 +1169,75 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn hash_query_limits() {
+        let q = |offset: u64, len: u64, block: u32| {
+            let mut body = vec![0, 1, b'd'];
+            body.extend_from_slice(&3u64.to_be_bytes());
+            body.extend_from_slice(&offset.to_be_bytes());
+            body.extend_from_slice(&len.to_be_bytes());
+            body.extend_from_slice(&block.to_be_bytes());
+            decode(&raw(T_HASH_QUERY, &body))
+        };
+        let max = MAX_HASHES as u64;
+        // MAX_HASHES blocks, the last one short, is the most a query covers.
+        assert!(q(0, max * 4096, 4096).is_ok());
+        assert!(q(4096, max * 4096 - 1, 4096).is_ok());
+        let e = q(0, max * 4096 + 1, 4096).unwrap_err();
+        assert_eq!(e, WireError::HashCountTooLarge { frame: "HashQuery", count: max + 1 });
+        assert_eq!(e.fault(), Fault::TooLarge);
+        let e = q(0, u64::MAX, MAX_HASH_BLOCK).unwrap_err();
+        assert!(matches!(e, WireError::HashCountTooLarge { .. }), "{e:?}");
+        // Blocks: powers of two in range, offsets aligned to them.
+        for (offset, block) in
+            [(0, 4095), (0, 2048), (0, 6 << 10), (0, MAX_HASH_BLOCK * 2), (512, 4096), (0, 0)]
+        {
+            let e = q(offset, 4096, block).unwrap_err();
+            assert_eq!(e, WireError::BadHashBlock { block, offset });
+            assert_eq!(e.fault(), Fault::Violation);
+        }
+        assert!(q(MAX_HASH_BLOCK as u64 * 3, 1, MAX_HASH_BLOCK).is_ok());
+        // The range is an extent: not empty, no overflow.
+        assert_eq!(q(0, 0, 4096), Err(WireError::BadExtent { offset: 0, len: 0 }));
+        assert_eq!(
+            q(u64::MAX - 4095, 4096, 4096),
+            Err(WireError::BadExtent { offset: u64::MAX - 4095, len: 4096 })
+        );
+        let f = Frame::HashQuery { disk: "d".into(), point: 1, offset: 0, len: 1 << 40, block: 4096 };
+        assert!(matches!(f.check(), Err(WireError::HashCountTooLarge { .. })));
+        assert_eq!(hash_count(1, 4096), 1);
+        assert_eq!(hash_count(4097, 4096), 2);
+        assert_eq!(hash_count(64 << 20, 64 << 10), 1024);
+    }
+
+    #[test]
+    fn hashes_limits() {
+        let h = |offset: u64, block: u32, count: u32, present: usize| {
+            let mut body = offset.to_be_bytes().to_vec();
+            body.extend_from_slice(&block.to_be_bytes());
+            body.extend_from_slice(&count.to_be_bytes());
+            body.extend_from_slice(&vec![7; 32 * present]);
+            decode(&raw(T_HASHES, &body))
+        };
+        assert_eq!(
+            h(8192, 4096, 2, 2),
+            Ok(Frame::Hashes { offset: 8192, block: 4096, hashes: vec![[7; 32]; 2] })
+        );
+        // The count is refused before anything is allocated for it, bytes present or not.
+        let n = MAX_HASHES as u32 + 1;
+        assert_eq!(
+            h(0, 4096, n, 0),
+            Err(WireError::HashCountTooLarge { frame: "Hashes", count: u64::from(n) })
+        );
+        assert!(matches!(h(0, 4096, u32::MAX, 0), Err(WireError::HashCountTooLarge { .. })));
+        assert_eq!(h(0, 4096, 3, 2), Err(WireError::Truncated { frame: "Hashes" }));
+        assert_eq!(h(0, 4096, 1, 2), Err(WireError::TrailingBytes { frame: "Hashes", extra: 32 }));
+        assert_eq!(h(100, 4096, 0, 0), Err(WireError::BadHashBlock { block: 4096, offset: 100 }));
+        assert_eq!(h(0, 1000, 0, 0), Err(WireError::BadHashBlock { block: 1000, offset: 0 }));
+        let f = Frame::Hashes { offset: 0, block: 4096, hashes: vec![[0; 32]; MAX_HASHES + 1] };
+        assert!(matches!(f.check(), Err(WireError::HashCountTooLarge { .. })));
+    }
+
+    #[test]
     fn truncated_bodies() {
         for f in samples() {
             let b = encode(&f);
@@ -1113,7 +1296,7 @@ pub(crate) mod tests {
         }
 
         #[test]
-        fn arbitrary_bodies_never_panic(ty in 0u8..=16, body in proptest::collection::vec(any::<u8>(), 0..200)) {
+        fn arbitrary_bodies_never_panic(ty in 0u8..=18, body in proptest::collection::vec(any::<u8>(), 0..200)) {
             if let Ok(f) = Frame::decode(ty, &body) {
                 // What decodes is canonical: it encodes back to the same bytes.
                 prop_assert_eq!(&encode(&f)[5..], &body[..]);

@@ -10,6 +10,9 @@
 //! - [`WireError`] says what was wrong with the peer's bytes and whose fault it is ([`Fault`]);
 //!   every decoding error ends the connection.
 //! - [`negotiate`] picks the session's version (§6.1).
+//! - `HashQuery`/`Hashes` (§4.15, §4.16, §6.8) let a resync compare the source's blocks with a
+//!   point's without moving the data: [`MAX_HASHES`] per reply, blocks of [`MIN_HASH_BLOCK`]
+//!   to [`MAX_HASH_BLOCK`].
 //!
 //! ```
 //! use wire::{Decoder, Frame};
@@ -38,9 +41,9 @@ mod frame;
 pub use decoder::Decoder;
 pub use error::{Fault, WireError};
 pub use frame::{
-    default_class, ChunkData, Consistency, ErrorClass, Frame, GenerationKind, Hash, InitialSync, PointRef,
-    ERR_AUTH, ERR_BAD_REQUEST, ERR_BUSY, ERR_CORRUPT_CHUNK, ERR_DISK_MISMATCH, ERR_NO_SUCH_DISK, ERR_STORAGE,
-    ERR_TOO_LARGE, ERR_VERSION,
+    default_class, hash_count, ChunkData, Consistency, ErrorClass, Frame, GenerationKind, Hash, InitialSync,
+    PointRef, ERR_AUTH, ERR_BAD_REQUEST, ERR_BUSY, ERR_CORRUPT_CHUNK, ERR_DISK_MISMATCH, ERR_NO_SUCH_DISK,
+    ERR_STORAGE, ERR_TOO_LARGE, ERR_VERSION,
 };
 
 /// The newest protocol version this crate speaks (§7).
@@ -63,6 +66,12 @@ pub const MAX_COMPRESSED: u32 = MAX_FRAME - frame::CHUNK_FIXED;
 pub const MAX_HAVE: usize = 1024;
 /// Longest string, in bytes of UTF-8 (§1, §3).
 pub const MAX_STRING: usize = 1024;
+/// Most hashes in one `Hashes` reply, and so most blocks one `HashQuery` covers (§3, §4.15).
+pub const MAX_HASHES: usize = 4096;
+/// Smallest block a `HashQuery` may ask hashes of (§3, §4.15).
+pub const MIN_HASH_BLOCK: u32 = 4 << 10;
+/// Largest block a `HashQuery` may ask hashes of (§3, §4.15).
+pub const MAX_HASH_BLOCK: u32 = 64 << 20;
 
 // The limits fit together, checked at compile time.
 const _: () = assert!(MIN_VERSION <= VERSION);
@@ -70,6 +79,10 @@ const _: () = assert!(MIN_VERSION <= VERSION);
 const _: () = assert!(MAX_CHUNK + MAX_CHUNK / 256 + (64 << 10) <= MAX_COMPRESSED);
 // A string's length fits its u16 field; a HaveQuery's count fits its u32.
 const _: () = assert!(MAX_STRING <= u16::MAX as usize && MAX_HAVE <= u32::MAX as usize);
+// A full Hashes reply fits in a frame; the hash blocks are powers of two.
+const _: () = assert!(1 + 8 + 4 + 4 + 32 * MAX_HASHES as u64 <= MAX_FRAME as u64);
+const _: () = assert!(MIN_HASH_BLOCK.is_power_of_two() && MAX_HASH_BLOCK.is_power_of_two());
+const _: () = assert!(MIN_HASH_BLOCK <= MAX_HASH_BLOCK);
 
 /// The version a session speaks (§6.1): the highest one both sides support, or `None` if their
 /// ranges do not overlap (or a range is empty).
