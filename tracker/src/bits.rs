@@ -129,6 +129,21 @@ impl SparseBits {
         end
     }
 
+    /// Number of bits set both here and in `other` (same length), and whether the last bit
+    /// is among them. A scan of the leaves both have allocated.
+    pub(crate) fn count_and(&self, other: &SparseBits) -> (u64, bool) {
+        let mut n = 0u64;
+        for (a, b) in self.leaves.iter().zip(other.leaves.iter()) {
+            if let (Some(a), Some(b)) = (a.get(), b.get()) {
+                for (x, y) in a.iter().zip(b.iter()) {
+                    n += u64::from((x.load(Ordering::Acquire) & y.load(Ordering::Acquire)).count_ones());
+                }
+            }
+        }
+        let last = self.nbits.checked_sub(1).is_some_and(|l| self.get(l) && other.get(l));
+        (n, last)
+    }
+
     /// Heap bytes in use.
     pub(crate) fn memory_bytes(&self) -> usize {
         let allocated = self.leaves.iter().filter(|l| l.get().is_some()).count();

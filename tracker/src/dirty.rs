@@ -189,15 +189,10 @@ impl DirtyMap {
         self.block_bytes(blocks, blocks > 0 && self.is_dirty_block(self.blocks - 1))
     }
 
-    /// Number of dirty bytes known to be zero (a scan of the zero set).
+    /// Number of dirty bytes known to be zero (a popcount over the leaves both sets have).
     pub fn zero_bytes(&self) -> u64 {
-        let mut n = 0;
-        for (e, s) in self.runs(0, self.size, usize::MAX) {
-            if s == BlockState::Zero {
-                n += e.len;
-            }
-        }
-        n
+        let (blocks, last) = self.zero.count_and(&self.dirty);
+        self.block_bytes(blocks, last)
     }
 
     /// Heap bytes the map uses now.
