@@ -102,6 +102,7 @@ fn tls_is_fatal(e: &rustls::Error) -> bool {
                 | A::AccessDenied
                 | A::CertificateRequired
                 | A::HandshakeFailure
+                | A::DecryptError
                 | A::ProtocolVersion
         ),
         _ => false,

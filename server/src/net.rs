@@ -410,6 +410,14 @@ fn begin(
         wire::GenerationKind::InitialFull => GenerationKind::InitialFull,
         wire::GenerationKind::Resync => GenerationKind::Resync,
     };
+    // An incremental applies on top of the latest point only: on any other base the changes
+    // committed since would silently vanish. The agent reconnects and learns the latest point.
+    if kind == GenerationKind::Incremental {
+        let latest = store.disk(disk)?.latest.map(|p| p.id);
+        if base.is_none() || base != latest {
+            return Err(StoreError::InvalidBase { base: base.unwrap_or(0), base_generation: 0, generation });
+        }
+    }
     if kind == GenerationKind::InitialFull {
         match store.resume_initial(disk) {
             Ok(Some(p)) if p.generation() == generation => return Ok(Receiving::Pending(Box::new(p))),

@@ -119,6 +119,9 @@ pub struct AgentArgs {
 }
 
 pub fn agent(args: AgentArgs) -> Result<()> {
+    if args.interval < Duration::from_millis(100) {
+        bail!("--interval must be at least 100ms");
+    }
     if !(args.retry_scale > 0.0 && args.retry_scale <= 100.0) {
         bail!("--retry-scale must be in (0, 100]");
     }
