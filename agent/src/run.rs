@@ -248,8 +248,10 @@ impl Agent<'_> {
                 self.ship_generation(&mut link, id, &mut latest)?
             } else {
                 self.wait_for_cycle()?;
-                let cut = self.cut()?;
-                self.ship_generation(&mut link, cut.generation, &mut latest)?
+                // Cut, then loop: the oldest unreleased generation always ships first, so a
+                // generation cut by someone else (quiesce, a manual cut) is never skipped.
+                self.cut()?;
+                continue;
             };
             *failures = 0;
             if cfg.once {
