@@ -47,6 +47,12 @@ pub enum StoreError {
         #[source]
         source: FormatError,
     },
+    /// Another process (a running `siterep server`) has the store open for writing.
+    #[error("store {0} is in use by another process that writes it (a running siterep server?)")]
+    Locked(PathBuf),
+    /// A writing operation in a process that opened the store for reading.
+    #[error("{0} needs the store open for writing (this process only reads it)")]
+    ReadOnly(&'static str),
     /// The directory holds something that is not a store.
     #[error("{0} is not empty and has no store marker")]
     NotAStore(PathBuf),
@@ -72,6 +78,13 @@ pub enum StoreError {
     /// The base point is not older than the generation built on it.
     #[error("base point {base} (generation {base_generation}) is not older than generation {generation}")]
     InvalidBase { base: u64, base_generation: u64, generation: u64 },
+    /// An incremental whose base is not the disk's latest point: the changes committed since
+    /// would be lost. The agent's tracking no longer matches this copy; a resync mends it.
+    #[error(
+        "an incremental of disk {disk:?} must apply on its latest point {latest:?}, not {base:?} \
+         (the disk changed here since the agent's base; resync it: siterep agent --resync)"
+    )]
+    BaseNotLatest { disk: String, base: Option<u64>, latest: Option<u64> },
     /// A generation older than the disk's latest point that has no point of its own.
     #[error("generation {generation} of disk {disk:?} is older than its latest point's generation {latest}")]
     StaleGeneration { disk: String, generation: u64, latest: u64 },
@@ -107,6 +120,8 @@ impl StoreError {
             StoreError::Io { .. }
             | StoreError::Format { .. }
             | StoreError::NotAStore(_)
+            | StoreError::Locked(_)
+            | StoreError::ReadOnly(_)
             | StoreError::Poisoned => false,
             StoreError::CorruptChunk { stored, .. } => !stored,
             _ => true,

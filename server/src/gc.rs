@@ -25,6 +25,12 @@ use crate::{GcReport, Retention};
 pub(crate) fn retain(inner: &Inner, policy: &Retention, now_unix_ms: u64) -> Result<GcReport, StoreError> {
     let _gate = inner.exclusive();
     let mut report = GcReport::default();
+    // Another process reading the store (an export, a restore) may use any point and chunk.
+    let Some(_readers) = inner.exclude_readers()? else {
+        tracing::info!("retention deferred: another process is reading the store");
+        report.deferred = true;
+        return Ok(report);
+    };
     prune(inner, policy, now_unix_ms, &mut report)?;
     inner.fault("gc.after_prune")?;
     sweep(inner, &mut report)?;

@@ -121,6 +121,9 @@ pub struct GcReport {
     /// and referenced by none.
     #[serde(default)]
     pub staged_removed: u64,
+    /// Nothing was done: another process was reading the store (the next run retries).
+    #[serde(default)]
+    pub deferred: bool,
 }
 
 /// What a restore wrote.

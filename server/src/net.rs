@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +26,11 @@ use crate::{PendingPoint, PointInfo, PointReader, Store, StoreError};
 
 /// How long a connection may stay silent before the server drops it.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// After its last frame (an `Error`), how long the server keeps reading what the agent had
+/// already sent, and how much of it: closing a socket with unread data makes the kernel answer
+/// with a reset, which can destroy the `Error` before the agent reads it.
+const DRAIN_TIME: Duration = Duration::from_secs(2);
+const DRAIN_BYTES: usize = 64 << 20;
 
 /// Which disks each agent certificate may write.
 ///
@@ -141,20 +146,64 @@ pub fn serve(
     Ok(())
 }
 
-struct Conn<S: Read + Write> {
+/// A stream the server can half-close after its last frame.
+trait Stream: Read + Write {
+    /// Tells the agent that no more frames follow (TLS close_notify, then TCP FIN).
+    fn close_write(&mut self);
+    fn set_read_timeout(&mut self, t: Duration);
+}
+
+impl Stream for TcpStream {
+    fn close_write(&mut self) {
+        let _ = self.shutdown(Shutdown::Write);
+    }
+    fn set_read_timeout(&mut self, t: Duration) {
+        let _ = TcpStream::set_read_timeout(self, Some(t));
+    }
+}
+
+#[cfg(test)]
+impl Stream for std::os::unix::net::UnixStream {
+    fn close_write(&mut self) {
+        let _ = self.shutdown(Shutdown::Write);
+    }
+    fn set_read_timeout(&mut self, t: Duration) {
+        let _ = std::os::unix::net::UnixStream::set_read_timeout(self, Some(t));
+    }
+}
+
+impl Stream for StreamOwned<ServerConnection, TcpStream> {
+    fn close_write(&mut self) {
+        self.conn.send_close_notify();
+        let _ = self.flush();
+        self.sock.close_write();
+    }
+    fn set_read_timeout(&mut self, t: Duration) {
+        let _ = self.sock.set_read_timeout(Some(t));
+    }
+}
+
+struct Conn<S: Stream> {
     stream: S,
     dec: Decoder,
     buf: Vec<u8>,
     out: Vec<u8>,
 }
 
-impl<S: Read + Write> Conn<S> {
+impl<S: Stream> Conn<S> {
+    /// The next frame; `None` at the end of the stream. A frame that does not decode is
+    /// answered with its `Error` (the session ends).
     fn recv(&mut self) -> io::Result<Option<Frame>> {
         loop {
             match self.dec.next_frame() {
                 Ok(Some(f)) => return Ok(Some(f)),
                 Ok(None) => {}
-                Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+                Err(e) => {
+                    tracing::warn!("refusing: {e}");
+                    let _ = self.send(&e.error_frame());
+                    self.finish();
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+                }
             }
             let n = self.stream.read(&mut self.buf)?;
             if n == 0 {
@@ -171,9 +220,30 @@ impl<S: Read + Write> Conn<S> {
         self.stream.flush()
     }
 
+    /// Sends the session's last frame, an `Error`, and ends the session.
     fn error(&mut self, class: ErrorClass, code: u16, message: String) -> io::Result<()> {
         tracing::warn!(code, "refusing: {message}");
-        self.send(&Frame::Error { class, code, message })
+        let sent = self.send(&Frame::Error { class, code, message });
+        self.finish();
+        sent
+    }
+
+    /// Half-closes, then reads and drops what the agent had in flight (bounded by
+    /// [`DRAIN_TIME`] and [`DRAIN_BYTES`]), so the agent reads our last frame before the close.
+    fn finish(&mut self) {
+        self.stream.close_write();
+        self.stream.set_read_timeout(Duration::from_millis(200));
+        let deadline = std::time::Instant::now() + DRAIN_TIME;
+        let mut drained = 0;
+        while drained < DRAIN_BYTES && std::time::Instant::now() < deadline {
+            match self.stream.read(&mut self.buf) {
+                Ok(0) => break,
+                Ok(n) => drained += n,
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
     }
 }
 
@@ -181,7 +251,9 @@ impl<S: Read + Write> Conn<S> {
 fn classify(e: &StoreError) -> (ErrorClass, u16) {
     match e {
         StoreError::CorruptChunk { .. } => (ErrorClass::Retryable, wire::ERR_CORRUPT_CHUNK),
-        StoreError::DiskMismatch { .. } => (ErrorClass::Fatal, wire::ERR_DISK_MISMATCH),
+        StoreError::DiskMismatch { .. } | StoreError::BaseNotLatest { .. } => {
+            (ErrorClass::Fatal, wire::ERR_DISK_MISMATCH)
+        }
         StoreError::UnknownDisk(_) => (ErrorClass::Fatal, wire::ERR_NO_SUCH_DISK),
         StoreError::InvalidName { .. } | StoreError::InvalidGeometry { .. } => {
             (ErrorClass::Fatal, wire::ERR_BAD_REQUEST)
@@ -246,7 +318,7 @@ fn connection(tcp: TcpStream, access: &Access, store: &Store, name: &str) -> io:
     }
 }
 
-fn session<S: Read + Write>(
+fn session<S: Stream>(
     mut c: Conn<S>,
     access: &Access,
     fingerprint: Option<String>,
@@ -411,11 +483,11 @@ fn begin(
         wire::GenerationKind::Resync => GenerationKind::Resync,
     };
     // An incremental applies on top of the latest point only: on any other base the changes
-    // committed since would silently vanish. The agent reconnects and learns the latest point.
+    // committed since would silently vanish (docs/wire.md §6.3).
     if kind == GenerationKind::Incremental {
         let latest = store.disk(disk)?.latest.map(|p| p.id);
         if base.is_none() || base != latest {
-            return Err(StoreError::InvalidBase { base: base.unwrap_or(0), base_generation: 0, generation });
+            return Err(StoreError::BaseNotLatest { disk: disk.to_string(), base, latest });
         }
     }
     if kind == GenerationKind::InitialFull {

@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
+
 use crate::chunk;
 use crate::durable::{self, read_bounded, sync_dir, write_atomic, TmpNames, TMP_PREFIX};
 use crate::error::{FormatError, StoreError};
@@ -26,6 +29,12 @@ use crate::{
 };
 
 pub(crate) const MARKER: &str = "siterep-store";
+/// Held exclusively (`flock`) by the one process that writes the store.
+pub(crate) const WRITER_LOCK: &str = "writer.lock";
+/// Held shared by every process that only reads the store (`points`, `restore`, `export`,
+/// `failover`) for its whole life, and exclusively by the writer's retention: pruning and
+/// sweeping never run under another process's reader.
+pub(crate) const READERS_LOCK: &str = "readers.lock";
 pub(crate) const CHUNKS: &str = "chunks";
 /// Chunks received but not yet synced; emptied by every [`Store::open`].
 pub(crate) const INCOMING: &str = "incoming";
@@ -146,11 +155,43 @@ pub(crate) struct Inner {
     sync_handle: File,
     disk_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     pub(crate) tmp: TmpNames,
+    pub(crate) access: Access,
     #[cfg(test)]
     faults: Mutex<HashMap<&'static str, usize>>,
 }
 
+/// How this process holds the store (see [`Store::open`] and [`Store::open_reader`]).
+pub(crate) enum Access {
+    /// The writer: holds [`WRITER_LOCK`]; `readers` is [`READERS_LOCK`], locked exclusively
+    /// only while retention runs.
+    Writer { _lock: Flock<File>, readers: File },
+    /// A reader: holds [`READERS_LOCK`] shared.
+    Reader { _lock: Flock<File> },
+}
+
 impl Inner {
+    /// Refuses `op` in a process that opened the store for reading.
+    pub(crate) fn writable(&self, op: &'static str) -> Result<(), StoreError> {
+        match self.access {
+            Access::Writer { .. } => Ok(()),
+            Access::Reader { .. } => Err(StoreError::ReadOnly(op)),
+        }
+    }
+
+    /// Retention's cross-process exclusion: `None` while another process reads the store.
+    pub(crate) fn exclude_readers(&self) -> Result<Option<Flock<File>>, StoreError> {
+        let Access::Writer { readers, .. } = &self.access else {
+            return Err(StoreError::ReadOnly("retention"));
+        };
+        let path = self.root.join(READERS_LOCK);
+        let file = readers.try_clone().map_err(StoreError::io("dup", &path))?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Ok(Some(lock)),
+            Err((_, Errno::EWOULDBLOCK)) => Ok(None),
+            Err((_, e)) => Err(StoreError::io("lock", &path)(e.into())),
+        }
+    }
+
     pub(crate) fn shared(&self) -> RwLockReadGuard<'_, ()> {
         self.gate.read().unwrap_or_else(PoisonError::into_inner)
     }
@@ -408,12 +449,25 @@ impl Store {
     }
 
     /// Like [`Store::open`]; `options` apply only when the store is created.
+    ///
+    /// One process at a time may open a store this way (the writer: `siterep server`); a
+    /// second one gets [`StoreError::Locked`]. Processes that only read use
+    /// [`Store::open_reader`], which works beside the writer.
     pub fn open_with(root: &Path, options: &StoreOptions) -> Result<Store, StoreError> {
         fs::create_dir_all(root).map_err(StoreError::io("create directory", root))?;
         let marker = root.join(MARKER);
-        let region_size = match read_bounded(&marker, max_marker_bytes(), "store marker")? {
-            Some(buf) => {
-                let region_size = decode_marker(&buf).map_err(StoreError::format(&marker))?;
+        let existing = read_bounded(&marker, max_marker_bytes(), "store marker")?
+            .map(|buf| decode_marker(&buf).map_err(StoreError::format(&marker)))
+            .transpose()?;
+        let lock_path = root.join(WRITER_LOCK);
+        let writer_lock = match Flock::lock(lock_file(&lock_path)?, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => l,
+            Err((_, Errno::EWOULDBLOCK)) => return Err(StoreError::Locked(root.to_path_buf())),
+            Err((_, e)) => return Err(StoreError::io("lock", &lock_path)(e.into())),
+        };
+        let readers = lock_file(&root.join(READERS_LOCK))?;
+        let region_size = match existing {
+            Some(region_size) => {
                 for dir in [CHUNKS, PAGES, DISKS] {
                     if !root.join(dir).is_dir() {
                         return Err(StoreError::format(root.join(dir))(FormatError::Missing));
@@ -448,8 +502,28 @@ impl Store {
                 options.region_size
             }
         };
+        tracing::debug!(root = %root.display(), region_size, "store open for writing");
+        Store::with_access(root, region_size, Access::Writer { _lock: writer_lock, readers })
+    }
+
+    /// Opens an existing store to read its points (and tag them) while its writer, a running
+    /// `siterep server`, goes on: nothing of the writer's is touched, and the writer's retention
+    /// waits until this store is dropped. Writing methods return [`StoreError::ReadOnly`].
+    pub fn open_reader(root: &Path) -> Result<Store, StoreError> {
+        let marker = root.join(MARKER);
+        let Some(buf) = read_bounded(&marker, max_marker_bytes(), "store marker")? else {
+            return Err(StoreError::NotAStore(root.to_path_buf()));
+        };
+        let region_size = decode_marker(&buf).map_err(StoreError::format(&marker))?;
+        let path = root.join(READERS_LOCK);
+        // Blocks while a retention run is pruning or sweeping (seconds at most).
+        let lock = Flock::lock(lock_file(&path)?, FlockArg::LockShared)
+            .map_err(|(_, e)| StoreError::io("lock", &path)(e.into()))?;
+        Store::with_access(root, region_size, Access::Reader { _lock: lock })
+    }
+
+    fn with_access(root: &Path, region_size: u64, access: Access) -> Result<Store, StoreError> {
         let sync_handle = File::open(root).map_err(StoreError::io("open", root))?;
-        tracing::debug!(root = %root.display(), region_size, "store open");
         Ok(Store {
             inner: Arc::new(Inner {
                 root: root.to_path_buf(),
@@ -460,6 +534,7 @@ impl Store {
                 sync_handle,
                 disk_locks: Mutex::new(HashMap::new()),
                 tmp: TmpNames::default(),
+                access,
                 #[cfg(test)]
                 faults: Mutex::new(HashMap::new()),
             }),
@@ -484,6 +559,7 @@ impl Store {
             reason,
         })?;
         check_geometry(size, block_size, self.inner.region_size)?;
+        self.inner.writable("disk registration")?;
         let inner = &*self.inner;
         {
             let _gate = inner.shared();
@@ -559,6 +635,7 @@ impl Store {
     /// Upload a generation's chunks after [`Store::begin`]: chunks uploaded while a pending
     /// point is open are kept by retention until it ends.
     pub fn put_chunk(&self, hash: &[u8; 32], raw_len: u32, compressed: &[u8]) -> Result<(), StoreError> {
+        self.inner.writable("upload")?;
         chunk::verify_upload(hash, raw_len, compressed)?;
         let inner = &*self.inner;
         let _gate = inner.shared();
@@ -610,6 +687,7 @@ impl Store {
         base: Option<u64>,
     ) -> Result<PendingPoint, StoreError> {
         let inner = &self.inner;
+        inner.writable("generation")?;
         let record = inner.disk_record(disk)?;
         if kind != GenerationKind::InitialFull && base.is_none() {
             return Err(StoreError::BaseRequired(kind));
@@ -636,6 +714,7 @@ impl Store {
 
     /// The interrupted initial full copy of `disk`, as of its last checkpoint, or `None`.
     pub fn resume_initial(&self, disk: &str) -> Result<Option<PendingPoint>, StoreError> {
+        self.inner.writable("resume")?;
         let inner = &self.inner;
         let record = inner.disk_record(disk)?;
         let _gate = inner.shared();
@@ -745,6 +824,7 @@ impl Store {
     /// one being read), then removes every page and chunk no remaining point, checkpoint or
     /// pending point references. Writers wait while it runs.
     pub fn retain(&self, policy: &Retention) -> Result<GcReport, StoreError> {
+        self.inner.writable("retention")?;
         gc::retain(&self.inner, policy, now_unix_ms())
     }
 
@@ -780,9 +860,22 @@ pub(crate) fn check_not_stale(inner: &Inner, disk: &str, generation: u64) -> Res
     Ok(())
 }
 
+/// Opens (creating) one of the store's lock files.
+fn lock_file(path: &Path) -> Result<File, StoreError> {
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(StoreError::io("open", path))
+}
+
 fn create_layout(root: &Path, region_size: u64) -> Result<(), StoreError> {
     for name in durable::list(root)? {
-        if ![CHUNKS, PAGES, DISKS, INCOMING].contains(&name.as_str()) && !name.starts_with(TMP_PREFIX) {
+        if ![CHUNKS, PAGES, DISKS, INCOMING, WRITER_LOCK, READERS_LOCK].contains(&name.as_str())
+            && !name.starts_with(TMP_PREFIX)
+        {
             return Err(StoreError::NotAStore(root.to_path_buf()));
         }
     }

@@ -165,7 +165,7 @@ fn round_trip_random_generations() {
         assert!(ext.windows(2).all(|w| w[0].2 != w[1].2), "adjacent extents of one kind are merged");
     }
     // Every point restores on its own, also after reopening the store.
-    let store = Store::open(store.root()).unwrap();
+    let store = reopen(store);
     for (i, image) in images.iter().enumerate() {
         assert!(point_image(&store, "vm1", i as u64 + 1) == *image, "point {} differs", i + 1);
     }
@@ -405,10 +405,9 @@ fn invalid_requests_fail_loudly() {
     let mut m = fs::read(&marker).unwrap();
     m[8] = 2;
     fs::write(&marker, &m).unwrap();
-    assert!(matches!(
-        Store::open(store.root()),
-        Err(StoreError::Format { source: FormatError::Version(2), .. })
-    ));
+    let root = store.root().to_path_buf();
+    drop(store);
+    assert!(matches!(Store::open(&root), Err(StoreError::Format { source: FormatError::Version(2), .. })));
 }
 
 #[test]
@@ -432,7 +431,7 @@ fn an_interrupted_initial_copy_resumes_from_its_checkpoint() {
     p.add_chunk(6 * chunk, chunk as u32, lost).unwrap();
     drop(p);
 
-    let store = Store::open(store.root()).unwrap(); // a restart
+    let store = reopen(store); // a restart
     let info = store.disk("d").unwrap();
     assert_eq!(info.initial, Some(InitialProgress { generation: 3, next_offset: 6 * chunk }));
     assert_eq!(info.latest, None);
@@ -976,7 +975,7 @@ fn store_directory_layout() {
     let mut top: Vec<String> =
         fs::read_dir(root).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     top.sort();
-    assert_eq!(top, ["chunks", "disks", "incoming", "pages", "siterep-store"]);
+    assert_eq!(top, ["chunks", "disks", "incoming", "pages", "readers.lock", "siterep-store", "writer.lock"]);
     assert!(incoming(&store).is_empty(), "the commit promoted its chunk");
     assert_eq!(fs::read_dir(root.join("chunks")).unwrap().count(), 256);
     let d: &Path = &root.join("disks/d");
@@ -1103,7 +1102,7 @@ fn a_chunk_staged_by_one_session_is_promoted_once_by_the_first_commit_that_needs
     assert!(incoming(&store).is_empty());
     let a = pa.commit(1, Consistency::Crash).unwrap();
     assert_eq!(objects(&store, CHUNKS), hexes([&h]));
-    let store = Store::open(store.root()).unwrap();
+    let store = reopen(store);
     assert_eq!(point_image(&store, "a", a.id)[..8192], data[..]);
     assert_eq!(point_image(&store, "b", b.id)[8192..16384], data[..]);
 }
@@ -1188,7 +1187,7 @@ fn a_failed_name_sync_is_finished_by_the_next_commit_that_needs_the_chunk() {
     // b's commit finds the chunk gone from incoming/ but in chunks/, and syncs its name.
     let b = pb.commit(1, Consistency::Crash).unwrap();
     assert_eq!(staged_count(&store), 0);
-    let store = Store::open(store.root()).unwrap();
+    let store = reopen(store);
     assert_eq!(point_image(&store, "b", b.id)[..4096], data[..]);
 }
 
@@ -1266,8 +1265,51 @@ fn many_sessions_stage_and_commit_shared_chunks_at_once() {
     });
     assert_eq!(staged_count(&store), 0);
     assert!(incoming(&store).is_empty());
-    let store = Store::open(store.root()).unwrap();
+    let store = reopen(store);
     for (disk, id, model) in &images {
         assert!(point_image(&store, disk, *id) == *model, "{disk}");
     }
+}
+
+/// A restart: the store is closed (its writer lock released) and opened again.
+fn reopen(store: Store) -> Store {
+    let root = store.root().to_path_buf();
+    drop(store);
+    Store::open(&root).unwrap()
+}
+
+#[test]
+fn one_writer_at_a_time_and_readers_beside_it() {
+    let (_d, store) = new_store(64 * KIB);
+    store.register_disk("d", 128 * KIB, 512).unwrap();
+    one_chunk_point(&store, "d", 1, 1, 1);
+    one_chunk_point(&store, "d", 2, 2, 2);
+    let root = store.root().to_path_buf();
+    assert!(matches!(Store::open(&root), Err(StoreError::Locked(_))), "a second writer");
+    // A staged chunk of the writer's survives a reader opening the store.
+    let data = vec![7u8; 4096];
+    let staged = put(&store, &data);
+    let reader = Store::open_reader(&root).unwrap();
+    assert!(store.has_chunk(&staged));
+    assert_eq!(staged_count(&store), 1);
+    assert_eq!(reader.points("d").unwrap().len(), 2);
+    assert_eq!(point_image(&reader, "d", 1), point_image(&store, "d", 1));
+    reader.tag("d", 1, "tested").unwrap();
+    assert!(matches!(reader.register_disk("e", 128 * KIB, 512), Err(StoreError::ReadOnly(_))));
+    assert!(matches!(
+        reader.begin("d", 3, GenerationKind::Incremental, Some(2)),
+        Err(StoreError::ReadOnly(_))
+    ));
+    assert!(matches!(reader.retain(&Retention::default()), Err(StoreError::ReadOnly(_))));
+    // Retention waits for the reader to go.
+    reader.untag("d", 1, "tested").unwrap();
+    let policy = Retention { keep_last: Some(1), max_age: None };
+    let r = store.retain(&policy).unwrap();
+    assert!(r.deferred && r.points_removed.is_empty());
+    drop(reader);
+    let r = store.retain(&policy).unwrap();
+    assert!(!r.deferred);
+    assert_eq!(r.points_removed, [("d".to_string(), 1)]);
+    // No store, no reader.
+    assert!(matches!(Store::open_reader(&root.join("disks")), Err(StoreError::NotAStore(_))));
 }

@@ -167,7 +167,7 @@ impl VirtualImage for PointImage {
 
 pub fn export(args: ExportArgs) -> Result<()> {
     let store =
-        Store::open(&args.store).with_context(|| format!("opening store {}", args.store.display()))?;
+        Store::open_reader(&args.store).with_context(|| format!("opening store {}", args.store.display()))?;
     let reader = store.open_point(&args.disk, args.point)?;
     let info = reader.info().clone();
     let overlay = if args.writable {

@@ -102,7 +102,7 @@ pub struct FailoverArgs {
 /// Materializes the point (sparse, verified, with progress) and serves it as the new primary.
 pub fn failover(args: FailoverArgs) -> Result<()> {
     let store =
-        Store::open(&args.store).with_context(|| format!("opening store {}", args.store.display()))?;
+        Store::open_reader(&args.store).with_context(|| format!("opening store {}", args.store.display()))?;
     let reader = store.open_point(&args.disk, args.point)?;
     let info = reader.info().clone();
     if args.commit {

@@ -43,7 +43,7 @@ enum PointsAction {
 
 fn open_store(store: &Option<PathBuf>) -> Result<Store> {
     let dir = store.as_ref().context("--store DIR is required")?;
-    Store::open(dir).with_context(|| format!("opening store {}", dir.display()))
+    Store::open_reader(dir).with_context(|| format!("opening store {}", dir.display()))
 }
 
 pub fn points(args: PointsArgs) -> Result<()> {
@@ -98,7 +98,7 @@ pub struct RestoreArgs {
 
 pub fn restore(args: RestoreArgs) -> Result<()> {
     let store =
-        Store::open(&args.store).with_context(|| format!("opening store {}", args.store.display()))?;
+        Store::open_reader(&args.store).with_context(|| format!("opening store {}", args.store.display()))?;
     let reader = store.open_point(&args.disk, args.point)?;
     let info = reader.info().clone();
     let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
