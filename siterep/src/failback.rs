@@ -3,6 +3,8 @@
 //! them) and the blocks the original wrote after the failover point (the original's tracker
 //! still knows them) — through the original's own shim, so the copy is tracked and replication
 //! resumes in the original direction with an ordinary incremental generation, no full copy.
+//! Candidate blocks are read on both sides and only those that differ are written (4 KiB
+//! compare granularity), so the bytes sent equal the bytes that differ.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -24,7 +26,10 @@ pub struct FailbackArgs {
     /// Export names on the two shims.
     #[arg(long, default_value = "siterep")]
     export: String,
-    /// Also compare every block by hash (when the original's tracking was lost).
+    /// Compare every block of the two disks, not only the blocks their trackers name (chosen
+    /// automatically when either tracker reports resync-required). Needed when the failover
+    /// used a point older than the original's newest committed one: the original's tracker
+    /// no longer names the blocks of the generations after that point.
     #[arg(long)]
     compare_all: bool,
     /// Print a JSON report.
@@ -64,6 +69,10 @@ fn merge(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     out
 }
 
+/// Compares in pieces of this size, and within a differing piece block by block.
+const PIECE: u64 = 1 << 20;
+const BLOCK: usize = 4096;
+
 pub fn failback(args: FailbackArgs) -> Result<()> {
     let start = Instant::now();
     // The failover side stops taking writes: what it holds now is final.
@@ -77,7 +86,20 @@ pub fn failback(args: FailbackArgs) -> Result<()> {
         bail!("the disks differ in size: {} vs {} bytes", src.size(), dst.size());
     }
     let size = src.size();
-    let ranges = if args.compare_all {
+    // A tracker that lost its state cannot name what changed: compare everything instead.
+    let mut compare_all = args.compare_all.then(|| "--compare-all".to_string());
+    if compare_all.is_none() {
+        for (side, socket) in [("failover side", &args.from), ("original", &args.to)] {
+            let st: Status = control::call_as(&control::control_path(socket, None), &Request::Status)
+                .with_context(|| format!("status of the {side}"))?;
+            if let Some(why) = st.resync_required {
+                eprintln!("the {side}'s tracking was lost ({why}): comparing every block instead");
+                compare_all = Some(format!("the {side}'s tracking was lost: {why}"));
+                break;
+            }
+        }
+    }
+    let ranges = if compare_all.is_some() {
         vec![(0, size)]
     } else {
         let mut all = tracked(&args.from, &args.export).context("the failover side's changes")?;
@@ -87,7 +109,6 @@ pub fn failback(args: FailbackArgs) -> Result<()> {
         merge(all)
     };
     let candidates: u64 = ranges.iter().map(|r| r.1).sum();
-    const PIECE: u64 = 1 << 20;
     let (mut sent, mut zeroed, mut matched) = (0u64, 0u64, 0u64);
     let mut a = vec![0u8; PIECE as usize];
     let mut b = vec![0u8; PIECE as usize];
@@ -96,20 +117,29 @@ pub fn failback(args: FailbackArgs) -> Result<()> {
         while pos < o + l {
             let n = (o + l - pos).min(PIECE) as usize;
             src.read(pos, &mut a[..n])?;
-            if args.compare_all {
-                dst.read(pos, &mut b[..n])?;
-                if blake3::hash(&a[..n]) == blake3::hash(&b[..n]) {
-                    matched += n as u64;
-                    pos += n as u64;
+            dst.read(pos, &mut b[..n])?;
+            // Runs of differing blocks are written; equal blocks are left alone.
+            let mut i = 0;
+            while i < n {
+                let block = |i: usize| i..(i + BLOCK).min(n);
+                if a[block(i)] == b[block(i)] {
+                    matched += block(i).len() as u64;
+                    i = block(i).end;
                     continue;
                 }
-            }
-            if a[..n].iter().all(|&x| x == 0) {
-                dst.write_zeroes(pos, n as u32)?;
-                zeroed += n as u64;
-            } else {
-                dst.write(pos, &a[..n])?;
-                sent += n as u64;
+                let run_start = i;
+                while i < n && a[block(i)] != b[block(i)] {
+                    i = block(i).end;
+                }
+                let run = &a[run_start..i];
+                let at = pos + run_start as u64;
+                if run.iter().all(|&x| x == 0) {
+                    dst.write_zeroes(at, run.len() as u32)?;
+                    zeroed += run.len() as u64;
+                } else {
+                    dst.write(at, run)?;
+                    sent += run.len() as u64;
+                }
             }
             pos += n as u64;
         }
@@ -119,7 +149,7 @@ pub fn failback(args: FailbackArgs) -> Result<()> {
     let _ = dst.disconnect();
     let report = serde_json::json!({
         "candidate_bytes": candidates, "bytes_sent": sent, "bytes_zeroed": zeroed, "bytes_matched": matched,
-        "duration_ms": start.elapsed().as_millis() as u64,
+        "compared_all": compare_all, "duration_ms": start.elapsed().as_millis() as u64,
     });
     if args.json {
         println!("{report}");
