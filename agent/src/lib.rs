@@ -64,6 +64,13 @@ pub enum AgentError {
     Nbd(#[from] nbd::client::ClientError),
     #[error("{0}")]
     Config(String),
+    /// `max_retries` failed attempts in a row; `last` is the last one's error.
+    #[error("gave up after {attempts} failed attempts")]
+    GaveUp {
+        attempts: usize,
+        #[source]
+        last: Box<AgentError>,
+    },
 }
 
 impl AgentError {
@@ -71,7 +78,7 @@ impl AgentError {
     pub fn is_fatal(&self) -> bool {
         match self {
             AgentError::Tls(e) => tls_is_fatal(e),
-            AgentError::Version(_) | AgentError::Config(_) => true,
+            AgentError::Version(_) | AgentError::Config(_) | AgentError::GaveUp { .. } => true,
             AgentError::Server { fatal, .. } => *fatal,
             _ => false,
         }

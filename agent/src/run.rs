@@ -52,6 +52,8 @@ pub struct AgentConfig {
     pub app: Option<AppConsistency>,
     /// Multiplies the retry delays (1.0 in production; small in tests).
     pub retry_scale: f64,
+    /// Give up after this many failed attempts in a row (`None`: never).
+    pub max_retries: Option<usize>,
     /// Run one cycle and return its summary.
     pub once: bool,
     /// Draw a progress bar during the initial copy and a resync.
@@ -139,6 +141,9 @@ pub fn run(cfg: &AgentConfig) -> Result<Option<Summary>, AgentError> {
             Err(e) if e.is_fatal() => return Err(e),
             Err(e) => {
                 cfg.metrics.errors_total.fetch_add(1, Ordering::Relaxed);
+                if cfg.max_retries.is_some_and(|max| failures >= max) {
+                    return Err(AgentError::GaveUp { attempts: failures + 1, last: Box::new(e) });
+                }
                 let delay =
                     RETRY_DELAYS.get(failures).copied().unwrap_or(RETRY_STEADY).mul_f64(cfg.retry_scale);
                 failures += 1;

@@ -56,11 +56,14 @@ fn init(dir: &Path, server_names: &[String], agents: &[String]) -> Result<()> {
         bail!("{} already holds a CA; refusing to overwrite it", dir.display());
     }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let ca_key = KeyPair::generate()?;
+    // A name of its own per CA (from its key): two CAs of one name make a peer look up the
+    // wrong issuer, and the failure reads as a bad signature instead of an unknown CA.
+    let id = blake3::hash(ca_key.public_key_raw()).to_hex();
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-    ca_params.distinguished_name.push(DnType::CommonName, "siterep CA");
+    ca_params.distinguished_name.push(DnType::CommonName, format!("siterep CA {}", &id[..12]));
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_key = KeyPair::generate()?;
     let ca = ca_params.self_signed(&ca_key)?;
     write_private(&dir.join("ca.key"), &ca_key.serialize_pem())?;
     std::fs::write(dir.join("ca.pem"), ca.pem())?;

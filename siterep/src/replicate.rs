@@ -101,6 +101,10 @@ pub struct AgentArgs {
     /// Run one cycle (the initial copy, a resync, or one generation), print a JSON summary, exit.
     #[arg(long)]
     once: bool,
+    /// Give up after this many failed attempts in a row (each after its retry delay) and exit
+    /// non-zero. Default: 5 with --once (the whole 1-2-4-8-10 minute schedule), else never.
+    #[arg(long, value_name = "N")]
+    max_retries: Option<usize>,
     /// Resync now: compare the disk with the server's latest point by hashes and send only the
     /// blocks that differ (with --once: just the resync). Also automatic when the shim requires
     /// it (tracking lost) or the backlog exceeds half the disk.
@@ -164,6 +168,7 @@ pub fn agent(args: AgentArgs) -> Result<()> {
             hook_timeout: args.hook_timeout,
         }),
         retry_scale: args.retry_scale,
+        max_retries: args.max_retries.or(args.once.then_some(5)),
         once: args.once,
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         resync: agent::ResyncOptions {
