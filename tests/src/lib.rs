@@ -15,6 +15,10 @@
 //!   its control socket.
 //! - [`blockdev`]: an export as a block device without the kernel NBD driver (nbdfuse, then a
 //!   loop device).
+//! - [`replication`]: certificates, `siterep server` and `siterep agent` processes, recovery
+//!   points and restores, a throttling and connection-cutting TCP proxy, a fio load.
+//! - [`recovery`]: `siterep export` and `failover` processes, quiesce and failback, mounts,
+//!   edits through libnbd, block-level image comparison.
 //!
 //! Environment: `SITEREP_BIN` overrides the binary under test; otherwise the `siterep` binary
 //! of this test's Cargo profile is (re)built with `cargo build -p siterep` (once per test
@@ -26,6 +30,8 @@ pub mod control;
 pub mod image;
 pub mod json;
 pub mod nbdinfo;
+pub mod recovery;
+pub mod replication;
 mod sys;
 
 use std::ffi::OsStr;
@@ -66,6 +72,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("umount", "mount"),
     ("python3", "python3"),
     ("setpriv", "util-linux"),
+    ("openssl", "openssl"),
 ];
 
 /// The full path of the program `name`, or a test failure naming the package to install.

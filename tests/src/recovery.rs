@@ -1,0 +1,408 @@
+//! Recovery (issue 6): the recovery-site commands that serve NBD for as long as they run
+//! (`siterep export`, `siterep failover --image`), planned failover and failback on the command
+//! line, a mounted filesystem that undoes itself, edits through `nbdsh`, and block-level
+//! comparisons of images.
+//!
+//! - [`NbdProcess`]: a `siterep export|failover …` serving on a Unix socket; SIGTERM must end
+//!   it with exit 0, SIGKILL is a crash.
+//! - [`export`], [`failover`]: those two commands, started and ready.
+//! - [`quiesce`], [`failback`], [`tag_point`]: the command-line steps and their JSON.
+//! - [`Mount`]: an ext4 mount that is unmounted on drop (lazily when the device is dead).
+//! - [`nbd_edits`]: random 4 KiB writes and trims sent with libnbd (`nbdsh`).
+//! - [`differing_blocks`]: which blocks of two equal-sized images differ.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::json::Json;
+use crate::{describe, nbdsh, run, run_unchecked, siterep, sys, tool, wait_timeout, SERVER_TIMEOUT};
+
+// ---------------------------------------------------------------------------------------------
+// Long-running recovery-site commands
+
+/// A running `siterep` command that serves NBD on a Unix socket until SIGTERM: `export` or
+/// `failover --image`. Dropping it sends SIGTERM and (unless the test is already failing)
+/// asserts exit 0.
+#[derive(Debug)]
+pub struct NbdProcess {
+    child: Option<Child>,
+    command_line: String,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl NbdProcess {
+    /// Starts `siterep ARGS` (which must include `--socket SOCKET`) with its output in `log`,
+    /// without waiting for it.
+    #[track_caller]
+    pub fn spawn(args: &[OsString], socket: &Path, log: &Path) -> NbdProcess {
+        let file = File::create(log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
+        let mut cmd = siterep();
+        cmd.args(args).stdin(Stdio::null()).stdout(file.try_clone().expect("dup")).stderr(file);
+        let command_line = describe(&cmd);
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {command_line}: {e}"));
+        NbdProcess { child: Some(child), command_line, socket: socket.to_owned(), log: log.to_owned() }
+    }
+
+    /// Waits up to `timeout` until the socket greets with `NBDMAGIC`; fails the test (with the
+    /// log) if the process exits first or the time runs out. Returns how long it waited.
+    #[track_caller]
+    pub fn wait_ready(&mut self, timeout: Duration) -> Duration {
+        let start = Instant::now();
+        loop {
+            let child = self.child.as_mut().expect("running");
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                panic!("exited with {status} before serving\n{}", self.context());
+            }
+            if self.greets() {
+                return start.elapsed();
+            }
+            if start.elapsed() >= timeout {
+                panic!("not serving NBD after {timeout:?}\n{}", self.context());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn greets(&self) -> bool {
+        let Ok(mut s) = UnixStream::connect(&self.socket) else { return false };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut buf = [0u8; 8];
+        s.read_exact(&mut buf).is_ok() && &buf == b"NBDMAGIC"
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// `nbd+unix:///?socket=…`.
+    pub fn uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.socket.display())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_else(|e| format!("<cannot read {}: {e}>", self.log.display()))
+    }
+
+    fn context(&self) -> String {
+        format!("command: {}\n--- log ---\n{}", self.command_line, self.log().trim_end())
+    }
+
+    /// SIGTERM; it must exit 0 within [`SERVER_TIMEOUT`].
+    #[track_caller]
+    pub fn stop(mut self) {
+        match self.terminate() {
+            Some(s) if s.success() => {}
+            other => {
+                panic!("after SIGTERM: {other:?} (None: killed after {SERVER_TIMEOUT:?})\n{}", self.context())
+            }
+        }
+    }
+
+    /// SIGKILL (a crash) and reap; fails the test unless it was still running.
+    #[track_caller]
+    pub fn kill(mut self) {
+        use std::os::unix::process::ExitStatusExt;
+        let mut child = self.child.take().expect("running");
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            panic!("had already exited with {status} before SIGKILL\n{}", self.context());
+        }
+        sys::kill(child.id(), libc::SIGKILL).expect("SIGKILL");
+        let status = child.wait().expect("wait");
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "exit after SIGKILL: {status}\n{}", self.context());
+    }
+
+    fn terminate(&mut self) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        let _ = sys::kill(child.id(), libc::SIGTERM);
+        let status = wait_timeout(&mut child, SERVER_TIMEOUT);
+        if status.is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        status
+    }
+}
+
+impl Drop for NbdProcess {
+    fn drop(&mut self) {
+        if self.child.is_none() {
+            return;
+        }
+        let status = self.terminate();
+        if std::thread::panicking() {
+            eprintln!("{}", self.context());
+            return;
+        }
+        match status {
+            Some(s) if s.success() => {}
+            other => {
+                panic!("after SIGTERM: {other:?} (None: killed after {SERVER_TIMEOUT:?})\n{}", self.context())
+            }
+        }
+    }
+}
+
+/// `siterep export --store STORE --disk DISK --point POINT --socket SOCKET [--writable]`,
+/// started but not waited for (the caller measures readiness). Its log is `SOCKET.log`.
+#[track_caller]
+pub fn spawn_export(store: &Path, disk: &str, point: &str, socket: &Path, writable: bool) -> NbdProcess {
+    let mut args: Vec<OsString> = vec![
+        "export".into(),
+        "--store".into(),
+        store.into(),
+        "--disk".into(),
+        disk.into(),
+        "--point".into(),
+        point.into(),
+        "--socket".into(),
+        socket.into(),
+    ];
+    if writable {
+        args.push("--writable".into());
+    }
+    NbdProcess::spawn(&args, socket, &socket.with_extension("log"))
+}
+
+/// [`spawn_export`], then wait until it serves.
+#[track_caller]
+pub fn export(store: &Path, disk: &str, point: &str, socket: &Path, writable: bool) -> NbdProcess {
+    let mut p = spawn_export(store, disk, point, socket, writable);
+    p.wait_ready(SERVER_TIMEOUT);
+    p
+}
+
+/// `siterep failover --store STORE --disk DISK --point POINT --image IMAGE --socket SOCKET
+/// --state-dir STATE`: materializes the point and serves it as the new primary. Waits (up to
+/// `timeout`, materialization included) until it serves. Its log is `SOCKET.log`.
+#[track_caller]
+pub fn failover(
+    store: &Path,
+    disk: &str,
+    point: &str,
+    image: &Path,
+    socket: &Path,
+    state_dir: &Path,
+    timeout: Duration,
+) -> NbdProcess {
+    std::fs::create_dir_all(state_dir).unwrap_or_else(|e| panic!("create {}: {e}", state_dir.display()));
+    let args: Vec<OsString> = vec![
+        "failover".into(),
+        "--store".into(),
+        store.into(),
+        "--disk".into(),
+        disk.into(),
+        "--point".into(),
+        point.into(),
+        "--image".into(),
+        image.into(),
+        "--socket".into(),
+        socket.into(),
+        "--state-dir".into(),
+        state_dir.into(),
+    ];
+    let mut p = NbdProcess::spawn(&args, socket, &socket.with_extension("log"));
+    p.wait_ready(timeout);
+    p
+}
+
+// ---------------------------------------------------------------------------------------------
+// Command-line steps
+
+fn parse_json(what: &str, stdout: &[u8]) -> Json {
+    let text = String::from_utf8_lossy(stdout);
+    // Only the last line: some commands print a human line first.
+    let line = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+    Json::parse(line.trim()).unwrap_or_else(|e| panic!("{what} printed unparsable JSON ({e}):\n{text}"))
+}
+
+/// `siterep quiesce --socket SOCKET --timeout 60s --json`: `{"generation","point","cut_unix_ms"}`.
+#[track_caller]
+pub fn quiesce(socket: &Path) -> Json {
+    let out = run(siterep().args(["quiesce", "--timeout", "60s", "--json", "--socket"]).arg(socket));
+    parse_json("siterep quiesce --json", &out.stdout)
+}
+
+/// `siterep failback --from FROM --to TO --json [--compare-all]`: its report
+/// (`candidate_bytes`, `bytes_sent`, `bytes_zeroed`, `bytes_matched`, `duration_ms`).
+#[track_caller]
+pub fn failback(from: &Path, to: &Path, compare_all: bool) -> Json {
+    let mut cmd = siterep();
+    cmd.args(["failback", "--json", "--from"]).arg(from).arg("--to").arg(to);
+    if compare_all {
+        cmd.arg("--compare-all");
+    }
+    let out = run(&mut cmd);
+    parse_json("siterep failback --json", &out.stdout)
+}
+
+/// `siterep points --store STORE --disk DISK tag --point ID TAG`.
+#[track_caller]
+pub fn tag_point(store: &Path, disk: &str, point: u64, tag: &str) {
+    run(siterep().args(["points", "--store"]).arg(store).args([
+        "--disk",
+        disk,
+        "tag",
+        "--point",
+        &point.to_string(),
+        tag,
+    ]));
+}
+
+/// `siterep failover --store STORE --disk DISK --point ID --commit`.
+#[track_caller]
+pub fn commit_failover(store: &Path, disk: &str, point: u64) {
+    run(siterep().args(["failover", "--store"]).arg(store).args([
+        "--disk",
+        disk,
+        "--point",
+        &point.to_string(),
+        "--commit",
+    ]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Filesystems
+
+/// An ext4 filesystem mounted on `dir`; dropping unmounts it (lazily if a plain unmount fails,
+/// e.g. because the device under it died).
+#[derive(Debug)]
+pub struct Mount(Option<PathBuf>);
+
+impl Mount {
+    /// `mount -t ext4 [-o OPTIONS] DEV DIR` (`dir` created if missing).
+    #[track_caller]
+    pub fn ext4(dev: &str, dir: &Path, options: Option<&str>) -> Mount {
+        std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        let mut cmd = tool("mount");
+        cmd.args(["-t", "ext4"]);
+        if let Some(o) = options {
+            cmd.args(["-o", o]);
+        }
+        run(cmd.arg(dev).arg(dir));
+        Mount(Some(dir.to_owned()))
+    }
+
+    pub fn path(&self) -> &Path {
+        self.0.as_deref().expect("mounted")
+    }
+
+    /// `umount DIR`; fails the test if it fails.
+    #[track_caller]
+    pub fn unmount(mut self) {
+        let dir = self.0.take().expect("mounted");
+        run(tool("umount").arg(&dir));
+    }
+
+    /// Unmounts however it can (`umount`, else `umount -l`): for a filesystem whose device died.
+    /// Returns what `umount` said when it failed.
+    pub fn unmount_dead(mut self) -> Option<String> {
+        let dir = self.0.take().expect("mounted");
+        let out = run_unchecked(tool("umount").arg(&dir), Duration::from_secs(60));
+        if out.status.success() {
+            return None;
+        }
+        let _ = run_unchecked(tool("umount").arg("-l").arg(&dir), Duration::from_secs(60));
+        Some(crate::show_output(&out))
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            let out = run_unchecked(tool("umount").arg(&dir), Duration::from_secs(60));
+            if !out.status.success() {
+                let _ = run_unchecked(tool("umount").arg("-l").arg(&dir), Duration::from_secs(60));
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Edits through libnbd
+
+/// One change sent to an export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Edit {
+    /// `len` bytes of pseudo-random data (from `seed`) at `offset`.
+    Write { offset: u64, len: u64, seed: u64 },
+    /// NBD_CMD_TRIM of `[offset, offset + len)`.
+    Trim { offset: u64, len: u64 },
+    /// NBD_CMD_WRITE_ZEROES of `[offset, offset + len)`.
+    Zero { offset: u64, len: u64 },
+}
+
+/// Sends `edits` in order over one libnbd connection to `uri`, then flushes. The data of a
+/// write is Python's `random.Random(seed).randbytes(len)`.
+#[track_caller]
+pub fn nbd_edits(uri: &str, edits: &[Edit]) {
+    let mut ops = String::from("[");
+    for e in edits {
+        match *e {
+            Edit::Write { offset, len, seed } => ops.push_str(&format!("('w',{offset},{len},{seed}),")),
+            Edit::Trim { offset, len } => ops.push_str(&format!("('t',{offset},{len},0),")),
+            Edit::Zero { offset, len } => ops.push_str(&format!("('z',{offset},{len},0),")),
+        }
+    }
+    ops.push(']');
+    let script = format!(
+        "import random\n\
+         for (op, off, n, seed) in {ops}:\n    \
+             if op == 'w':\n        h.pwrite(random.Random(seed).randbytes(n), off)\n    \
+             elif op == 't':\n        h.trim(n, off)\n    \
+             else:\n        h.zero(n, off)\n\
+         h.flush()\n"
+    );
+    let dir = tempfile::tempdir().expect("a directory for the nbdsh script");
+    let path = dir.path().join("edits.py");
+    std::fs::write(&path, script).expect("write the nbdsh script");
+    let exec = format!("exec(open({:?}).read())", path.display().to_string());
+    run(nbdsh().arg("-u").arg(uri).arg("-c").arg(exec));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Comparing images
+
+/// Indexes of the `block`-byte blocks in which the equal-sized files `a` and `b` differ.
+#[track_caller]
+pub fn differing_blocks(a: &Path, b: &Path, block: u64) -> Vec<u64> {
+    let open = |p: &Path| File::open(p).unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
+    let (mut fa, mut fb) = (open(a), open(b));
+    let (la, lb) = (fa.metadata().expect("stat").len(), fb.metadata().expect("stat").len());
+    assert_eq!(la, lb, "{} and {} differ in size", a.display(), b.display());
+    let piece = (4 << 20) / block * block;
+    let (mut ba, mut bb) = (vec![0u8; piece as usize], vec![0u8; piece as usize]);
+    let mut out = Vec::new();
+    let mut pos = 0u64;
+    while pos < la {
+        let n = piece.min(la - pos) as usize;
+        fa.read_exact(&mut ba[..n]).expect("read");
+        fb.read_exact(&mut bb[..n]).expect("read");
+        if ba[..n] != bb[..n] {
+            for (i, (x, y)) in ba[..n].chunks(block as usize).zip(bb[..n].chunks(block as usize)).enumerate()
+            {
+                if x != y {
+                    out.push(pos / block + i as u64);
+                }
+            }
+        }
+        pos += n as u64;
+    }
+    out
+}
+
+/// `cp --sparse=always FROM TO` (a scratch copy for fsck, which would change the original).
+#[track_caller]
+pub fn sparse_copy(from: &Path, to: &Path) {
+    run(Command::new("cp").arg("--sparse=always").arg(from).arg(to));
+}
