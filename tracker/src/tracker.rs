@@ -853,10 +853,10 @@ impl Tracker {
         if let Some(why) = lock(&self.poisoned).clone() {
             return Err(TrackError::Poisoned(why));
         }
-        let hot: Vec<u32> = lock(&p.al).hot.iter().copied().collect();
-        for r in &hot {
-            p.regions[*r as usize].fetch_and(!TOUCHED, Ordering::SeqCst);
-        }
+        // Every write marked before this point is in the record. A region is retired below
+        // only if no write touched it since the previous checkpoint cleared its TOUCHED bit (a
+        // write marks the map before it touches its regions, and re-marks its region hot, with
+        // a durable log record, before its reply if it finds the region retired).
         fence(Ordering::SeqCst);
         let record = {
             let live = self.read_live();
@@ -900,10 +900,11 @@ impl Tracker {
                 let mut al = lock(&p.al);
                 let mut keep = BTreeSet::new();
                 for &r in &al.hot {
-                    let cold = p.regions[r as usize]
-                        .compare_exchange(HOT, 0, Ordering::AcqRel, Ordering::Acquire)
-                        .is_ok();
+                    let region = &p.regions[r as usize];
+                    let cold = region.compare_exchange(HOT, 0, Ordering::AcqRel, Ordering::Acquire).is_ok();
                     if !cold {
+                        // Touched since the last checkpoint: kept, and watched until the next.
+                        region.fetch_and(!TOUCHED, Ordering::SeqCst);
                         keep.insert(r);
                     }
                 }
@@ -937,12 +938,23 @@ impl Tracker {
 
 /// Background checkpoints: on request (cut, release, a full activity log), or every interval
 /// while the activity log holds regions to retire. Holds the tracker only while checkpointing.
+/// Checkpoints asked for because the activity log is full come at most this often: a region
+/// is retired only after a whole gap without writes, so a working set the size of the log's
+/// capacity does not cycle regions in and out (each return costs a log write and fsync).
+const MIN_CHECKPOINT_GAP: Duration = Duration::from_secs(1);
+
 fn checkpointer(weak: Weak<Tracker>, bg: Arc<Background>, interval: Duration) {
+    let mut last = std::time::Instant::now();
     loop {
         let requested = {
             let mut w = lock(&bg.wake);
             if !w.0 && !w.1 {
                 w = bg.cond.wait_timeout(w, interval).unwrap_or_else(|p| p.into_inner()).0;
+            }
+            // A request soon after the last checkpoint waits out the gap (shutdown ends it).
+            while w.0 && !w.1 && last.elapsed() < MIN_CHECKPOINT_GAP {
+                let rest = MIN_CHECKPOINT_GAP - last.elapsed();
+                w = bg.cond.wait_timeout(w, rest).unwrap_or_else(|p| p.into_inner()).0;
             }
             if w.1 {
                 return;
@@ -954,6 +966,7 @@ fn checkpointer(weak: Weak<Tracker>, bg: Arc<Background>, interval: Duration) {
         if !worthwhile {
             continue;
         }
+        last = std::time::Instant::now();
         if let Err(e) = t.checkpoint(false) {
             tracing::error!("background checkpoint failed: {e}");
             if matches!(e, TrackError::Poisoned(_)) {
