@@ -132,6 +132,7 @@ pub fn run(cfg: &AgentConfig) -> Result<Option<Summary>, AgentError> {
         known: Known::default(),
         consistency: Vec::new(),
         last_app: Instant::now(),
+        last_cut: None,
         force_resync: cfg.resync.force,
     };
     let mut failures = 0usize;
@@ -176,6 +177,9 @@ pub(crate) struct Agent<'a> {
     /// Consistency of generations this agent cut (app-consistent ones), until committed.
     pub(crate) consistency: Vec<(u64, Consistency)>,
     last_app: Instant,
+    /// When this agent last cut: cuts follow each other every interval, however long the
+    /// shipping in between took (so the RPO stays under interval + one shipment).
+    last_cut: Option<Instant>,
     /// `--resync` given and not yet done.
     force_resync: bool,
 }
@@ -265,13 +269,13 @@ impl Agent<'_> {
         }
     }
 
-    /// Sleeps until the interval has passed, the backlog exceeds the threshold, or an
-    /// app-consistent point is due.
+    /// Sleeps until an interval has passed since the last cut, the backlog exceeds the
+    /// threshold, or an app-consistent point is due.
     fn wait_for_cycle(&self) -> Result<(), AgentError> {
         if self.cfg.once {
             return Ok(());
         }
-        let start = Instant::now();
+        let start = self.last_cut.unwrap_or_else(Instant::now);
         loop {
             if start.elapsed() >= self.cfg.interval {
                 return Ok(());
@@ -292,6 +296,7 @@ impl Agent<'_> {
 
     /// Cuts a generation, around the freeze hooks when an app-consistent point is due.
     fn cut(&mut self) -> Result<CutInfo, AgentError> {
+        self.last_cut = Some(Instant::now());
         let due = self.cfg.app.as_ref().filter(|a| self.last_app.elapsed() >= a.every).cloned();
         let Some(app) = due else { return self.control(&Request::Cut) };
         self.last_app = Instant::now();
@@ -373,7 +378,9 @@ impl Agent<'_> {
             &mut stats,
             &mut |_| {},
         )?;
+        let shipped = start.elapsed();
         let point = self.commit(link, id, gen.cut_unix_ms, consistency)?;
+        let committed = start.elapsed();
         self.control::<serde_json::Value>(&Request::Release { generation: id })?;
         self.consistency.retain(|(g, _)| *g != id);
         *latest = PointRef { point, generation: id, cut_unix_ms: gen.cut_unix_ms };
@@ -386,6 +393,9 @@ impl Agent<'_> {
             sent = s.bytes_sent,
             dedup = s.bytes_deduplicated,
             zero = s.bytes_zero,
+            ship_ms = shipped.as_millis() as u64,
+            commit_ms = (committed - shipped).as_millis() as u64,
+            release_ms = (start.elapsed() - committed).as_millis() as u64,
             "committed"
         );
         Ok(s)

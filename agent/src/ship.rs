@@ -127,6 +127,14 @@ pub fn ship_chunks(
                         return;
                     }
                 };
+                // One compression context per worker, reused for every chunk.
+                let mut zstd = match zstd::bulk::Compressor::new(zstd_level) {
+                    Ok(z) => z,
+                    Err(e) => {
+                        let _ = res_tx.send(Err(AgentError::Config(format!("zstd level {zstd_level}: {e}"))));
+                        return;
+                    }
+                };
                 let mut buf = vec![0u8; MAX_CHUNK as usize];
                 while let Ok((offset, len)) = job_rx.recv() {
                     let data = &mut buf[..len as usize];
@@ -135,7 +143,7 @@ pub fn ship_chunks(
                         let compressed = if known.contains(&hash) {
                             None
                         } else {
-                            Some(zstd::bulk::compress(data, zstd_level).expect("zstd compresses any input"))
+                            Some(zstd.compress(data).expect("zstd compresses any input"))
                         };
                         Item { offset, len: len as u32, hash, compressed }
                     });

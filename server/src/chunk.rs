@@ -28,7 +28,21 @@ fn corrupt(hash: &[u8; 32], stored: bool, reason: impl Into<String>) -> StoreErr
 
 /// Decompresses into at most `raw_len` bytes and checks length and hash.
 fn decode(hash: &[u8; 32], raw_len: u32, compressed: &[u8], stored: bool) -> Result<Vec<u8>, StoreError> {
-    let raw = zstd::bulk::decompress(compressed, raw_len as usize)
+    thread_local! {
+        // One decompression context per thread: making one per chunk costs more than
+        // decompressing a small chunk.
+        static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let raw = DCTX
+        .with(|cell| {
+            let mut cell = cell.borrow_mut();
+            let dctx = match cell.as_mut() {
+                Some(d) => d,
+                None => cell.insert(zstd::bulk::Decompressor::new()?),
+            };
+            dctx.decompress(compressed, raw_len as usize)
+        })
         .map_err(|e| corrupt(hash, stored, format!("does not decompress into {raw_len} bytes: {e}")))?;
     if raw.len() != raw_len as usize {
         return Err(corrupt(hash, stored, format!("decompresses to {} bytes, not {raw_len}", raw.len())));
