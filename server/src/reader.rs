@@ -6,6 +6,7 @@ use std::fs::{self, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::error::StoreError;
@@ -21,6 +22,10 @@ const CHUNK_CACHE: usize = 4;
 const ZERO_BUF: usize = 1 << 20;
 
 /// One piece of a point's address space, in order.
+/// Workers that read, verify and write chunks during a restore, and segments queued for them.
+const RESTORE_THREADS: usize = 2;
+const RESTORE_QUEUE: usize = 64;
+
 enum Segment {
     Data(u64, DataRef),
     Zero(u64, u64),
@@ -226,32 +231,67 @@ impl PointReader {
             }
         }
         let zeroes = if device { vec![0u8; ZERO_BUF] } else { Vec::new() };
-        let mut report = RestoreReport::default();
         let total = self.size;
         progress(0, total);
-        self.walk(0, total, |seg| {
-            match seg {
-                Segment::Data(at, d) => {
-                    let chunk = self.chunk(&d.chunk)?;
-                    file.write_all_at(self.data(&chunk, &d)?, at).map_err(StoreError::io("write", path))?;
-                    report.bytes_written += u64::from(d.len);
-                }
-                Segment::Zero(at, len) => {
-                    if device {
-                        let mut done = 0;
-                        while done < len {
-                            let n = (len - done).min(ZERO_BUF as u64);
-                            file.write_all_at(&zeroes[..n as usize], at + done)
+        // The walk runs here; RESTORE_THREADS workers read, verify and write the data
+        // segments (positional writes, any order), so reading the store, decompressing,
+        // hashing and writing overlap.
+        let written = AtomicU64::new(0);
+        let mut zeroed = 0u64;
+        let stop = AtomicBool::new(false);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, DataRef)>(RESTORE_QUEUE);
+        let rx = Mutex::new(rx);
+        let file = &file;
+        std::thread::scope(|scope| -> Result<(), StoreError> {
+            let workers: Vec<_> = (0..RESTORE_THREADS)
+                .map(|_| {
+                    scope.spawn(|| -> Result<(), StoreError> {
+                        let result = (|| loop {
+                            let next = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
+                            let Ok((at, d)) = next else { return Ok(()) };
+                            let chunk = self.chunk(&d.chunk)?;
+                            file.write_all_at(self.data(&chunk, &d)?, at)
                                 .map_err(StoreError::io("write", path))?;
-                            done += n;
+                            written.fetch_add(u64::from(d.len), Ordering::Relaxed);
+                        })();
+                        if result.is_err() {
+                            stop.store(true, Ordering::Relaxed);
                         }
-                    }
-                    report.bytes_zero += len;
+                        result
+                    })
+                })
+                .collect();
+            let walked = self.walk(0, total, |seg| {
+                if stop.load(Ordering::Relaxed) {
+                    // A worker failed; its error is the one reported.
+                    return Err(StoreError::Poisoned);
                 }
+                match seg {
+                    Segment::Data(at, d) => tx.send((at, d)).map_err(|_| StoreError::Poisoned)?,
+                    Segment::Zero(at, len) => {
+                        if device {
+                            let mut done = 0;
+                            while done < len {
+                                let n = (len - done).min(ZERO_BUF as u64);
+                                file.write_all_at(&zeroes[..n as usize], at + done)
+                                    .map_err(StoreError::io("write", path))?;
+                                done += n;
+                            }
+                        }
+                        zeroed += len;
+                    }
+                }
+                progress(written.load(Ordering::Relaxed) + zeroed, total);
+                Ok(())
+            });
+            drop(tx);
+            for w in workers {
+                w.join().expect("restore worker panicked")?;
             }
-            progress(report.bytes_written + report.bytes_zero, total);
-            Ok(())
+            walked
         })?;
+        let report = RestoreReport { bytes_written: written.into_inner(), bytes_zero: zeroed };
+        progress(total, total);
         file.sync_all().map_err(StoreError::io("fsync", path))?;
         tracing::info!(
             disk = %self.info.disk, id = self.info.id, path = %path.display(),
