@@ -16,6 +16,10 @@
 //!   I/O error but never hangs and the device is reclaimed; ublk: user recovery, the writer sees
 //!   no error). On the host: the image is a clean filesystem, every acknowledged block is in it,
 //!   and every non-zero block is inside the dirty map the shim reported last.
+//! - Scenario "unplanned failover" (`tests/vm/guest/failover-writer`, `failover-check`): a
+//!   guest writes fsynced files on its shim-served disk while an agent replicates; agent and
+//!   shim are SIGKILLed under it; `siterep failover --point latest`; a second guest boots the
+//!   failed-over disk: `e2fsck -f -n` clean, every file durable before the cut intact.
 //!
 //! A guest that cannot boot fails the test (with the console's tail); it never skips.
 //! `VM_TIMEOUT` (seconds, default 600) bounds each guest run.
@@ -25,13 +29,18 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use siterep_tests::image::{self, MIB};
+use siterep_tests::json::Json;
 use siterep_tests::nbdinfo::{self, Extent};
+use siterep_tests::recovery;
+use siterep_tests::replication::{self, now_ms, points, AgentCmd, AgentProcess, Certs, RecoveryServer};
 use siterep_tests::{
-    describe, run, run_unchecked, scratch_dir, show_output, siterep_bin, tool, wait_timeout, Serve,
+    describe, run, run_unchecked, scratch_dir, show_output, siterep_bin, tool, wait_timeout, Serve, Server,
 };
 
 const DIRTY: &str = "qemu:dirty-bitmap:live";
@@ -183,6 +192,11 @@ struct RunningGuest {
 }
 
 impl RunningGuest {
+    /// Whether `run-guest` has exited already (the guest finished, or failed to run).
+    fn has_exited(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait run-guest").is_some()
+    }
+
     /// Waits for `run-guest` (which enforces `VM_TIMEOUT` itself and kills qemu); fails the test
     /// if the guest never ran the script: did not boot, init failed, qemu died or hung.
     #[track_caller]
@@ -546,6 +560,126 @@ fn physical_kill(frontend: &str) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Unplanned failover: the host's view of the guest's durable files
+
+/// One file the failover writer guest recorded as durable (written, fsynced, directory
+/// fsynced): its `sha256sum` line and when the host first saw that line.
+#[derive(Debug, Clone)]
+struct Completed {
+    /// `HASH  data/fNNNNN`, as `sha256sum -c` reads it.
+    line: String,
+    /// Host clock (the shim's: [`now_ms`]), taken right after the read that showed the line.
+    seen_ms: u64,
+}
+
+/// Polls the guest's `complete` file (the results share is uncached: the guest's appends are
+/// on the host when its write returns) and timestamps each new line on the host.
+struct CompletionWatch {
+    seen: Arc<Mutex<Vec<Completed>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl CompletionWatch {
+    fn start(path: &Path) -> CompletionWatch {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (path, seen, stop) = (path.to_owned(), seen.clone(), stop.clone());
+            std::thread::spawn(move || loop {
+                // Once told to stop, one last read picks up what came in meanwhile.
+                let last = stop.load(Ordering::SeqCst);
+                Self::poll(&path, &seen);
+                if last {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            })
+        };
+        CompletionWatch { seen, stop, thread: Some(thread) }
+    }
+
+    fn poll(path: &Path, seen: &Mutex<Vec<Completed>>) {
+        let Ok(text) = std::fs::read_to_string(path) else { return };
+        let seen_ms = now_ms();
+        // Only whole lines: the guest may be in the middle of appending one.
+        let whole = text.rfind('\n').map_or("", |end| &text[..end]);
+        let mut seen = seen.lock().expect("completion list");
+        for line in whole.lines().skip(seen.len()) {
+            seen.push(Completed { line: line.to_owned(), seen_ms });
+        }
+    }
+
+    fn snapshot(&self) -> Vec<Completed> {
+        self.seen.lock().expect("completion list").clone()
+    }
+
+    /// Stops polling (after one last read) and returns every line seen.
+    fn finish(mut self) -> Vec<Completed> {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().expect("the completion watcher");
+        }
+        self.snapshot()
+    }
+}
+
+impl Drop for CompletionWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// If the test fails while a spawned guest still runs, SIGTERM its `run-guest` (which kills its
+/// qemu) instead of leaving it to run until `VM_TIMEOUT`. Disarm it before waiting for the guest
+/// (which reaps `run-guest`: its pid must not be signalled after that).
+struct AbortGuestOnPanic(Option<u32>);
+
+impl AbortGuestOnPanic {
+    fn new(guest: &RunningGuest) -> AbortGuestOnPanic {
+        AbortGuestOnPanic(Some(guest.child.id()))
+    }
+
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for AbortGuestOnPanic {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0.filter(|_| std::thread::panicking()) {
+            let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+        }
+    }
+}
+
+/// `(point, cut_unix_ms)` of the last point the shim's agent reported, if any.
+fn last_point(shim: &Server) -> Option<(u64, u64)> {
+    match replication::shim_status(shim.socket()).get("last_replicated") {
+        Json::Null => None,
+        p => Some((p.get("point").as_u64(), p.get("cut_unix_ms").as_u64())),
+    }
+}
+
+/// Waits until the shim's agent has reported a point; fails the test after `timeout`.
+fn wait_for_first_point(shim: &Server, agent: &mut AgentProcess, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while last_point(shim).is_none() {
+        agent.assert_running();
+        assert!(Instant::now() < deadline, "no recovery point after {timeout:?}:\n{}", agent.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A file the guest left in its results directory, trimmed ("" if missing).
+fn result_file(results: &Path, name: &str) -> String {
+    std::fs::read_to_string(results.join(name)).unwrap_or_default().trim().to_owned()
+}
+
+// ---------------------------------------------------------------------------------------------
 // Scenarios
 
 /// A VM's disk served by the shim: the guest kernel's virtio-blk, through qemu's NBD client,
@@ -639,6 +773,214 @@ fn vm_physical_server_over_ublk() {
 #[test]
 fn vm_physical_ublk_shim_killed_then_recovered() {
     physical_kill("ublk");
+}
+
+/// Unplanned failover of a VM (issue 6): a guest whose disk is served by the shim writes a
+/// stream of fsynced files on ext4 while an agent replicates continuously (`--interval 1s`);
+/// the protected site dies (agent and shim SIGKILLed under the writer, the filesystem never
+/// unmounted); `siterep failover --point latest` materializes the last committed point and
+/// serves it; a second guest mounts that disk (journal recovery), `e2fsck -f -n` is clean, and
+/// every file durable before the point's cut reads back with its checksum.
+///
+/// "Before the cut" is decided on the host clock only, which is the clock the shim stamps cuts
+/// with (`cut_unix_ms` is read under the tracker's write lock at the moment the live dirty map
+/// is frozen: a write acknowledged before that instant is in the generation). The guest
+/// appends a file's `sha256sum` line to the results share only after the file's and the
+/// directory's fsync returned, i.e. after the shim acknowledged the data and the flush
+/// (`cache=none`); the host polls that share and stamps each line when it first sees it. So
+/// `seen_ms < cut_unix_ms` implies the file was durable before the cut, whatever the guest's
+/// clock says; polling delay only makes the set smaller (conservative), never wrong. Files
+/// recorded later may be missing or partial on the failed-over disk, but must not make fsck fail.
+#[test]
+fn vm_unplanned_failover_to_latest() {
+    const SIZE: u64 = 512 * MIB;
+    const DISK: &str = "vm1";
+    /// How long the guest writes (from its first durable file) before the disaster, at least.
+    const WRITE_FOR: Duration = Duration::from_secs(25);
+    /// Files durable before the latest cut needed to prove anything.
+    const MIN_BEFORE_CUT: usize = 20;
+    let started = Instant::now();
+    prepare();
+    let dir = scratch_dir("vm-failover");
+    let d = dir.path();
+
+    // The protected site: ext4 made on the host (nodiscard: no whole-disk trim), the shim with
+    // persistent tracking, and an agent replicating every second to the recovery site.
+    let img = d.join("src.img");
+    image::create_sparse(&img, SIZE);
+    run(tool("mkfs.ext4").args(["-q", "-F", "-E", "nodiscard"]).arg(&img));
+    let shim = Serve::new(&img).state_dir(&d.join("state")).start();
+    let certs = Certs::make(&d.join("certs"));
+    let server = RecoveryServer::start(&d.join("store"), &certs, &[]);
+    let store = server.store().to_owned();
+    let mut agent = AgentCmd::new(shim.socket(), server.addr(), DISK, &certs)
+        .args(["--retry-scale", "0.001", "--interval", "1s"])
+        .spawn(&d.join("agent.log"));
+    wait_for_first_point(&shim, &mut agent, Duration::from_secs(60));
+
+    // Guest 1 writes files on that disk while it replicates.
+    let writer_results = d.join("writer");
+    let mut writer = Guest::new(&vm_dir().join("guest/failover-writer"), &writer_results)
+        .nbd_disk(&shim.uri())
+        .env("DISK", "/dev/vda")
+        .env("DISK_SIZE", SIZE)
+        .spawn();
+    let mut abort_writer = AbortGuestOnPanic::new(&writer);
+    let watch = CompletionWatch::start(&writer_results.join("complete"));
+    let deadline = Instant::now() + vm_timeout();
+    loop {
+        agent.assert_running();
+        if writer.has_exited() {
+            abort_writer.disarm();
+            let run = writer.wait();
+            panic!("the writer guest ended before the disaster (exit {:?})\n{}", run.status, run.context());
+        }
+        let seen = watch.snapshot();
+        let cut = last_point(&shim).map_or(0, |p| p.1);
+        let before_cut = seen.iter().filter(|c| c.seen_ms < cut).count();
+        let writing_for = seen.first().map_or(0, |c| now_ms().saturating_sub(c.seen_ms));
+        if writing_for >= WRITE_FOR.as_millis() as u64 && before_cut >= MIN_BEFORE_CUT {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after {:?}: {} files durable, {before_cut} of them before the latest cut (need \
+             {MIN_BEFORE_CUT})\n--- guest steps ---\n{}\n--- agent ---\n{}",
+            vm_timeout(),
+            seen.len(),
+            result_file(&writer_results, "steps"),
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // The loop above usually ends just after the agent reported a commit (that is when the
+    // count before the cut grows): let the disaster fall at a moment unrelated to the agent's
+    // cycle (mid-cut, mid-transfer or idle), up to 1.5 s later.
+    let delay_ms = now_ms() % 1500;
+    std::thread::sleep(Duration::from_millis(delay_ms));
+
+    // The disaster: the protected site dies, agent and shim at once, the guest still writing.
+    let writing_for = watch.snapshot().first().map_or(0, |c| now_ms().saturating_sub(c.seen_ms));
+    agent.kill();
+    shim.kill();
+    let killed = Instant::now();
+    let killed_ms = now_ms();
+    // The writer runs into the dead disk: its next fsync fails (qemu's NBD client fails the
+    // requests once the server is gone). Only then may it stop, without unmounting.
+    let error_deadline = Instant::now() + Duration::from_secs(120);
+    while !result_file(&writer_results, "errors").lines().any(|l| l.ends_with(" failed")) {
+        assert!(
+            !writer.has_exited() && Instant::now() < error_deadline,
+            "the writer guest saw no I/O error within {:?} after the shim was killed (exited: {})\n\
+             --- guest steps ---\n{}",
+            killed.elapsed(),
+            writer.has_exited(),
+            result_file(&writer_results, "steps")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let first_error_after = killed.elapsed();
+    std::fs::write(writer_results.join("stop"), b"").expect("tell the writer guest to stop");
+    abort_writer.disarm();
+    let writer = writer.wait();
+    writer.assert_success();
+    let completed = watch.finish();
+    let writer_summary = result_file(&writer_results, "writer.txt");
+
+    // Failover to the latest committed point.
+    let all = points(&store, DISK);
+    let latest = all.last().expect("points").clone();
+    let (point, cut) = (latest.get("id").as_u64(), latest.get("cut_unix_ms").as_u64());
+    assert!(cut <= killed_ms, "the latest point {point} was cut at {cut}, after the kill at {killed_ms}");
+    let failover_started = Instant::now();
+    let failed_over = d.join("failover.img");
+    let new_primary = recovery::failover(
+        &store,
+        DISK,
+        "latest",
+        &failed_over,
+        &d.join("s2.sock"),
+        &d.join("state2"),
+        Duration::from_secs(120),
+    );
+    let failover_took = failover_started.elapsed();
+    assert!(
+        new_primary.log().contains(&format!("materialized point {point} ")),
+        "`siterep failover --point latest` did not materialize point {point}:\n{}",
+        new_primary.log()
+    );
+
+    // What must be intact: every file the host saw durable before the cut.
+    let before_cut: Vec<&Completed> = completed.iter().filter(|c| c.seen_ms < cut).collect();
+    assert!(
+        before_cut.len() >= MIN_BEFORE_CUT,
+        "only {} files durable before the cut of point {point}: too few to prove anything",
+        before_cut.len()
+    );
+    let after_kill = completed.iter().filter(|c| c.seen_ms > killed_ms).count();
+    let check_results = d.join("check");
+    std::fs::create_dir_all(&check_results).expect("create the checker's results directory");
+    let expected: String = before_cut.iter().map(|c| format!("{}\n", c.line)).collect();
+    std::fs::write(check_results.join("expected"), expected).expect("write the expected checksums");
+
+    // Guest 2 boots with the failed-over disk.
+    let checker = Guest::new(&vm_dir().join("guest/failover-check"), &check_results)
+        .nbd_disk(&new_primary.uri())
+        .env("DISK", "/dev/vda")
+        .env("DISK_SIZE", SIZE)
+        .run();
+    let fsck_status = result_file(&check_results, "fsck.status");
+    assert_eq!(
+        fsck_status,
+        "0",
+        "e2fsck -f -n of the failed-over disk (after journal recovery) is not clean\n{}\n{}",
+        result_file(&check_results, "fsck.log"),
+        checker.context()
+    );
+    let check_log = std::fs::read_to_string(check_results.join("check.log")).unwrap_or_default();
+    let bad: Vec<&str> = check_log.lines().filter(|l| !l.ends_with(": OK")).collect();
+    let intact = check_log.lines().filter(|l| l.ends_with(": OK")).count();
+    assert!(
+        result_file(&check_results, "check.status") == "0" && bad.is_empty() && intact == before_cut.len(),
+        "{} of {} files durable before the cut of point {point} are not intact on the failed-over disk \
+         ({intact} OK):\n{}\n{}",
+        before_cut.len() - intact,
+        before_cut.len(),
+        bad[..bad.len().min(40)].join("\n"),
+        checker.context()
+    );
+    let present = result_file(&check_results, "present").lines().count();
+    let fsck_before = result_file(&check_results, "fsck-before.status");
+
+    // The new primary's image, read on the host without NBD, agrees.
+    new_primary.stop();
+    let (code, out) = replication::e2fsck(&["-f", "-n"], &failed_over);
+    assert_eq!(code, 0, "e2fsck -f -n of the failed-over image on the host:\n{out}");
+    drop(server);
+
+    eprintln!(
+        "vm_unplanned_failover_to_latest: {} files durable in {:.1} s of writing ({writer_summary}), \
+         {} seen after the kill; agent + shim SIGKILLed at a random {delay_ms} ms after the goal, the writer's \
+         first I/O error {} ms later; {} points, latest {point} cut {} ms before \
+         the kill; {} files durable before the cut all intact, {present} files present after \
+         recovery; e2fsck -f -n exit {fsck_before} before journal recovery, 0 after, 0 on the \
+         host; failover (materialize + serve) {} ms; writer guest boot {:.1} s, \
+         script {:.1} s; checker guest boot {:.1} s, script {:.1} s; whole test {:.1} s",
+        completed.len(),
+        writing_for as f64 / 1000.0,
+        after_kill,
+        first_error_after.as_millis(),
+        all.len(),
+        killed_ms - cut,
+        before_cut.len(),
+        failover_took.as_millis(),
+        writer.timing("boot_s"),
+        writer.timing("script_s"),
+        checker.timing("boot_s"),
+        checker.timing("script_s"),
+        started.elapsed().as_secs_f64()
+    );
 }
 
 #[test]
