@@ -31,6 +31,9 @@ const MAX_OPS: usize = 128;
 const MAX_QUEUED: usize = 64 << 20;
 const RBUF_SIZE: usize = 256 << 10;
 const MAX_IOVECS: usize = 64;
+/// Small writes beyond this many requests in flight are punted to io-wq (`IOSQE_ASYNC`).
+const ASYNC_WRITE_DEPTH: usize = 4;
+const ASYNC_WRITE_MAX: usize = 64 << 10;
 
 const UD_RECV: u64 = u64::MAX;
 const UD_SEND: u64 = u64::MAX - 1;
@@ -420,10 +423,18 @@ impl Engine<'_> {
             OpKind::Write { buf, offset, fua, done, .. } => {
                 let rest = &buf.as_slice()[*done..];
                 let flags = if *fua { libc::RWF_DSYNC } else { 0 };
-                opcode::Write::new(fd, rest.as_ptr(), rest.len() as u32)
+                let sqe = opcode::Write::new(fd, rest.as_ptr(), rest.len() as u32)
                     .offset(*offset + *done as u64)
                     .rw_flags(flags)
-                    .build()
+                    .build();
+                // With other requests in flight, a small buffered write goes to an io-wq
+                // worker instead of running inline in this thread, so a deep queue of them
+                // uses the other cores while this thread keeps receiving.
+                if self.n_ops > ASYNC_WRITE_DEPTH && rest.len() <= ASYNC_WRITE_MAX {
+                    sqe.flags(squeue::Flags::ASYNC)
+                } else {
+                    sqe
+                }
             }
             OpKind::Flush => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
         };
