@@ -61,9 +61,9 @@ pub fn take_listen_fds() -> io::Result<Vec<OwnedFd>> {
     for fd in LISTEN_FDS_START..LISTEN_FDS_START + count {
         // Check the descriptor is open before adopting it.
         nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))?;
-        // SAFETY: systemd passes descriptors 3..3+LISTEN_FDS open and owned by this process
-        // (LISTEN_PID matched our pid); fcntl above proved it is open, and nothing else in the
-        // process adopts these numbers, so this OwnedFd is the only owner.
+        // systemd passes descriptors 3..3+LISTEN_FDS open and owned by this process (LISTEN_PID
+        // matched our pid); fcntl above proved it is open, and nothing else adopts these numbers.
+        // SAFETY: the descriptor is open and this OwnedFd is its only owner.
         fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
     }
     Ok(fds)

@@ -101,10 +101,11 @@ impl Control {
         cmd[16..24].copy_from_slice(&data0.to_ne_bytes());
         let sqe =
             opcode::UringCmd80::new(types::Fd(self.file.as_raw_fd()), op).cmd(cmd).build().user_data(ud);
-        // SAFETY: the command lends the kernel `buf` (addr/len above; the 80-byte command itself
-        // is copied into the SQE). `buf` is a heap allocation owned by this call: it is
-        // returned only after the command's completion (user data `ud`) has been reaped below,
-        // and leaked if the ring breaks before that, so the kernel never sees freed memory.
+        // The command lends the kernel `buf` (addr/len above; the 80-byte command itself is
+        // copied into the SQE). `buf` is a heap allocation owned by this call: it is returned
+        // only after the command's completion (user data `ud`) has been reaped below, and
+        // leaked if the ring breaks before that.
+        // SAFETY: the kernel never sees freed memory through this SQE.
         if unsafe { self.ring.submission().push(&sqe) }.is_err() {
             // The ring holds one command at a time: a full queue means a bug, nothing in flight.
             return (Err(io::Error::other("ublk control ring is full")), buf);
@@ -240,9 +241,10 @@ impl Queue {
         let len = (depth_n * IO_DESC_LEN).div_ceil(PAGE) * PAGE;
         let stride = (MAX_QUEUE_DEPTH * IO_DESC_LEN).div_ceil(PAGE) * PAGE;
         let offset = i64::try_from(usize::from(q_id) * stride).map_err(io::Error::other)?;
-        // SAFETY: a fresh shared read-only mapping of the driver's descriptor array for this
-        // queue (the driver refuses writable mappings). Nothing else maps this address range;
-        // it is unmapped only in `Drop`, after the last use through `self.descs`.
+        // A fresh shared read-only mapping of the driver's descriptor array for this queue (the
+        // driver refuses writable mappings); it is unmapped only in `Drop`, after the last use
+        // through `self.descs`.
+        // SAFETY: nothing else maps this address range, and it outlives every use.
         let ptr = unsafe {
             nix::sys::mman::mmap(
                 None,
@@ -289,9 +291,9 @@ impl Queue {
 
     fn push(&mut self, sqe: squeue::Entry) -> io::Result<()> {
         loop {
-            // SAFETY: every SQE built by this queue points at memory the queue owns (a tag's
-            // buffer, which the state machine has given to the kernel) or at none at all;
-            // the buffers outlive every completion (see the module documentation).
+            // Every SQE built by this queue points at memory the queue owns (a tag's buffer,
+            // which the state machine has given to the kernel) or at none at all.
+            // SAFETY: the buffers outlive every completion (see the module documentation).
             if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
                 self.inflight += 1;
                 return Ok(());
@@ -343,9 +345,9 @@ impl Queue {
             "buffer of tag {tag} that is not serving"
         );
         assert!(len <= self.bufs.max_io);
-        // SAFETY: the range is inside the allocation (tag < depth, len <= max_io), and while the
-        // tag is `Serving` neither the kernel nor another tag touches it; the returned borrow
-        // of `self` prevents submitting anything for the tag while the slice lives.
+        // While the tag is `Serving` neither the kernel nor another tag touches its buffer; the
+        // returned borrow of `self` prevents submitting anything for the tag while it lives.
+        // SAFETY: the range is inside the allocation (tag < depth, len <= max_io) and unaliased.
         unsafe {
             std::slice::from_raw_parts_mut(
                 self.bufs.ptr.as_ptr().add(usize::from(tag) * self.bufs.max_io),
