@@ -443,18 +443,7 @@ struct Progress {
 
 impl Progress {
     fn new(show_bar: bool, total: u64) -> Self {
-        let bar = if show_bar {
-            let bar = indicatif::ProgressBar::new(total);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "resync {bar:40} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
-                )
-                .expect("valid template"),
-            );
-            bar
-        } else {
-            indicatif::ProgressBar::hidden()
-        };
+        let bar = crate::run::progress_bar(show_bar, total, "resync", " {msg}");
         Self { bar, total, start: Instant::now(), last_log: Instant::now() }
     }
 

@@ -463,7 +463,7 @@ impl Agent<'_> {
             })
             .collect();
         let total: u64 = data.iter().map(|d| d.1).sum();
-        let bar = progress_bar(cfg.progress, total);
+        let bar = progress_bar(cfg.progress, total, "initial copy", "");
         let mut stats = Stats::default();
         // Ship in slices so progress is made durable as the copy advances.
         let mut slice_start = from;
@@ -560,15 +560,16 @@ pub(crate) fn summary(
     }
 }
 
-fn progress_bar(show: bool, total: u64) -> indicatif::ProgressBar {
+/// A byte progress bar (rate, ETA) labelled `what`, or a hidden one.
+pub(crate) fn progress_bar(show: bool, total: u64, what: &str, suffix: &str) -> indicatif::ProgressBar {
     if !show {
         return indicatif::ProgressBar::hidden();
     }
     let bar = indicatif::ProgressBar::new(total);
     bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "initial copy {bar:40} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
-        )
+        indicatif::ProgressStyle::with_template(&format!(
+            "{what} {{bar:40}} {{bytes}}/{{total_bytes}} {{bytes_per_sec}} ETA {{eta}}{suffix}"
+        ))
         .expect("valid template"),
     );
     bar

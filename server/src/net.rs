@@ -343,6 +343,16 @@ fn session<S: Stream>(
     let mut receiving = Receiving::Nothing;
     let mut hashes = PointHashes::default();
     while let Some(frame) = c.recv()? {
+        // Generations and hash queries name their disk: it must be the one registered here.
+        if let Frame::BeginGeneration { disk: d, .. } | Frame::HashQuery { disk: d, .. } = &frame {
+            if disk.as_deref() != Some(d.as_str()) {
+                return c.error(
+                    ErrorClass::Fatal,
+                    wire::ERR_BAD_REQUEST,
+                    format!("disk {d} was not registered"),
+                );
+            }
+        }
         let result: Result<Option<Frame>, Fail> = match frame {
             Frame::RegisterDisk { disk: d, .. }
                 if access.enrollment.allows(fingerprint.as_deref(), &d).is_err() =>
@@ -365,14 +375,6 @@ fn session<S: Stream>(
                 })
             }
             Frame::BeginGeneration { disk: d, generation, kind, base_point } => {
-                if disk.as_deref() != Some(d.as_str()) {
-                    c.error(
-                        ErrorClass::Fatal,
-                        wire::ERR_BAD_REQUEST,
-                        format!("disk {d} was not registered"),
-                    )?;
-                    return Ok(());
-                }
                 begin(store, &d, generation, kind, base_point).map_err(Fail::from).map(|r| {
                     receiving = r;
                     None
@@ -382,14 +384,6 @@ fn session<S: Stream>(
                 Ok(Some(Frame::HaveReply { have: hashes.iter().map(|h| store.has_chunk(h)).collect() }))
             }
             Frame::HashQuery { disk: d, point, offset, len, block } => {
-                if disk.as_deref() != Some(d.as_str()) {
-                    c.error(
-                        ErrorClass::Fatal,
-                        wire::ERR_BAD_REQUEST,
-                        format!("disk {d} was not registered"),
-                    )?;
-                    return Ok(());
-                }
                 hashes.answer(store, &d, point, offset, len, block).map(Some).map_err(Fail::from)
             }
             Frame::Chunk { offset, len, hash, data } => match &mut receiving {
