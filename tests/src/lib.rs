@@ -480,6 +480,21 @@ impl Serve {
     }
 }
 
+/// Stops a server process: SIGTERM (unless it already exited), up to [`SERVER_TIMEOUT`] to
+/// exit, then SIGKILL. The exit status, or `None` if it had to be killed.
+pub fn terminate_child(mut child: Child) -> Option<ExitStatus> {
+    if let Some(status) = child.try_wait().expect("try_wait") {
+        return Some(status);
+    }
+    let _ = sys::kill(child.id(), libc::SIGTERM);
+    let status = wait_timeout(&mut child, SERVER_TIMEOUT);
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    status
+}
+
 /// A running `siterep serve`. Dropping it sends SIGTERM and — unless the test is already
 /// failing — asserts the server exits 0 within [`SERVER_TIMEOUT`].
 #[derive(Debug)]
@@ -574,21 +589,12 @@ impl Server {
 
     /// SIGTERM, wait, SIGKILL on timeout. `None` status: it had to be killed.
     fn terminate(&mut self) -> (Option<ExitStatus>, Duration) {
-        let Some(mut child) = self.child.take() else {
+        let Some(child) = self.child.take() else {
             return (None, Duration::ZERO);
         };
         let start = Instant::now();
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return (Some(status), Duration::ZERO);
-        }
-        let _ = sys::kill(child.id(), libc::SIGTERM);
-        let status = wait_timeout(&mut child, SERVER_TIMEOUT);
-        let took = start.elapsed();
-        if status.is_none() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        (status, took)
+        let status = terminate_child(child);
+        (status, start.elapsed())
     }
 
     fn context(&self) -> String {

@@ -20,7 +20,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::json::Json;
-use crate::{describe, nbdsh, run, run_unchecked, siterep, sys, tool, wait_timeout, SERVER_TIMEOUT};
+use crate::{describe, nbdsh, run, run_unchecked, siterep, sys, tool, SERVER_TIMEOUT};
 
 // ---------------------------------------------------------------------------------------------
 // Long-running recovery-site commands
@@ -120,17 +120,7 @@ impl NbdProcess {
     }
 
     fn terminate(&mut self) -> Option<ExitStatus> {
-        let mut child = self.child.take()?;
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return Some(status);
-        }
-        let _ = sys::kill(child.id(), libc::SIGTERM);
-        let status = wait_timeout(&mut child, SERVER_TIMEOUT);
-        if status.is_none() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        status
+        crate::terminate_child(self.child.take()?)
     }
 }
 

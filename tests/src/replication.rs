@@ -273,17 +273,7 @@ impl RecoveryServer {
     }
 
     fn terminate(&mut self) -> Option<ExitStatus> {
-        let mut child = self.child.take()?;
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return Some(status);
-        }
-        let _ = sys::kill(child.id(), libc::SIGTERM);
-        let status = wait_timeout(&mut child, SERVER_TIMEOUT);
-        if status.is_none() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        status
+        crate::terminate_child(self.child.take()?)
     }
 }
 
