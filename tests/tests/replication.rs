@@ -946,6 +946,16 @@ enum Got {
 }
 
 impl Raw {
+    /// Opens generation 1 of `disk` as an initial copy on an all-zero disk.
+    fn begin_initial(&mut self, disk: &str) {
+        self.send(&Frame::BeginGeneration {
+            disk: disk.to_string(),
+            generation: 1,
+            kind: GenerationKind::InitialFull,
+            base_point: None,
+        });
+    }
+
     /// Connects and completes the TLS handshake (from the client's side).
     fn connect(addr: SocketAddr, cert: &Path, key: &Path, ca: &Path) -> Result<Raw, String> {
         let cfg = client_config(&TlsFiles { cert, key, ca }).expect("client TLS configuration");
@@ -1230,12 +1240,7 @@ fn server_rejects_bad_input() {
         let disk = format!("bad-chunk-{i}");
         let mut c = Raw::session(addr, &certs);
         assert!(c.register(&disk, SIZE).is_none());
-        c.send(&Frame::BeginGeneration {
-            disk: disk.clone(),
-            generation: 1,
-            kind: GenerationKind::InitialFull,
-            base_point: None,
-        });
+        c.begin_initial(&disk);
         c.send(&chunk);
         refusal(&mut fails, &mut c, wire::ERR_CORRUPT_CHUNK, ErrorClass::Retryable, what);
         assert!(!has_point(&store, &disk), "{what}: a point was made");
@@ -1253,12 +1258,7 @@ fn server_rejects_bad_input() {
         let good = rng.bytes(32 * KIB as usize);
         let mut c = Raw::session(addr, &certs);
         c.register("bad-chunk-mixed", SIZE);
-        c.send(&Frame::BeginGeneration {
-            disk: "bad-chunk-mixed".into(),
-            generation: 1,
-            kind: GenerationKind::InitialFull,
-            base_point: None,
-        });
+        c.begin_initial("bad-chunk-mixed");
         c.send(&Frame::Chunk {
             offset: 0,
             len: good.len() as u32,
@@ -1292,12 +1292,7 @@ fn server_rejects_bad_input() {
         let before = store_files(&store);
         let mut c = Raw::session(addr, &certs);
         c.register("bad-known", SIZE);
-        c.send(&Frame::BeginGeneration {
-            disk: "bad-known".into(),
-            generation: 1,
-            kind: GenerationKind::InitialFull,
-            base_point: None,
-        });
+        c.begin_initial("bad-known");
         c.send(&Frame::Chunk { offset: 0, len: 4096, hash: [0x5a; 32], data: ChunkData::Known });
         match c.recv() {
             Got::Frame(Frame::Error { code, message, .. }) => {
@@ -1316,12 +1311,7 @@ fn server_rejects_bad_input() {
         let before = store_files(&store);
         let mut c = Raw::session(addr, &certs);
         c.register("bad-truncated", SIZE);
-        c.send(&Frame::BeginGeneration {
-            disk: "bad-truncated".into(),
-            generation: 1,
-            kind: GenerationKind::InitialFull,
-            base_point: None,
-        });
+        c.begin_initial("bad-truncated");
         let mut bytes = Vec::new();
         Frame::Chunk {
             offset: 0,
@@ -1348,12 +1338,7 @@ fn server_rejects_bad_input() {
         let before = store_files(&store);
         let mut c = Raw::session(addr, &certs);
         c.register("bad-reset", SIZE);
-        c.send(&Frame::BeginGeneration {
-            disk: "bad-reset".into(),
-            generation: 1,
-            kind: GenerationKind::InitialFull,
-            base_point: None,
-        });
+        c.begin_initial("bad-reset");
         let mut bytes = Vec::new();
         Frame::Chunk {
             offset: 0,
@@ -1395,12 +1380,7 @@ fn server_rejects_bad_input() {
         let before = store_files(&store);
         let mut c = Raw::session(addr, &certs);
         c.register("bad-malformed", SIZE);
-        c.send(&Frame::BeginGeneration {
-            disk: "bad-malformed".into(),
-            generation: 1,
-            kind: GenerationKind::InitialFull,
-            base_point: None,
-        });
+        c.begin_initial("bad-malformed");
         c.send_bytes(&bytes);
         refusal(&mut fails, &mut c, code, ErrorClass::Fatal, what);
         assert!(!has_point(&store, "bad-malformed"), "{what}: a point was made");
@@ -1443,12 +1423,7 @@ fn server_rejects_bad_input() {
         let before = store_files(&store);
         let mut c = Raw::session(addr, &certs);
         c.register("bad-oversize", SIZE);
-        c.send(&Frame::BeginGeneration {
-            disk: "bad-oversize".into(),
-            generation: 1,
-            kind: GenerationKind::InitialFull,
-            base_point: None,
-        });
+        c.begin_initial("bad-oversize");
         c.send_bytes(&bytes);
         refusal(&mut fails, &mut c, wire::ERR_TOO_LARGE, ErrorClass::Fatal, what);
         nothing_stored(&mut fails, &store, &before, what);
@@ -1501,12 +1476,7 @@ fn server_rejects_bad_input() {
     {
         let what = "a generation of a disk this session did not register";
         let mut c = Raw::session(addr, &certs);
-        c.send(&Frame::BeginGeneration {
-            disk: "bad-unregistered".into(),
-            generation: 1,
-            kind: GenerationKind::InitialFull,
-            base_point: None,
-        });
+        c.begin_initial("bad-unregistered");
         refusal(&mut fails, &mut c, wire::ERR_BAD_REQUEST, ErrorClass::Fatal, what);
         assert!(!store.join("disks/bad-unregistered").exists(), "{what}: the disk exists");
     }
@@ -1517,12 +1487,7 @@ fn server_rejects_bad_input() {
     let good_point = {
         let mut c = Raw::session(addr, &certs);
         assert!(c.register("good", SIZE).is_none());
-        c.send(&Frame::BeginGeneration {
-            disk: "good".into(),
-            generation: 1,
-            kind: GenerationKind::InitialFull,
-            base_point: None,
-        });
+        c.begin_initial("good");
         c.send(&Frame::HaveQuery { hashes: vec![good_hash] });
         match c.recv() {
             Got::Frame(Frame::HaveReply { have }) => assert_eq!(have, vec![false]),
@@ -1545,12 +1510,7 @@ fn server_rejects_bad_input() {
             other => panic!("expected Committed, got {other:?}"),
         };
         // Sending it again is harmless: the same point.
-        c.send(&Frame::BeginGeneration {
-            disk: "good".into(),
-            generation: 1,
-            kind: GenerationKind::InitialFull,
-            base_point: None,
-        });
+        c.begin_initial("good");
         c.send(&Frame::Commit {
             generation: 1,
             cut_unix_ms: now_ms(),
@@ -1774,12 +1734,7 @@ fn server_rejects_bad_input() {
         let before = store_files(&store2);
         let mut c = Raw::session_as(server2.addr(), &alpha_cert, &alpha_key, &enrolled.ca());
         c.register("alpha", 16 * MIB);
-        c.send(&Frame::BeginGeneration {
-            disk: "beta".into(),
-            generation: 1,
-            kind: GenerationKind::InitialFull,
-            base_point: None,
-        });
+        c.begin_initial("beta");
         let first = c.recv_within(Duration::from_secs(2)).unwrap_or_else(|| {
             c.send(&Frame::Zero { offset: 0, len: SIZE });
             c.send(&Frame::Commit {
