@@ -1,5 +1,5 @@
 //! Chunks: content-addressed by the blake3 of their raw bytes, stored zstd-compressed as the
-//! agent sent them, verified on the way in and on every read.
+//! agent sent them, verified on the way in and on every read (but see [`read_unverified`]).
 //!
 //! A verified upload is *staged*: written to `incoming/` without a sync and remembered in the
 //! live registry's staged set. A commit or checkpoint *promotes* the staged chunks it
@@ -28,6 +28,15 @@ fn corrupt(hash: &[u8; 32], stored: bool, reason: impl Into<String>) -> StoreErr
 
 /// Decompresses into at most `raw_len` bytes and checks length and hash.
 fn decode(hash: &[u8; 32], raw_len: u32, compressed: &[u8], stored: bool) -> Result<Vec<u8>, StoreError> {
+    let raw = decompress(hash, raw_len, compressed, stored)?;
+    if blake3::hash(&raw).as_bytes() != hash {
+        return Err(corrupt(hash, stored, "blake3 of the raw bytes differs from its address"));
+    }
+    Ok(raw)
+}
+
+/// Decompresses into exactly `raw_len` bytes.
+fn decompress(hash: &[u8; 32], raw_len: u32, compressed: &[u8], stored: bool) -> Result<Vec<u8>, StoreError> {
     thread_local! {
         // One decompression context per thread: making one per chunk costs more than
         // decompressing a small chunk.
@@ -46,9 +55,6 @@ fn decode(hash: &[u8; 32], raw_len: u32, compressed: &[u8], stored: bool) -> Res
         .map_err(|e| corrupt(hash, stored, format!("does not decompress into {raw_len} bytes: {e}")))?;
     if raw.len() != raw_len as usize {
         return Err(corrupt(hash, stored, format!("decompresses to {} bytes, not {raw_len}", raw.len())));
-    }
-    if blake3::hash(&raw).as_bytes() != hash {
-        return Err(corrupt(hash, stored, "blake3 of the raw bytes differs from its address"));
     }
     Ok(raw)
 }
@@ -101,12 +107,30 @@ pub(crate) fn read_header(path: &Path, hash: &[u8; 32]) -> Result<Option<(File, 
 
 /// Reads and verifies a stored chunk; a missing chunk is corruption of the store.
 pub(crate) fn read(path: &Path, hash: &[u8; 32]) -> Result<Vec<u8>, StoreError> {
-    let (mut f, header) =
-        read_header(path, hash)?.ok_or_else(|| corrupt(hash, true, "missing from the store"))?;
-    // Bounded by MAX_CHUNK_STORED (checked by ChunkHeader::decode).
-    let mut stored = vec![0u8; header.stored_len as usize];
-    f.read_exact(&mut stored).map_err(StoreError::io("read", path))?;
+    let (header, stored) = read_stored(path, hash)?;
     decode(hash, header.raw_len, &stored, true)
+}
+
+/// Reads a stored chunk without checking its blake3 (header, length and decompression are
+/// checked): for callers that hash the bytes themselves and treat a mismatch as a difference
+/// (see `PointReader::block_hashes`).
+pub(crate) fn read_unverified(path: &Path, hash: &[u8; 32]) -> Result<Vec<u8>, StoreError> {
+    let (header, stored) = read_stored(path, hash)?;
+    decompress(hash, header.raw_len, &stored, true)
+}
+
+/// A stored chunk's header and compressed bytes.
+fn read_stored(path: &Path, hash: &[u8; 32]) -> Result<(ChunkHeader, Vec<u8>), StoreError> {
+    let (f, header) =
+        read_header(path, hash)?.ok_or_else(|| corrupt(hash, true, "missing from the store"))?;
+    // Bounded by MAX_CHUNK_STORED (checked by ChunkHeader::decode); read_header checked the
+    // file's length, so a shorter read means the file changed under us.
+    let mut stored = Vec::with_capacity(header.stored_len as usize);
+    f.take(u64::from(header.stored_len)).read_to_end(&mut stored).map_err(StoreError::io("read", path))?;
+    if stored.len() != header.stored_len as usize {
+        return Err(corrupt(hash, true, "truncated"));
+    }
+    Ok((header, stored))
 }
 
 /// Writes a verified upload to `incoming/` under a name of its own, without a sync, and

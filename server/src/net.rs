@@ -21,7 +21,7 @@ use std::time::Duration;
 use rustls::{ServerConfig, ServerConnection, StreamOwned};
 use wire::{ChunkData, Decoder, ErrorClass, Frame, Hash, InitialSync, PointRef};
 
-use crate::info::{Consistency, ExtentKind, GenerationKind, PointSel};
+use crate::info::{Consistency, GenerationKind, PointSel};
 use crate::{PendingPoint, PointInfo, PointReader, Store, StoreError};
 
 /// How long a connection may stay silent before the server drops it.
@@ -559,10 +559,10 @@ impl PointHashes {
 }
 
 /// The blake3 of every `block`-sized piece of the point in `[offset, offset + len)`, the last
-/// one cut at the end of the range (§4.15). Pieces that lie in a zero range are hashed from the
-/// cached zero hash; the rest are read in spans of up to [`HASH_READ`] bytes, a large range by
-/// [`HASH_THREADS`] threads. A piece whose chunk is corrupt or missing in the store answers
-/// [`UNREADABLE_HASH`].
+/// one cut at the end of the range (§4.15), by [`PointReader::block_hashes`]: pieces in zero
+/// ranges from the cached zero hash, the rest hashed from their chunks in spans of up to
+/// [`HASH_READ`] bytes, a large range by [`HASH_THREADS`] threads. A piece whose chunk is
+/// missing or unreadable in the store answers [`UNREADABLE_HASH`].
 fn point_hashes(
     reader: &PointReader,
     offset: u64,
@@ -570,19 +570,11 @@ fn point_hashes(
     block: u32,
     zero: &mut ZeroHashes,
 ) -> Result<Vec<Hash>, StoreError> {
-    let extents = reader.extents(offset, len)?;
     let block = u64::from(block);
     let n = wire::hash_count(len, block as u32) as usize;
     // The only lengths a piece has: the block, and maybe a short last one.
     let last = len - (n as u64 - 1) * block;
-    let r = Pieces {
-        reader,
-        extents: &extents,
-        offset,
-        end: offset + len,
-        block,
-        zero: (zero.get(block), zero.get(last)),
-    };
+    let r = Pieces { reader, offset, end: offset + len, block, zero: (zero.get(block), zero.get(last)) };
     let threads = HASH_THREADS.min((len / HASH_READ) as usize).max(1);
     if threads == 1 {
         return r.hash(0, n);
@@ -610,8 +602,6 @@ const HASH_THREADS: usize = 2;
 /// The pieces of one `HashQuery` range and what hashing them needs.
 struct Pieces<'a> {
     reader: &'a PointReader,
-    /// The range's extents, in order, adjacent ones of a kind merged.
-    extents: &'a [(u64, u64, ExtentKind)],
     offset: u64,
     end: u64,
     block: u64,
@@ -625,46 +615,28 @@ impl Pieces<'_> {
         (s, (s + self.block).min(self.end))
     }
 
-    /// Whether `[s, e)` lies in one zero extent.
-    fn is_zero(&self, s: u64, e: u64) -> bool {
-        let k = self.extents.partition_point(|x| x.0 + x.1 <= s);
-        self.extents.get(k).is_some_and(|x| x.2 == ExtentKind::Zero && x.0 <= s && x.0 + x.1 >= e)
+    /// The hashes of pieces `from..to` of `[s, e)`.
+    fn hashes(&self, s: u64, e: u64) -> Result<Vec<Hash>, StoreError> {
+        let (block, zero) = (self.block, self.zero);
+        self.reader.block_hashes(s, e - s, block, |l| if l == block { zero.0 } else { zero.1 })
     }
 
     /// The hashes of pieces `from..to`.
     fn hash(&self, from: usize, to: usize) -> Result<Vec<Hash>, StoreError> {
-        let span_max = self.block.max(HASH_READ);
+        let span = (HASH_READ / self.block).max(1) as usize;
         let mut out = Vec::with_capacity(to - from);
-        let mut buf = Vec::new();
         let mut i = from;
         while i < to {
-            let (s, e) = self.piece(i);
-            if self.is_zero(s, e) {
-                out.push(if e - s == self.block { self.zero.0 } else { self.zero.1 });
-                i += 1;
-                continue;
-            }
-            // A span of consecutive pieces with data, read at once.
-            let mut j = i + 1;
-            let mut span_end = e;
-            while j < to {
-                let (s2, e2) = self.piece(j);
-                if e2 - s > span_max || self.is_zero(s2, e2) {
-                    break;
-                }
-                span_end = e2;
-                j += 1;
-            }
-            buf.resize((span_end - s) as usize, 0);
-            match self.reader.read_at(&mut buf, s) {
-                Ok(()) => out.extend(buf.chunks(self.block as usize).map(|p| *blake3::hash(p).as_bytes())),
+            let j = (i + span).min(to);
+            let (s, e) = (self.piece(i).0, self.piece(j - 1).1);
+            match self.hashes(s, e) {
+                Ok(h) => out.extend(h),
                 Err(StoreError::CorruptChunk { stored: true, .. }) => {
-                    // Find the pieces that cannot be read; the others still count as equal.
+                    // Find the pieces that cannot be read; the others still count.
                     for k in i..j {
                         let (ps, pe) = self.piece(k);
-                        let b = &mut buf[(ps - s) as usize..(pe - s) as usize];
-                        match self.reader.read_at(b, ps) {
-                            Ok(()) => out.push(*blake3::hash(b).as_bytes()),
+                        match self.hashes(ps, pe) {
+                            Ok(h) => out.extend(h),
                             Err(e @ StoreError::CorruptChunk { stored: true, .. }) => {
                                 let info = self.reader.info();
                                 tracing::warn!(
@@ -834,8 +806,9 @@ mod tests {
     #[test]
     fn an_unreadable_chunk_answers_a_hash_that_matches_nothing() {
         let (_dir, store, image) = store_with_point();
-        // Corrupt the chunk at 200 KiB (300 KiB long): its pieces answer UNREADABLE_HASH,
-        // every other piece its real hash.
+        // Corrupt the chunk at 200 KiB (300 KiB long). Bytes that changed are hashed as they
+        // are: the pieces holding them answer a hash that is not theirs. A missing chunk: all
+        // its pieces answer UNREADABLE_HASH. Every other piece answers its real hash.
         let hash = *blake3::hash(&bytes(4, 300 << 10)).as_bytes();
         let name: String = hash.iter().map(|b| format!("{b:02x}")).collect();
         let path = find_file(store.root(), &name).expect("the chunk's file");
@@ -843,17 +816,26 @@ mod tests {
         let n = data.len();
         data[n - 10] ^= 0xff;
         std::fs::write(&path, data).unwrap();
-        let reader = store.open_point(DISK, PointSel::Id(1)).unwrap();
-        let got = point_hashes(&reader, 0, SIZE, 64 << 10, &mut ZeroHashes::default()).unwrap();
         let want = expected(&image, 0, SIZE, 64 << 10);
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            let (s, e) = ((i as u64) << 16, ((i as u64 + 1) << 16).min(SIZE));
-            let corrupt = s < 500 << 10 && e > 200 << 10 && !(s >= 300 << 10 && e <= (300 << 10) + 8192);
-            if corrupt {
-                assert_eq!(*g, UNREADABLE_HASH, "piece {i}");
-            } else {
-                assert_eq!(g, w, "piece {i}");
+        for missing in [false, true] {
+            if missing {
+                std::fs::remove_file(&path).unwrap();
             }
+            let reader = store.open_point(DISK, PointSel::Id(1)).unwrap();
+            let got = point_hashes(&reader, 0, SIZE, 64 << 10, &mut ZeroHashes::default()).unwrap();
+            assert_eq!(got.len(), want.len());
+            let mut differ = 0;
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                let (s, e) = ((i as u64) << 16, ((i as u64 + 1) << 16).min(SIZE));
+                let in_chunk = s < 500 << 10 && e > 200 << 10 && !(s >= 300 << 10 && e <= (300 << 10) + 8192);
+                if in_chunk && missing {
+                    assert_eq!(*g, UNREADABLE_HASH, "piece {i}");
+                } else if !in_chunk {
+                    assert_eq!(g, w, "piece {i}");
+                }
+                differ += usize::from(g != w);
+            }
+            assert!(differ > 0, "the corrupt chunk went unnoticed (missing: {missing})");
         }
     }
 

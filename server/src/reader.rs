@@ -184,6 +184,82 @@ impl PointReader {
         })
     }
 
+    /// The blake3 of each `block`-sized piece of `[offset, offset + len)` (the last one may be
+    /// shorter), hashed straight from the chunks without copying them into one buffer; a piece
+    /// that lies in zero ranges only is `zero_hash(its length)`, without hashing anything.
+    ///
+    /// Unlike [`read_at`](Self::read_at), chunks are not checked against their blake3 here:
+    /// these hashes are compared with the source's, so a chunk whose bytes changed in the store
+    /// hashes differently and its blocks are sent again. A chunk that is missing, has a bad
+    /// header or does not decompress is still `CorruptChunk`.
+    pub fn block_hashes(
+        &self,
+        offset: u64,
+        len: u64,
+        block: u64,
+        zero_hash: impl Fn(u64) -> [u8; 32],
+    ) -> Result<Vec<[u8; 32]>, StoreError> {
+        static ZEROES: [u8; 64 << 10] = [0; 64 << 10];
+        fn feed_zeroes(hasher: &mut blake3::Hasher, mut n: u64) {
+            while n > 0 {
+                let k = n.min(ZEROES.len() as u64);
+                hasher.update(&ZEROES[..k as usize]);
+                n -= k;
+            }
+        }
+        self.check_range(offset, len)?;
+        assert!(block > 0, "block_hashes: a zero block size");
+        let end = offset + len;
+        let piece_end = |at: u64| (offset + ((at - offset) / block + 1) * block).min(end);
+        let mut out = Vec::with_capacity(len.div_ceil(block) as usize);
+        let mut hasher = blake3::Hasher::new();
+        // Bytes of the current piece so far; zero bytes at its end not yet given to `hasher`
+        // (a piece without data is never hashed); whether it holds data.
+        let (mut fed, mut zeroes, mut had_data) = (0u64, 0u64, false);
+        let mut chunk: Option<([u8; 32], Vec<u8>)> = None;
+        self.walk(offset, len, |seg| {
+            let (start, seg_end, data) = match &seg {
+                Segment::Zero(at, l) => (*at, at + l, None),
+                Segment::Data(at, d) => {
+                    if chunk.as_ref().map(|c| c.0) != Some(d.chunk) {
+                        chunk = Some((d.chunk, self.store.read_chunk_unverified(&d.chunk)?));
+                    }
+                    let bytes = &chunk.as_ref().expect("just read").1;
+                    (*at, at + u64::from(d.len), Some(self.data(bytes, d)?))
+                }
+            };
+            let mut at = start;
+            while at < seg_end {
+                let pend = piece_end(at);
+                let stop = pend.min(seg_end);
+                match data {
+                    Some(bytes) => {
+                        feed_zeroes(&mut hasher, std::mem::take(&mut zeroes));
+                        let i = (at - start) as usize;
+                        hasher.update(&bytes[i..i + (stop - at) as usize]);
+                        had_data = true;
+                    }
+                    None => zeroes += stop - at,
+                }
+                fed += stop - at;
+                at = stop;
+                if at == pend {
+                    out.push(if had_data {
+                        feed_zeroes(&mut hasher, std::mem::take(&mut zeroes));
+                        *hasher.finalize().as_bytes()
+                    } else {
+                        zero_hash(fed)
+                    });
+                    hasher.reset();
+                    (fed, zeroes, had_data) = (0, 0, false);
+                }
+            }
+            Ok(())
+        })?;
+        debug_assert_eq!(fed, 0);
+        Ok(out)
+    }
+
     /// The ranges of `[offset, offset + len)`, in order, adjacent ranges of a kind merged.
     pub fn extents(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64, ExtentKind)>, StoreError> {
         self.check_range(offset, len)?;
