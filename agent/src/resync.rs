@@ -6,9 +6,11 @@
 //!
 //! 1. Per map region ([`REGION`], 64 MiB) the agent asks the server for the [`COARSE`]-block
 //!    (64 KiB) hashes of the latest point (`HashQuery`, 1024 hashes) and hashes the same blocks
-//!    of the live disk, read through the shim by [`AgentConfig::readers`] threads that run ahead
-//!    of the comparison. Equal blocks are skipped; a block that reads as zeroes on the source is
-//!    sent as a `Zero` extent whatever the server holds.
+//!    of the live disk, read by [`AgentConfig::readers`] threads that run ahead of the
+//!    comparison. Equal blocks are skipped; a block that reads as zeroes on the source is sent
+//!    as a `Zero` extent whatever the server holds. The readers read the file or device the
+//!    shim serves directly, with O_DIRECT, when the shim names it (control request `image`) and
+//!    it is the same file here ([`open_image`]); otherwise through the shim's NBD socket.
 //! 2. For each run of differing blocks the agent asks the [`FINE`]-block (4 KiB) hashes and
 //!    compares them with its own; only differing fine blocks go out, zero ones as `Zero`
 //!    extents and the rest as chunks (hashed, deduplicated, compressed: [`ship_chunks`]). Where
@@ -24,6 +26,8 @@
 //! back off while the application writes heavily: see [`ResyncOptions::backoff_rate`].
 
 use std::collections::VecDeque;
+use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -547,12 +551,14 @@ impl Agent<'_> {
         // comparison puts them back in order.
         let next_piece = AtomicU64::new(0);
         let pieces: Vec<(u64, u64)> = read_pieces(from, size);
+        let image = open_image(&cfg.control, size);
         std::thread::scope(|scope| -> Result<(), AgentError> {
             let (piece_tx, piece_rx) = bounded::<Result<Piece, AgentError>>(LOOKAHEAD);
             let readers = cfg.readers.max(1).min(pieces.len().max(1));
             for _ in 0..readers {
                 let (tx, pieces, next, pace, holes, zeroes, read) =
                     (piece_tx.clone(), &pieces, &next_piece, &pace, &holes, &zeroes, &bytes_read);
+                let image = image.as_ref();
                 scope.spawn(move || {
                     let client = match Client::connect_unix(&cfg.socket, &cfg.export, &[]) {
                         Ok(c) => c,
@@ -561,7 +567,8 @@ impl Agent<'_> {
                             return;
                         }
                     };
-                    read_source(client, pieces, next, coarse, pace, holes, zeroes, read, &tx);
+                    let source = Source { client, image };
+                    read_source(source, pieces, next, coarse, pace, holes, zeroes, read, &tx);
                 });
             }
             drop(piece_tx);
@@ -855,11 +862,87 @@ fn read_pieces(from: u64, size: u64) -> Vec<(u64, u64)> {
     out
 }
 
+/// Alignment of the readers' buffers, offsets and lengths for O_DIRECT.
+const DIRECT_ALIGN: usize = 4096;
+
+/// The file or device the shim serves, opened here for reading with O_DIRECT (or without, where
+/// the file system refuses it), if the shim names it and `dev`/`ino` show it is the same file.
+/// Reading it directly skips two copies and the socket; it is coherent with the shim's writes
+/// (a direct read writes back the page cache's dirty pages of its range first). `None`, and the
+/// readers go through the NBD socket, when anything does not fit (an older shim, another mount
+/// namespace, no permission).
+fn open_image(control_path: &Path, size: u64) -> Option<File> {
+    let tried = (|| -> Result<File, String> {
+        let info: control::ImageInfo =
+            control::call_as(control_path, &Request::Image).map_err(|e| e.to_string())?;
+        if info.size != size {
+            return Err(format!("the shim says {} bytes, its status {size}", info.size));
+        }
+        let open = |flags| std::fs::OpenOptions::new().read(true).custom_flags(flags).open(&info.path);
+        let file = open(libc::O_DIRECT)
+            .or_else(|e| if e.raw_os_error() == Some(libc::EINVAL) { open(0) } else { Err(e) })
+            .map_err(|e| format!("open {}: {e}", info.path.display()))?;
+        let meta = file.metadata().map_err(|e| e.to_string())?;
+        if (meta.dev(), meta.ino()) != (info.dev, info.ino) {
+            return Err(format!("{} here is not the file the shim serves", info.path.display()));
+        }
+        Ok(file)
+    })();
+    match tried {
+        Ok(f) => Some(f),
+        Err(e) => {
+            tracing::info!("reading the disk through the shim's socket: {e}");
+            None
+        }
+    }
+}
+
+/// Where a reader reads the live disk: the image itself when [`open_image`] opened it (until a
+/// read of it fails), else the shim's NBD socket.
+struct Source<'a> {
+    client: Client,
+    image: Option<&'a File>,
+}
+
+impl Source<'_> {
+    /// Reads `len` bytes at `offset` into `buf[..len]`; `buf` is [`DIRECT_ALIGN`]-aligned and
+    /// at least `len` rounded up to it.
+    fn read(&mut self, offset: u64, len: usize, buf: &mut [u8]) -> Result<(), AgentError> {
+        if let Some(f) = self.image {
+            let want = len.next_multiple_of(DIRECT_ALIGN);
+            let mut got = 0;
+            let r = loop {
+                match f.read_at(&mut buf[got..want], offset + got as u64) {
+                    Ok(0) => break Err(std::io::ErrorKind::UnexpectedEof.into()),
+                    Ok(n) => got += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => break Err(e),
+                }
+                if got >= len {
+                    break Ok(());
+                }
+            };
+            match r {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(
+                        offset,
+                        len,
+                        "reading the image directly failed ({e}): reading through the shim"
+                    );
+                    self.image = None;
+                }
+            }
+        }
+        Ok(self.client.read(offset, &mut buf[..len])?)
+    }
+}
+
 /// A reader thread: takes the next piece, reads it (unless it is all hole), hashes its coarse
 /// blocks and hands them over, until the pieces run out or the resync stops.
 #[allow(clippy::too_many_arguments)]
 fn read_source(
-    mut client: Client,
+    mut source: Source<'_>,
     pieces: &[(u64, u64)],
     next: &AtomicU64,
     coarse: u64,
@@ -869,7 +952,9 @@ fn read_source(
     read: &AtomicU64,
     tx: &crossbeam_channel::Sender<Result<Piece, AgentError>>,
 ) {
-    let mut buf = vec![0u8; READ as usize];
+    let mut buf = vec![0u8; READ as usize + DIRECT_ALIGN];
+    let aligned = buf.as_ptr().align_offset(DIRECT_ALIGN);
+    let buf = &mut buf[aligned..aligned + READ as usize];
     loop {
         let i = next.fetch_add(1, Ordering::Relaxed) as usize;
         let Some(&(offset, len)) = pieces.get(i) else { break };
@@ -880,18 +965,18 @@ fn read_source(
                 (s, (s + coarse).min(end))
             })
             .collect();
-        let data = &mut buf[..len as usize];
         let all_hole = holes.covers(offset, end);
         if !all_hole {
             if !pace.before_read(len) {
                 break;
             }
-            if let Err(e) = client.read(offset, data) {
-                let _ = tx.send(Err(e.into()));
+            if let Err(e) = source.read(offset, len as usize, buf) {
+                let _ = tx.send(Err(e));
                 return;
             }
             read.fetch_add(len, Ordering::Relaxed);
         }
+        let data = &buf[..len as usize];
         let hashed = blocks
             .iter()
             .map(|&(s, e)| {
@@ -906,7 +991,7 @@ fn read_source(
             break;
         }
     }
-    let _ = client.disconnect();
+    let _ = source.client.disconnect();
 }
 
 #[cfg(test)]

@@ -151,6 +151,7 @@ pub fn run(image: PathBuf, args: ServeArgs) -> Result<()> {
         (Some(_), Some(sock), c) => Some(control::control_path(sock, c.as_deref())),
         (Some(_), None, c) => c.clone(),
     };
+    let named = image_info(&image, &backend);
     let control_listener = match &control {
         Some(path) => {
             let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
@@ -201,8 +202,12 @@ pub fn run(image: PathBuf, args: ServeArgs) -> Result<()> {
     };
     let control_thread = match (control_listener, &tracker) {
         (Some(l), Some(t)) => {
-            let (t, s) = (t.clone(), shutdown.clone());
-            Some(std::thread::Builder::new().name("control".into()).spawn(move || serve_control(l, t, s))?)
+            let (t, s, image) = (t.clone(), shutdown.clone(), named);
+            Some(
+                std::thread::Builder::new()
+                    .name("control".into())
+                    .spawn(move || serve_control(l, t, image, s))?,
+            )
         }
         _ => None,
     };
@@ -315,12 +320,25 @@ fn anonymous_file(dir: &Path) -> std::io::Result<std::fs::File> {
     std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_TMPFILE).mode(0o600).open(dir)
 }
 
+/// What the control socket's `image` request answers: the file or device the backend opened
+/// (`None`, logged, if it cannot be named).
+fn image_info(image: &Path, backend: &Backend) -> Option<control::ImageInfo> {
+    let named = std::fs::canonicalize(image).map_err(|e| e.to_string()).and_then(|path| {
+        let fd = backend.fd().ok_or("no file descriptor")?;
+        let st = nix::sys::stat::fstat(fd).map_err(|e| e.to_string())?;
+        Ok(control::ImageInfo { path, dev: st.st_dev, ino: st.st_ino, size: backend.size() })
+    });
+    named.map_err(|e| tracing::info!("the control socket will not name the image ({e})")).ok()
+}
+
 /// Serves control requests until `shutdown` fires, one thread per connection.
 fn serve_control(
     listener: std::os::unix::net::UnixListener,
     tracker: Arc<Tracker>,
+    image: Option<control::ImageInfo>,
     shutdown: Arc<nbd::Shutdown>,
 ) {
+    let image = Arc::new(image);
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     use std::os::fd::AsFd;
     let _ = listener.set_nonblocking(true);
@@ -341,9 +359,9 @@ fn serve_control(
                     continue;
                 }
             };
-            let t = tracker.clone();
+            let (t, image) = (tracker.clone(), image.clone());
             std::thread::spawn(move || {
-                if let Err(e) = control::handle(stream, uid, me, &t) {
+                if let Err(e) = control::handle(stream, uid, me, &t, image.as_ref().as_ref()) {
                     tracing::warn!("control connection: {e}");
                 }
             });

@@ -2,8 +2,10 @@
 //! image B, which differs in a few 4 KiB blocks, with a fresh state directory (its tracking was
 //! lost: resync required). `siterep agent` compares hashes and must send only the differing
 //! blocks; the restored latest point must equal B byte for byte. The same pair goes through
-//! `rsync --inplace --no-whole-file` for comparison (reported, not asserted). A second test
-//! kills the agent in the middle of a resync and checks the next run resumes and ends equal.
+//! `rsync --inplace --no-whole-file` for comparison (reported, not asserted). The agent reads B
+//! itself, as the shim's control socket names it; another test replaces the file at that name
+//! and checks the agent notices and reads through the NBD socket instead. A last test kills the
+//! agent in the middle of a resync and checks the next run resumes and ends equal.
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;
@@ -78,6 +80,13 @@ impl RecoveryServer {
     /// Runs an agent to completion and returns its JSON summary and how long it ran.
     #[track_caller]
     fn run_agent(&self, socket: &Path, extra: &[&str]) -> (Json, Duration) {
+        let (summary, took, _) = self.run_agent_logged(socket, extra);
+        (summary, took)
+    }
+
+    /// [`run_agent`](Self::run_agent), plus what the agent logged (stderr).
+    #[track_caller]
+    fn run_agent_logged(&self, socket: &Path, extra: &[&str]) -> (Json, Duration, String) {
         let start = Instant::now();
         let out = run_unchecked(&mut self.agent(socket, extra), AGENT_TIMEOUT);
         let took = start.elapsed();
@@ -90,7 +99,7 @@ impl RecoveryServer {
         let text = String::from_utf8_lossy(&out.stdout);
         let summary = Json::parse(text.trim())
             .unwrap_or_else(|e| panic!("agent printed no JSON summary ({e}):\n{}", show_output(&out)));
-        (summary, took)
+        (summary, took, String::from_utf8_lossy(&out.stderr).into_owned())
     }
 
     /// Restores the latest point to `out`.
@@ -219,9 +228,11 @@ fn resync_sends_only_the_blocks_that_differ() {
     replicate(&server, &a);
     let shim = serve_lost_tracking(&b, &dir.path().join("state"));
 
-    // Automatic: the shim requires a resync and the server has a point to compare with.
-    let (s, took) = server.run_agent(shim.socket(), &[]);
+    // Automatic: the shim requires a resync and the server has a point to compare with. The
+    // agent reads B itself (the shim names it on the control socket), not through the socket.
+    let (s, took, log) = server.run_agent_logged(shim.socket(), &[]);
     assert_eq!(s.get("kind").as_str(), "resync", "{s:?}");
+    assert!(!log.contains(THROUGH_SOCKET), "the agent did not read the image directly:\n{log}");
     let (matched, transferred) = (u64_of(&s, "bytes_matched"), u64_of(&s, "bytes_transferred"));
     let (wire_out, wire_in) = (u64_of(&s, "wire_bytes_sent"), u64_of(&s, "wire_bytes_received"));
     assert_eq!(matched + transferred, size, "every byte is matched or transferred: {s:?}");
@@ -284,6 +295,55 @@ fn resync_sends_only_the_blocks_that_differ() {
         (rsync_sent + rsync_received) >> 10,
         rsync_took,
     );
+}
+
+/// What the agent logs when its resync readers cannot read the image directly.
+const THROUGH_SOCKET: &str = "reading the disk through the shim's socket";
+
+/// The control socket names the image the shim serves; once another file takes that name, the
+/// agent notices (another inode) and reads through the NBD socket, and the point is still the
+/// disk the shim serves, not the file now at its path.
+#[test]
+fn a_replaced_image_file_is_read_through_the_socket() {
+    let dir = scratch_dir("resync-replaced");
+    let size = 64 * MIB;
+    let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    write_image(&a, size, &[(0, size)], 5);
+    let mut rng = Rng::new(6);
+    let changes: Vec<(u64, Vec<u8>)> =
+        random_blocks(&mut rng, size, 20).into_iter().map(|o| (o, rng.bytes(4 * KIB as usize))).collect();
+    derive(&a, &b, &changes);
+    let server = RecoveryServer::start(dir.path());
+    replicate(&server, &a);
+    let shim = serve_lost_tracking(&b, &dir.path().join("state"));
+
+    let image = control::request_ok(&control::control_path(shim.socket()), r#"{"cmd":"image"}"#);
+    let canonical = std::fs::canonicalize(&b).expect("canonicalize B");
+    assert_eq!(image.get("path").as_str(), canonical.to_str().expect("UTF-8 path"), "{image:?}");
+    assert_eq!(image.get("size").as_u64(), size, "{image:?}");
+    {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(&b).expect("stat B");
+        assert_eq!((image.get("dev").as_u64(), image.get("ino").as_u64()), (meta.dev(), meta.ino()));
+    }
+
+    // B's name now belongs to a copy of A; the shim still serves B's inode.
+    let b_kept = dir.path().join("b-kept.img");
+    std::fs::hard_link(&b, &b_kept).expect("keep B under another name");
+    let impostor = dir.path().join("impostor.img");
+    std::fs::copy(&a, &impostor).expect("copy A");
+    std::fs::rename(&impostor, &b).expect("replace B's name");
+
+    let (s, _, log) = server.run_agent_logged(shim.socket(), &[]);
+    assert_eq!(s.get("kind").as_str(), "resync", "{s:?}");
+    assert!(
+        log.contains(THROUGH_SOCKET) && log.contains("is not the file the shim serves"),
+        "the agent should have fallen back to the socket:\n{log}"
+    );
+    let restored = dir.path().join("restored.img");
+    server.restore_latest(&restored);
+    assert_same_file(&restored, &b_kept);
+    shim.stop();
 }
 
 #[test]

@@ -1,5 +1,5 @@
-//! The control socket beside the shim's NBD socket (`PATH.ctl`): cut, release, status, and the
-//! agent's report of what it replicated.
+//! The control socket beside the shim's NBD socket (`PATH.ctl`): cut, release, status, the
+//! agent's report of what it replicated, and which file or device the shim serves.
 //!
 //! One JSON request per line (at most `MAX_REQUEST` bytes), one JSON reply per line:
 //! `{"ok":true,"result":...}` or `{"ok":false,"error":"..."}`. The shim creates the socket mode
@@ -39,6 +39,21 @@ pub enum Request {
     },
     /// Accept writes again.
     Thaw,
+    /// Which file or device the shim serves ([`ImageInfo`]): a local agent may read the live
+    /// disk from it directly for a whole-disk scan instead of through the NBD socket.
+    Image,
+}
+
+/// The image the shim serves, as it opened it: an agent that opens `path` checks that it got
+/// the same file (`dev`, `ino`) before reading it.
+#[derive(Serialize, Deserialize, Debug, PartialEq, Eq, Clone)]
+pub struct ImageInfo {
+    /// Absolute, symlinks resolved.
+    pub path: PathBuf,
+    pub dev: u64,
+    pub ino: u64,
+    /// The disk's size in bytes.
+    pub size: u64,
 }
 
 /// Why a control call failed.
@@ -79,8 +94,9 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
     UnixListener::bind(path)
 }
 
-fn execute(tracker: &Tracker, req: Request) -> Result<Value, String> {
+fn execute(tracker: &Tracker, image: Option<&ImageInfo>, req: Request) -> Result<Value, String> {
     let v = match req {
+        Request::Image => serde_json::to_value(image.ok_or("this shim cannot name its image")?),
         Request::Cut => serde_json::to_value(tracker.cut().map_err(|e| e.to_string())?),
         Request::Release { generation } => {
             tracker.release(generation).map_err(|e| e.to_string())?;
@@ -106,8 +122,15 @@ fn execute(tracker: &Tracker, req: Request) -> Result<Value, String> {
     v.map_err(|e| e.to_string())
 }
 
-/// Serves one control connection from a peer with uid `peer_uid` (SO_PEERCRED).
-pub fn handle(stream: UnixStream, peer_uid: u32, my_uid: u32, tracker: &Tracker) -> io::Result<()> {
+/// Serves one control connection from a peer with uid `peer_uid` (SO_PEERCRED) for the shim
+/// of `tracker` serving `image`.
+pub fn handle(
+    stream: UnixStream,
+    peer_uid: u32,
+    my_uid: u32,
+    tracker: &Tracker,
+    image: Option<&ImageInfo>,
+) -> io::Result<()> {
     let mut out = stream.try_clone()?;
     let mut rd = BufReader::new(stream);
     if peer_uid != my_uid && peer_uid != 0 {
@@ -131,7 +154,7 @@ pub fn handle(stream: UnixStream, peer_uid: u32, my_uid: u32, tracker: &Tracker)
             return Ok(());
         }
         let reply = match serde_json::from_str::<Request>(&line) {
-            Ok(req) => match execute(tracker, req) {
+            Ok(req) => match execute(tracker, image, req) {
                 Ok(v) => serde_json::json!({"ok": true, "result": v}),
                 Err(e) => serde_json::json!({"ok": false, "error": e}),
             },
@@ -181,6 +204,7 @@ mod tests {
             Request::Status,
             Request::ClearResync,
             Request::Replicated { point: p },
+            Request::Image,
         ] {
             let s = serde_json::to_string(&r).unwrap();
             assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
