@@ -422,4 +422,46 @@ mod tests {
         server.shutdown_handle().trigger();
         t.join().unwrap();
     }
+
+    /// The io_uring engine's queue-depth-1 reads go linked to their reply's send; when such a
+    /// read comes up short or finds nothing (the file shrank under the export), the send is
+    /// cancelled and the read ends the ordinary way: EIO, and the connection goes on.
+    #[test]
+    fn linked_reads_and_their_failures_on_the_uring_engine() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("img");
+        let f = std::fs::File::create(&img).unwrap();
+        let data: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
+        std::os::unix::fs::FileExt::write_all_at(&f, &data, 0).unwrap();
+        let backend = Arc::new(Backend::open(&img, false, false).unwrap());
+        let export = Arc::new(Export::live("disk", backend, false, None));
+        let sock = dir.path().join("s");
+        let server = Arc::new(
+            Server::new(
+                Arc::new(StaticCatalog(vec![export])),
+                vec![Listener::unix(&sock).unwrap()],
+                EngineKind::Uring,
+            )
+            .unwrap(),
+        );
+        let s = server.clone();
+        let t = std::thread::spawn(move || s.run().unwrap());
+        let mut c = Client::connect_unix(&sock, "disk", &[]).unwrap();
+        for (offset, len) in [(0u64, 4096usize), (12345, 1000), ((8 << 20) - 4096, 4096), (4 << 20, 60 << 10)]
+        {
+            let mut buf = vec![0u8; len];
+            c.read(offset, &mut buf).unwrap();
+            assert_eq!(buf, data[offset as usize..offset as usize + len], "read {len} at {offset}");
+        }
+        // The file ends 1000 bytes into this block: a short read, then nothing.
+        f.set_len((4 << 20) + 1000).unwrap();
+        let mut buf = vec![0u8; 4096];
+        assert!(matches!(c.read(4 << 20, &mut buf), Err(ClientError::Errno(5))));
+        assert!(matches!(c.read(6 << 20, &mut buf), Err(ClientError::Errno(5))));
+        c.read(4096, &mut buf).unwrap();
+        assert_eq!(buf, data[4096..8192]);
+        c.disconnect().unwrap();
+        server.shutdown_handle().trigger();
+        t.join().unwrap();
+    }
 }

@@ -4,6 +4,12 @@
 //! arrived, submits READ/WRITE/FSYNC on the image for each, and answers them in completion order
 //! with batched SENDMSGs. A large WRITE payload is received straight into its aligned buffer.
 //!
+//! A small READ of the live disk that arrives with nothing else in flight or queued (a client
+//! at queue depth 1) is submitted linked to the SENDMSG of its reply (`IOSQE_IO_LINK`): the
+//! kernel sends the reply as soon as the read completes, one `io_uring_enter` instead of two.
+//! If the read fails or comes up short, the kernel cancels the send and the read is finished
+//! the ordinary way ([`Linked`]).
+//!
 //! Ownership rule for every buffer handed to the kernel: it is owned by this `Engine` (the
 //! receive buffer, the pending write, the op slab, the send queue and its iovec/msghdr) and is
 //! neither moved nor freed until the operation's completion has been reaped. `run` does not
@@ -17,7 +23,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 
 use super::{ConnError, Ending};
 use crate::buf::{AlignedBuf, BufPool};
-use crate::export::Conn;
+use crate::export::{Conn, ExportKind, SPARSE_READ_MIN};
 use crate::proto::consts::REQUEST_LEN;
 use crate::proto::transmission::{self, Command, RawRequest};
 use crate::proto::Errno;
@@ -41,8 +47,26 @@ const UD_WAKE: u64 = u64::MAX - 2;
 const UD_CANCEL: u64 = u64::MAX - 3;
 
 enum OpKind {
-    Read { buf: AlignedBuf, offset: u64, df: bool, done: usize },
-    Write { buf: AlignedBuf, offset: u64, fua: bool, done: usize, ticket: Option<WriteTicket> },
+    Read {
+        buf: AlignedBuf,
+        offset: u64,
+        df: bool,
+        done: usize,
+    },
+    /// A READ linked to the SENDMSG of its reply, whose message (with the buffer) is at the
+    /// front of the send queue.
+    LinkedRead {
+        offset: u64,
+        len: usize,
+        df: bool,
+    },
+    Write {
+        buf: AlignedBuf,
+        offset: u64,
+        fua: bool,
+        done: usize,
+        ticket: Option<WriteTicket>,
+    },
     Flush,
 }
 
@@ -71,6 +95,17 @@ impl OutMsg {
     fn len(&self) -> usize {
         self.head.len() + self.data.as_ref().map_or(0, |d| d.len())
     }
+}
+
+/// The READ in flight linked to the send of its reply, while its outcome is not known.
+#[derive(Clone, Copy)]
+struct Linked {
+    /// Its op.
+    idx: usize,
+    /// Its result, once it failed or came up short (a full read ends the link's tracking).
+    read: Option<i32>,
+    /// Whether the kernel cancelled the linked send (it does when the read failed or was short).
+    send_cancelled: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -107,6 +142,7 @@ struct Engine<'a> {
     error: Option<ConnError>,
     pool: BufPool,
     scratch: Vec<u8>,
+    linked: Option<Linked>,
 }
 
 /// Serves the connection on `sock` until the client disconnects or the server shuts down.
@@ -150,6 +186,7 @@ pub fn serve(conn: &Conn, sock: &impl AsRawFd, shutdown: &Shutdown) -> Result<En
         error: None,
         pool: BufPool::default(),
         scratch: Vec::with_capacity(256),
+        linked: None,
     };
     e.run(shutdown)
 }
@@ -371,6 +408,15 @@ impl Engine<'_> {
 
     fn on_send(&mut self, res: i32) {
         self.sending = false;
+        if res == -libc::ECANCELED {
+            if let Some(l) = &mut self.linked {
+                l.send_cancelled = true;
+                if l.read.is_some() {
+                    self.unlink();
+                }
+                return;
+            }
+        }
         if res < 0 {
             if res == -libc::EINTR || res == -libc::EAGAIN {
                 return;
@@ -437,6 +483,7 @@ impl Engine<'_> {
                 }
             }
             OpKind::Flush => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
+            OpKind::LinkedRead { .. } => unreachable!("a linked read is submitted with its send"),
         };
         self.push(sqe.user_data(idx));
     }
@@ -463,6 +510,27 @@ impl Engine<'_> {
     }
 
     fn on_op(&mut self, idx: usize, res: i32) {
+        let linked_len = match self.ops[idx].as_ref().map(|o| &o.kind) {
+            Some(OpKind::LinkedRead { len, .. }) => Some(*len),
+            _ => None,
+        };
+        if let Some(len) = linked_len {
+            let l = self.linked.as_mut().expect("a linked read is tracked");
+            debug_assert_eq!(l.idx, idx);
+            if res >= 0 && res as usize == len {
+                // The kernel sends the reply now; the send queue owns the buffer.
+                self.linked = None;
+                self.ops[idx] = None;
+                self.free_ops.push(idx);
+                self.n_ops -= 1;
+            } else {
+                l.read = Some(res);
+                if l.send_cancelled {
+                    self.unlink();
+                }
+            }
+            return;
+        }
         let structured = self.conn.structured();
         let op = self.ops[idx].as_mut().expect("completion for a live op");
         // A short transfer continues where it stopped.
@@ -536,7 +604,66 @@ impl Engine<'_> {
                 transmission::ok_reply(&mut head, op.cookie, structured);
                 self.queue(head, None);
             }
+            (OpKind::LinkedRead { .. }, _) => unreachable!("linked reads end above"),
         }
+    }
+
+    /// Whether a READ of `len` bytes may go linked to its reply's send: nothing else in flight
+    /// or queued to send (so its reply is next in order and holds up no other), a reply that
+    /// is the data as read (the live disk, too short for holes to be looked for).
+    fn can_link_read(&self, len: u32) -> bool {
+        self.n_ops == 0
+            && !self.sending
+            && self.outq.is_empty()
+            && len < SPARSE_READ_MIN
+            && matches!(self.conn.export.kind, ExportKind::Live { .. })
+    }
+
+    /// Submits a READ into `buf` linked to the SENDMSG of its reply (see the module docs).
+    fn submit_linked_read(&mut self, cookie: u64, offset: u64, df: bool, mut buf: AlignedBuf) {
+        let (ptr, len) = (buf.as_mut_slice().as_mut_ptr(), buf.len());
+        let idx = self.alloc_op(Op { cookie, kind: OpKind::LinkedRead { offset, len, df } });
+        let mut head = std::mem::replace(&mut self.scratch, Vec::with_capacity(256));
+        transmission::read_data_header(&mut head, cookie, self.conn.structured(), offset, len as u32, true);
+        // The buffer moves into the send queue; its heap storage, which the read fills, stays.
+        self.queue(head, Some(buf));
+        // The two entries must go in one submission, the READ first: make room for both.
+        let free = {
+            let sq = self.ring.submission();
+            sq.capacity() - sq.len()
+        };
+        if free < 2 {
+            if let Err(e) = self.ring.submit() {
+                if e.raw_os_error() != Some(libc::EBUSY) && e.raw_os_error() != Some(libc::EINTR) {
+                    self.fail(ConnError::Ring(e));
+                }
+            }
+        }
+        let fd = types::Fd(self.conn.export.backend.raw_fd());
+        let read = opcode::Read::new(fd, ptr, len as u32)
+            .offset(offset)
+            .build()
+            .flags(squeue::Flags::IO_LINK)
+            .user_data(idx);
+        self.push(read);
+        self.linked = Some(Linked { idx: idx as usize, read: None, send_cancelled: false });
+        self.post_send();
+        debug_assert!(self.sending, "the linked send was posted");
+    }
+
+    /// The linked read failed or came up short and its send was cancelled: the buffer returns
+    /// from the send queue and the read finishes as an ordinary one.
+    fn unlink(&mut self) {
+        let l = self.linked.take().expect("a linked read");
+        let res = l.read.expect("the read's result");
+        debug_assert_eq!(self.front_sent, 0);
+        let m = self.outq.pop_front().expect("the linked reply is queued");
+        self.queued -= m.len();
+        let buf = m.data.expect("the linked reply carries the buffer");
+        let op = self.ops[l.idx].as_mut().expect("the linked read's op");
+        let OpKind::LinkedRead { offset, df, .. } = op.kind else { unreachable!("not a linked read") };
+        op.kind = OpKind::Read { buf, offset, df, done: 0 };
+        self.on_op(l.idx, res);
     }
 
     /// Consumes received bytes: payload of a pending write, then whole requests.
@@ -625,6 +752,10 @@ impl Engine<'_> {
                     discard: 0,
                     error: Errno::Io,
                 });
+            }
+            Ok(Command::Read { offset, len, df }) if self.can_link_read(len) => {
+                let buf = self.pool.get(len as usize);
+                self.submit_linked_read(raw.cookie, offset, df, buf);
             }
             Ok(Command::Read { offset, len, df }) => {
                 let buf = self.pool.get(len as usize);
