@@ -385,6 +385,21 @@ mod tests {
     use crate::{Backend, EngineKind, Listener, Server};
     use std::sync::Arc;
 
+    /// Our server on `img` as export "disk", on a Unix socket beside it, run on a thread.
+    fn serve(
+        img: &Path,
+        engine: EngineKind,
+    ) -> (Arc<Server>, std::thread::JoinHandle<()>, std::path::PathBuf) {
+        let backend = Arc::new(Backend::open(img, false, false).unwrap());
+        let export = Arc::new(Export::live("disk", backend, false, None));
+        let sock = img.with_extension("sock");
+        let listener = Listener::unix(&sock).unwrap();
+        let server =
+            Arc::new(Server::new(Arc::new(StaticCatalog(vec![export])), vec![listener], engine).unwrap());
+        let s = server.clone();
+        (server, std::thread::spawn(move || s.run().unwrap()), sock)
+    }
+
     #[test]
     fn reads_and_maps_through_our_server() {
         let dir = tempfile::tempdir().unwrap();
@@ -392,19 +407,7 @@ mod tests {
         let f = std::fs::File::create(&img).unwrap();
         f.set_len(8 << 20).unwrap();
         std::os::unix::fs::FileExt::write_all_at(&f, &vec![7u8; 1 << 20], 2 << 20).unwrap();
-        let backend = Arc::new(Backend::open(&img, false, false).unwrap());
-        let export = Arc::new(Export::live("disk", backend, false, None));
-        let sock = dir.path().join("s");
-        let server = Arc::new(
-            Server::new(
-                Arc::new(StaticCatalog(vec![export])),
-                vec![Listener::unix(&sock).unwrap()],
-                EngineKind::detect(),
-            )
-            .unwrap(),
-        );
-        let s = server.clone();
-        let t = std::thread::spawn(move || s.run().unwrap());
+        let (server, t, sock) = serve(&img, EngineKind::detect());
         let mut c = Client::connect_unix(&sock, "disk", &["base:allocation"]).unwrap();
         assert_eq!(c.size(), 8 << 20);
         let mut buf = vec![1u8; 3 << 20];
@@ -433,19 +436,7 @@ mod tests {
         let f = std::fs::File::create(&img).unwrap();
         let data: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
         std::os::unix::fs::FileExt::write_all_at(&f, &data, 0).unwrap();
-        let backend = Arc::new(Backend::open(&img, false, false).unwrap());
-        let export = Arc::new(Export::live("disk", backend, false, None));
-        let sock = dir.path().join("s");
-        let server = Arc::new(
-            Server::new(
-                Arc::new(StaticCatalog(vec![export])),
-                vec![Listener::unix(&sock).unwrap()],
-                EngineKind::Uring,
-            )
-            .unwrap(),
-        );
-        let s = server.clone();
-        let t = std::thread::spawn(move || s.run().unwrap());
+        let (server, t, sock) = serve(&img, EngineKind::Uring);
         let mut c = Client::connect_unix(&sock, "disk", &[]).unwrap();
         for (offset, len) in [(0u64, 4096usize), (12345, 1000), ((8 << 20) - 4096, 4096), (4 << 20, 60 << 10)]
         {
