@@ -446,10 +446,10 @@ impl Queue {
         let off = usize::from(tag) * IO_DESC_LEN;
         assert!(off + IO_DESC_LEN <= self.descs.len);
         let mut raw = [0u8; IO_DESC_LEN];
-        // SAFETY: `off` is inside the mapping (checked above). The driver writes the descriptor
-        // of a tag before completing the command that hands the tag to us and does not write
-        // it again until we commit, so this read does not race with a write; volatile because
-        // the memory is shared with the kernel.
+        // The driver writes the descriptor of a tag before completing the command that hands
+        // the tag to us and does not write it again until we commit; the reads are volatile
+        // because the memory is shared with the kernel.
+        // SAFETY: `off` is inside the mapping (checked above) and no write races this read.
         unsafe {
             let src = (self.descs.ptr.as_ptr() as *const u8).add(off);
             for (i, b) in raw.iter_mut().enumerate() {
