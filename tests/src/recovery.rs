@@ -20,7 +20,25 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::json::Json;
-use crate::{describe, nbdsh, run, run_unchecked, siterep, sys, tool, SERVER_TIMEOUT};
+use crate::replication::{Certs, RecoveryServer};
+use crate::{describe, image, nbdsh, run, run_unchecked, siterep, sys, tool, Serve, Server, SERVER_TIMEOUT};
+
+// ---------------------------------------------------------------------------------------------
+// The two sites of a failover test
+
+/// A protected disk with a filesystem and a recovery site for it, in `dir`: `src.img` of
+/// `size` bytes with ext4 made on the host (nodiscard: no whole-disk trim to make all of it
+/// dirty), served by a shim with persistent tracking (`state/`), and a recovery server with
+/// mutual TLS (`certs/`, store in `store/`). Returns the shim, the certificates and the server.
+pub fn ext4_protected_site(dir: &Path, size: u64) -> (Server, Certs, RecoveryServer) {
+    let img = dir.join("src.img");
+    image::create_sparse(&img, size);
+    run(tool("mkfs.ext4").args(["-q", "-F", "-E", "nodiscard"]).arg(&img));
+    let shim = Serve::new(&img).state_dir(&dir.join("state")).start();
+    let certs = Certs::make(&dir.join("certs"));
+    let server = RecoveryServer::start(&dir.join("store"), &certs, &[]);
+    (shim, certs, server)
+}
 
 // ---------------------------------------------------------------------------------------------
 // Long-running recovery-site commands
@@ -204,6 +222,30 @@ pub fn failover(
     let mut p = NbdProcess::spawn(&args, socket, &socket.with_extension("log"));
     p.wait_ready(timeout);
     p
+}
+
+/// The unplanned failover of [`ext4_protected_site`]'s disk: `siterep failover --point latest`
+/// into `dir/failover.img`, served on `dir/s2.sock` with tracking in `dir/state2`. Asserts
+/// that it materialized `point`, the latest point the caller saw. Returns the image and the
+/// new primary serving it.
+#[track_caller]
+pub fn failover_to_latest(store: &Path, disk: &str, dir: &Path, point: u64) -> (PathBuf, NbdProcess) {
+    let image = dir.join("failover.img");
+    let p = failover(
+        store,
+        disk,
+        "latest",
+        &image,
+        &dir.join("s2.sock"),
+        &dir.join("state2"),
+        Duration::from_secs(120),
+    );
+    assert!(
+        p.log().contains(&format!("materialized point {point} ")),
+        "`siterep failover --point latest` did not materialize point {point}:\n{}",
+        p.log()
+    );
+    (image, p)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -463,11 +463,7 @@ fn unplanned_failover_to_latest() {
     let seed = seed();
     let dir = scratch_dir("unplanned");
     let d = dir.path();
-    let img = d.join("src.img");
-    image::create_sparse(&img, GIB);
-    run(tool("mkfs.ext4").args(["-q", "-F", "-E", "nodiscard"]).arg(&img));
-    let shim = Serve::new(&img).state_dir(&d.join("state")).start();
-    let (certs, server) = recovery_site(d);
+    let (shim, certs, server) = recovery::ext4_protected_site(d, GIB);
     let store = server.store().to_owned();
     let mut agent_proc = agent(&shim, &server, &certs).args(["--interval", "1s"]).spawn(&d.join("agent.log"));
     wait_for_points(&shim, &mut agent_proc, 1, Duration::from_secs(60));
@@ -522,21 +518,7 @@ fn unplanned_failover_to_latest() {
         latest.get("id").as_u64(),
         killed_ms - cut
     );
-    let failed_over = d.join("failover.img");
-    let new_primary = recovery::failover(
-        &store,
-        DISK,
-        "latest",
-        &failed_over,
-        &d.join("s2.sock"),
-        &d.join("state2"),
-        Duration::from_secs(120),
-    );
-    assert!(
-        new_primary.log().contains(&format!("materialized point {} ", latest.get("id").as_u64())),
-        "{}",
-        new_primary.log()
-    );
+    let (failed_over, new_primary) = recovery::failover_to_latest(&store, DISK, d, latest.get("id").as_u64());
 
     let copy = d.join("fsck.img");
     recovery::sparse_copy(&failed_over, &copy);

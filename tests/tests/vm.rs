@@ -38,7 +38,7 @@ use siterep_tests::image::{self, MIB};
 use siterep_tests::json::Json;
 use siterep_tests::nbdinfo::{self, Extent};
 use siterep_tests::recovery;
-use siterep_tests::replication::{self, now_ms, points, AgentCmd, AgentProcess, Certs, RecoveryServer};
+use siterep_tests::replication::{self, now_ms, points, AgentCmd, AgentProcess};
 use siterep_tests::{
     describe, run, run_unchecked, scratch_dir, show_output, siterep_bin, tool, wait_timeout, Serve, Server,
 };
@@ -806,12 +806,7 @@ fn vm_unplanned_failover_to_latest() {
 
     // The protected site: ext4 made on the host (nodiscard: no whole-disk trim), the shim with
     // persistent tracking, and an agent replicating every second to the recovery site.
-    let img = d.join("src.img");
-    image::create_sparse(&img, SIZE);
-    run(tool("mkfs.ext4").args(["-q", "-F", "-E", "nodiscard"]).arg(&img));
-    let shim = Serve::new(&img).state_dir(&d.join("state")).start();
-    let certs = Certs::make(&d.join("certs"));
-    let server = RecoveryServer::start(&d.join("store"), &certs, &[]);
+    let (shim, certs, server) = recovery::ext4_protected_site(d, SIZE);
     let store = server.store().to_owned();
     let mut agent = AgentCmd::new(shim.socket(), server.addr(), DISK, &certs)
         .args(["--retry-scale", "0.001", "--interval", "1s"])
@@ -894,22 +889,8 @@ fn vm_unplanned_failover_to_latest() {
     let (point, cut) = (latest.get("id").as_u64(), latest.get("cut_unix_ms").as_u64());
     assert!(cut <= killed_ms, "the latest point {point} was cut at {cut}, after the kill at {killed_ms}");
     let failover_started = Instant::now();
-    let failed_over = d.join("failover.img");
-    let new_primary = recovery::failover(
-        &store,
-        DISK,
-        "latest",
-        &failed_over,
-        &d.join("s2.sock"),
-        &d.join("state2"),
-        Duration::from_secs(120),
-    );
+    let (failed_over, new_primary) = recovery::failover_to_latest(&store, DISK, d, point);
     let failover_took = failover_started.elapsed();
-    assert!(
-        new_primary.log().contains(&format!("materialized point {point} ")),
-        "`siterep failover --point latest` did not materialize point {point}:\n{}",
-        new_primary.log()
-    );
 
     // What must be intact: every file the host saw durable before the cut.
     let before_cut: Vec<&Completed> = completed.iter().filter(|c| c.seen_ms < cut).collect();
