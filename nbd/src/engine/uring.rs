@@ -250,10 +250,16 @@ impl Engine<'_> {
     }
 
     fn push(&mut self, sqe: squeue::Entry) {
+        self.push_all(&[sqe]);
+    }
+
+    /// Queues `sqes` together, in order, in one submission (a linked chain must not be split).
+    fn push_all(&mut self, sqes: &[squeue::Entry]) {
         loop {
-            // SAFETY: every buffer an SQE built by this engine points to is owned by the engine
-            // and stays put until its completion is reaped (see the module documentation).
-            if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
+            // Every buffer an SQE built by this engine points to is owned by the engine and
+            // stays put until its completion is reaped (see the module documentation).
+            // SAFETY: so the entries stay valid for as long as the kernel uses them.
+            if unsafe { self.ring.submission().push_multiple(sqes) }.is_ok() {
                 return;
             }
             if let Err(e) = self.ring.submit() {
@@ -321,6 +327,13 @@ impl Engine<'_> {
         if self.sending || self.outq.is_empty() {
             return;
         }
+        let sqe = self.send_sqe();
+        self.push(sqe);
+    }
+
+    /// The SENDMSG of the send queue's front messages (as many as fit `MAX_IOVECS`), marking a
+    /// send in flight.
+    fn send_sqe(&mut self) -> squeue::Entry {
         self.iovecs.clear();
         let mut skip = self.front_sent;
         for m in self.outq.iter() {
@@ -342,11 +355,10 @@ impl Engine<'_> {
         self.msghdr.msg_iov = self.iovecs.as_mut_ptr();
         self.msghdr.msg_iovlen = self.iovecs.len();
         self.sending = true;
-        let sqe = opcode::SendMsg::new(types::Fd(self.sock), &*self.msghdr as *const libc::msghdr)
+        opcode::SendMsg::new(types::Fd(self.sock), &*self.msghdr as *const libc::msghdr)
             .flags(libc::MSG_NOSIGNAL as u32)
             .build()
-            .user_data(UD_SEND);
-        self.push(sqe);
+            .user_data(UD_SEND)
     }
 
     fn queue(&mut self, head: Vec<u8>, data: Option<AlignedBuf>) {
@@ -625,30 +637,18 @@ impl Engine<'_> {
         let idx = self.alloc_op(Op { cookie, kind: OpKind::LinkedRead { offset, len, df } });
         let mut head = std::mem::replace(&mut self.scratch, Vec::with_capacity(256));
         transmission::read_data_header(&mut head, cookie, self.conn.structured(), offset, len as u32, true);
-        // The buffer moves into the send queue; its heap storage, which the read fills, stays.
+        // The buffer moves into the send queue (empty until now, so the reply is the whole
+        // send); its heap storage, which the read fills, stays put.
         self.queue(head, Some(buf));
-        // The two entries must go in one submission, the READ first: make room for both.
-        let free = {
-            let sq = self.ring.submission();
-            sq.capacity() - sq.len()
-        };
-        if free < 2 {
-            if let Err(e) = self.ring.submit() {
-                if e.raw_os_error() != Some(libc::EBUSY) && e.raw_os_error() != Some(libc::EINTR) {
-                    self.fail(ConnError::Ring(e));
-                }
-            }
-        }
         let fd = types::Fd(self.conn.export.backend.raw_fd());
         let read = opcode::Read::new(fd, ptr, len as u32)
             .offset(offset)
             .build()
             .flags(squeue::Flags::IO_LINK)
             .user_data(idx);
-        self.push(read);
+        let send = self.send_sqe();
+        self.push_all(&[read, send]);
         self.linked = Some(Linked { idx: idx as usize, read: None, send_cancelled: false });
-        self.post_send();
-        debug_assert!(self.sending, "the linked send was posted");
     }
 
     /// The linked read failed or came up short and its send was cancelled: the buffer returns
