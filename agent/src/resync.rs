@@ -518,7 +518,14 @@ impl Agent<'_> {
                 (cut.generation, cut.cut_unix_ms, 0)
             }
         };
-        // Every generation up to this one is covered by the comparison of the live disk.
+        // Every generation up to this one is covered by the comparison of the live disk, so
+        // they go now; until the resync commits, the shim says a resync is required, or a
+        // resync interrupted before the server kept a checkpoint would leave their writes on
+        // no point at all (the next run would see no reason to resync and ship only newer
+        // generations).
+        self.control::<serde_json::Value>(&Request::RequireResync {
+            why: format!("a resync (generation {generation}) has not committed yet"),
+        })?;
         for g in self.status()?.generations.iter().filter(|g| g.id <= generation) {
             self.control::<serde_json::Value>(&Request::Release { generation: g.id })?;
         }

@@ -28,6 +28,10 @@ pub enum Request {
         generation: u64,
     },
     Status,
+    /// Mark the shim resync-required (persisted) until a resync commits and clears it.
+    RequireResync {
+        why: String,
+    },
     ClearResync,
     /// The agent committed a generation as a recovery point (for the RPO in `status`).
     Replicated {
@@ -103,6 +107,10 @@ fn execute(tracker: &Tracker, image: Option<&ImageInfo>, req: Request) -> Result
             Ok(serde_json::json!({ "released": generation }))
         }
         Request::Status => serde_json::to_value(tracker.status()),
+        Request::RequireResync { why } => {
+            tracker.require_resync(why.clone());
+            Ok(serde_json::json!({ "resync_required": why }))
+        }
         Request::ClearResync => {
             tracker.clear_resync();
             Ok(serde_json::json!({ "resync_required": null }))
@@ -203,6 +211,7 @@ mod tests {
             Request::Release { generation: 9 },
             Request::Status,
             Request::ClearResync,
+            Request::RequireResync { why: "x".into() },
             Request::Replicated { point: p },
             Request::Image,
         ] {
