@@ -1,8 +1,10 @@
 //! The dirty map: one bit per block, sparse, lock-free to mark.
 
+use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::bits::{Leaves, SparseBits};
+use crate::bits::SparseBits;
+use crate::format::{LeafData, StateWriter};
 
 /// Smallest tracking granularity in bytes.
 pub const MIN_GRANULARITY: u64 = 512;
@@ -271,24 +273,25 @@ impl DirtyMap {
         }
     }
 
-    /// The dirty and zero sets as serialized leaves (for the state file).
-    pub(crate) fn export(&self) -> (Leaves, Leaves) {
-        (self.dirty.export_leaves(), self.zero.export_leaves())
+    /// Writes the dirty set's leaves, then the zero set's, to a state file.
+    pub(crate) fn write_to<W: io::Write>(&self, out: &mut StateWriter<W>) -> io::Result<()> {
+        self.dirty.write_to(out)?;
+        self.zero.write_to(out)
     }
 
-    /// Number of leaves of each set (for bounds-checking serialized indexes).
+    /// Number of leaves of each set (for bounds-checking stored indexes).
     pub(crate) fn leaf_count(&self) -> usize {
         self.dirty.leaf_count()
     }
 
-    /// ORs serialized leaves in (indexes and lengths already checked).
-    pub(crate) fn import(&self, dirty: &[(u32, Vec<u8>)], zero: &[(u32, Vec<u8>)]) {
-        for (i, bytes) in dirty {
-            let newly = self.dirty.import_leaf(*i, bytes);
+    /// ORs stored leaves in (indexes and lengths already checked).
+    pub(crate) fn import(&self, dirty: &[(u32, LeafData<'_>)], zero: &[(u32, LeafData<'_>)]) {
+        for (i, data) in dirty {
+            let newly = self.dirty.import_leaf(*i, data);
             self.dirty_blocks.fetch_add(newly, Ordering::Relaxed);
         }
-        for (i, bytes) in zero {
-            self.zero.import_leaf(*i, bytes);
+        for (i, data) in zero {
+            self.zero.import_leaf(*i, data);
         }
     }
 }
@@ -330,12 +333,31 @@ mod tests {
 
     #[test]
     fn idle_terabyte_is_small_and_full_terabyte_fits() {
-        let tib = 1u64 << 40;
+        let (tib, gib) = (1u64 << 40, 1u64 << 30);
+        let slots = DirtyMap::new(tib, 4096).unwrap().memory_bytes();
+        assert!(slots <= 1 << 20, "{slots}");
+        // Zeroed whole in 1 GiB pieces (mkfs with discard): no bitmap at all.
         let m = DirtyMap::new(tib, 4096).unwrap();
-        assert!(m.memory_bytes() <= 1 << 20, "{}", m.memory_bytes());
-        // Every block dirty: 2^28 bits = 32 MiB of leaves plus the slots.
-        let full = (tib / 4096 / 8) as usize + m.memory_bytes();
-        assert!(full <= 40 << 20, "{full}");
+        for i in 0..1024 {
+            m.mark_zero(i * gib, gib);
+        }
+        assert_eq!((m.dirty_bytes(), m.zero_bytes(), m.memory_bytes()), (tib, tib, slots));
+        // Then one data block in every leaf: the zero set holds a bitmap per leaf.
+        let leaf_span = LEAF_BITS * 4096;
+        for leaf in 0..tib / leaf_span {
+            m.mark(leaf * leaf_span + 8192, 4096);
+        }
+        assert_eq!(m.zero_bytes(), tib - (tib / leaf_span) * 4096);
+        assert!(m.memory_bytes() <= 40 << 20, "{}", m.memory_bytes());
+        // Every leaf set piecemeal first, then all of it: one bitmap per leaf, no more.
+        let m = DirtyMap::new(tib, 4096).unwrap();
+        for leaf in 0..tib / leaf_span {
+            m.mark(leaf * leaf_span + 4096, 4096);
+        }
+        m.mark(0, tib);
+        assert_eq!(m.dirty_bytes(), tib);
+        assert_eq!(m.dirty_extents(), vec![Extent::new(0, tib)]);
+        assert!(m.memory_bytes() <= 40 << 20, "{}", m.memory_bytes());
     }
 
     #[test]

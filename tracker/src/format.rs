@@ -4,11 +4,16 @@
 //! Every format starts with a magic number and a version and ends with a blake3 checksum;
 //! every count is checked against a named maximum before anything is allocated for it.
 
+use std::io;
+
 use crate::bits::{LEAF_BITS, LEAF_BYTES};
 
 pub const STATE_MAGIC: &[u8; 8] = b"SRTRKST\0";
 pub const AL_MAGIC: &[u8; 8] = b"SRTRKAL\0";
-pub const VERSION: u32 = 1;
+/// Version of `state.bin` written (1 is still read).
+pub const VERSION: u32 = 2;
+/// Version of `al.bin`.
+pub const AL_VERSION: u32 = 1;
 
 /// Most generations (unreleased, plus the live set) a state file may hold.
 pub const MAX_MAPS: u32 = 1025;
@@ -41,29 +46,119 @@ pub enum FormatError {
     Geometry { size: u64, granularity: u64 },
 }
 
-/// One serialized map: the live set or a generation.
+/// A stored leaf: every bit set, or a bitmap of `LEAF_BYTES` (little-endian u64 words).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeafData<'a> {
+    Full,
+    Bits(&'a [u8]),
+}
+
+/// Flag in a stored leaf index: the leaf is full and no bitmap follows (version 2).
+const FULL_LEAF: u32 = 1 << 31;
+
+/// One stored map: the live set or a generation (leaves borrowed from the decoded file).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MapRecord {
+pub struct MapRecord<'a> {
     /// 0 for the live set, else the generation id.
     pub gen: u64,
     pub cut_unix_ms: u64,
     pub inconsistent: Option<String>,
-    pub dirty: Vec<(u32, Vec<u8>)>,
-    pub zero: Vec<(u32, Vec<u8>)>,
+    pub dirty: Vec<(u32, LeafData<'a>)>,
+    pub zero: Vec<(u32, LeafData<'a>)>,
     /// Preserved pre-images: (block, slot in the preserve store).
     pub preserved: Vec<(u64, u64)>,
 }
 
-/// The checkpoint.
+/// A decoded checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StateRecord {
+pub struct StateRecord<'a> {
     pub flags: u32,
     pub size: u64,
     pub granularity: u64,
     pub next_gen: u64,
     /// Why the tracked sets cannot be trusted, until a resync clears it.
     pub resync: Option<String>,
-    pub maps: Vec<MapRecord>,
+    pub maps: Vec<MapRecord<'a>>,
+}
+
+/// The header of a checkpoint (what precedes its maps).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateHeader {
+    pub flags: u32,
+    pub size: u64,
+    pub granularity: u64,
+    pub next_gen: u64,
+    pub resync: Option<String>,
+}
+
+/// Writes a checkpoint as it goes, hashing what it writes, so a checkpoint of large sets is
+/// never held in memory whole. The caller writes, in order: `maps` map headers, each followed
+/// by its dirty leaves, its zero leaves and its preserved entries; then `finish`.
+pub struct StateWriter<W: io::Write> {
+    out: W,
+    hash: blake3::Hasher,
+}
+
+impl<W: io::Write> StateWriter<W> {
+    pub fn new(out: W, h: &StateHeader, maps: usize) -> io::Result<Self> {
+        let mut s = Self { out, hash: blake3::Hasher::new() };
+        let mut b = Vec::new();
+        b.extend_from_slice(STATE_MAGIC);
+        b.extend_from_slice(&VERSION.to_le_bytes());
+        b.extend_from_slice(&h.flags.to_le_bytes());
+        b.extend_from_slice(&h.size.to_le_bytes());
+        b.extend_from_slice(&h.granularity.to_le_bytes());
+        b.extend_from_slice(&h.next_gen.to_le_bytes());
+        put_reason(&mut b, &h.resync);
+        b.extend_from_slice(&(maps as u32).to_le_bytes());
+        s.put(&b)?;
+        Ok(s)
+    }
+
+    fn put(&mut self, b: &[u8]) -> io::Result<()> {
+        self.hash.update(b);
+        self.out.write_all(b)
+    }
+
+    pub fn map(&mut self, gen: u64, cut_unix_ms: u64, inconsistent: &Option<String>) -> io::Result<()> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&gen.to_le_bytes());
+        b.extend_from_slice(&cut_unix_ms.to_le_bytes());
+        put_reason(&mut b, inconsistent);
+        self.put(&b)
+    }
+
+    /// Starts a set of `n` leaves (the dirty set, then the zero set, of the current map).
+    pub fn leaf_count(&mut self, n: usize) -> io::Result<()> {
+        self.put(&(n as u32).to_le_bytes())
+    }
+
+    pub fn leaf(&mut self, index: u32, data: LeafData<'_>) -> io::Result<()> {
+        match data {
+            LeafData::Full => self.put(&(index | FULL_LEAF).to_le_bytes()),
+            LeafData::Bits(bytes) => {
+                debug_assert_eq!(bytes.len(), LEAF_BYTES);
+                self.put(&index.to_le_bytes())?;
+                self.put(bytes)
+            }
+        }
+    }
+
+    pub fn preserved(&mut self, entries: &[(u64, u64)]) -> io::Result<()> {
+        self.put(&(entries.len() as u64).to_le_bytes())?;
+        for (block, slot) in entries {
+            self.put(&block.to_le_bytes())?;
+            self.put(&slot.to_le_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Appends the checksum; returns the output.
+    pub fn finish(mut self) -> io::Result<W> {
+        let sum = self.hash.finalize();
+        self.out.write_all(sum.as_bytes())?;
+        Ok(self.out)
+    }
 }
 
 struct Reader<'a> {
@@ -135,63 +230,40 @@ fn verified(b: &[u8]) -> Result<&[u8], FormatError> {
     Ok(body)
 }
 
-fn leaves(r: &mut Reader<'_>, max_leaf: u32, what: &'static str) -> Result<Vec<(u32, Vec<u8>)>, FormatError> {
+/// A set of stored leaves; full leaves only from version 2 on.
+fn leaves<'a>(
+    r: &mut Reader<'a>,
+    max_leaf: u32,
+    version: u32,
+    what: &'static str,
+) -> Result<Vec<(u32, LeafData<'a>)>, FormatError> {
     let n = r.u32()?;
     if n > max_leaf {
         return Err(FormatError::Range(what));
     }
     let mut out = Vec::with_capacity(n as usize);
     for _ in 0..n {
-        let idx = r.u32()?;
+        let stored = r.u32()?;
+        let idx = if version >= 2 { stored & !FULL_LEAF } else { stored };
         if idx >= max_leaf {
             return Err(FormatError::Range(what));
         }
-        out.push((idx, r.take(LEAF_BYTES)?.to_vec()));
+        let data = if stored & FULL_LEAF != 0 { LeafData::Full } else { LeafData::Bits(r.take(LEAF_BYTES)?) };
+        out.push((idx, data));
     }
     Ok(out)
 }
 
-impl StateRecord {
-    pub fn encode(&self) -> Vec<u8> {
-        let mut b = Vec::new();
-        b.extend_from_slice(STATE_MAGIC);
-        b.extend_from_slice(&VERSION.to_le_bytes());
-        b.extend_from_slice(&self.flags.to_le_bytes());
-        b.extend_from_slice(&self.size.to_le_bytes());
-        b.extend_from_slice(&self.granularity.to_le_bytes());
-        b.extend_from_slice(&self.next_gen.to_le_bytes());
-        put_reason(&mut b, &self.resync);
-        b.extend_from_slice(&(self.maps.len() as u32).to_le_bytes());
-        for m in &self.maps {
-            b.extend_from_slice(&m.gen.to_le_bytes());
-            b.extend_from_slice(&m.cut_unix_ms.to_le_bytes());
-            put_reason(&mut b, &m.inconsistent);
-            for set in [&m.dirty, &m.zero] {
-                b.extend_from_slice(&(set.len() as u32).to_le_bytes());
-                for (i, leaf) in set {
-                    b.extend_from_slice(&i.to_le_bytes());
-                    b.extend_from_slice(leaf);
-                }
-            }
-            b.extend_from_slice(&(m.preserved.len() as u64).to_le_bytes());
-            for (block, slot) in &m.preserved {
-                b.extend_from_slice(&block.to_le_bytes());
-                b.extend_from_slice(&slot.to_le_bytes());
-            }
-        }
-        let sum = blake3::hash(&b);
-        b.extend_from_slice(sum.as_bytes());
-        b
-    }
-
+impl<'a> StateRecord<'a> {
     /// Decodes and checks a state file written for a disk of `size` bytes at `granularity`.
-    pub fn decode(bytes: &[u8], size: u64, granularity: u64) -> Result<Self, FormatError> {
+    /// Reads version 1 (bitmaps only) and version 2 (full leaves stored as a flag).
+    pub fn decode(bytes: &'a [u8], size: u64, granularity: u64) -> Result<Self, FormatError> {
         let mut r = Reader { b: bytes, pos: 0 };
         if r.take(8).map_err(|_| FormatError::Truncated)? != STATE_MAGIC {
             return Err(FormatError::BadMagic);
         }
         let version = r.u32()?;
-        if version != VERSION {
+        if version != VERSION && version != 1 {
             return Err(FormatError::Version(version));
         }
         let body = verified(bytes)?;
@@ -202,8 +274,10 @@ impl StateRecord {
             return Err(FormatError::Geometry { size: s, granularity: g });
         }
         let blocks = size.div_ceil(granularity);
-        let max_leaf =
-            u32::try_from(blocks.div_ceil(LEAF_BITS)).map_err(|_| FormatError::Range("disk size"))?;
+        let max_leaf = u32::try_from(blocks.div_ceil(LEAF_BITS))
+            .ok()
+            .filter(|&m| m <= FULL_LEAF)
+            .ok_or(FormatError::Range("disk size"))?;
         let next_gen = r.u64()?;
         let resync = get_reason(&mut r)?;
         let n = r.u32()?;
@@ -215,8 +289,8 @@ impl StateRecord {
             let gen = r.u64()?;
             let cut_unix_ms = r.u64()?;
             let inconsistent = get_reason(&mut r)?;
-            let dirty = leaves(&mut r, max_leaf, "dirty leaf")?;
-            let zero = leaves(&mut r, max_leaf, "zero leaf")?;
+            let dirty = leaves(&mut r, max_leaf, version, "dirty leaf")?;
+            let zero = leaves(&mut r, max_leaf, version, "zero leaf")?;
             let np = r.u64()?;
             if np > blocks {
                 return Err(FormatError::Range("preserved count"));
@@ -241,7 +315,6 @@ impl StateRecord {
         Ok(StateRecord { flags, size, granularity, next_gen, resync, maps })
     }
 }
-
 /// One activity-log record: the hot regions at the time it was written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AlRecord {
@@ -257,7 +330,7 @@ impl AlRecord {
         assert!(self.regions.len() <= AL_MAX_REGIONS, "activity log record too large");
         let mut b = Vec::with_capacity(AL_SLOT);
         b.extend_from_slice(AL_MAGIC);
-        b.extend_from_slice(&VERSION.to_le_bytes());
+        b.extend_from_slice(&AL_VERSION.to_le_bytes());
         b.extend_from_slice(&0u32.to_le_bytes());
         b.extend_from_slice(&self.seq.to_le_bytes());
         b.extend_from_slice(&self.next_gen.to_le_bytes());
@@ -282,7 +355,7 @@ impl AlRecord {
         let body = verified(slot)?;
         let mut r = Reader { b: body, pos: 8 };
         let version = r.u32()?;
-        if version != VERSION {
+        if version != AL_VERSION {
             return Err(FormatError::Version(version));
         }
         r.u32()?;
@@ -306,7 +379,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn sample() -> StateRecord {
+    fn sample(leaf: &[u8]) -> StateRecord<'_> {
         StateRecord {
             flags: FLAG_CLEAN,
             size: 1 << 30,
@@ -318,7 +391,7 @@ mod tests {
                     gen: 0,
                     cut_unix_ms: 0,
                     inconsistent: None,
-                    dirty: vec![(1, vec![0xff; LEAF_BYTES])],
+                    dirty: vec![(1, LeafData::Full), (0, LeafData::Bits(leaf))],
                     zero: vec![],
                     preserved: vec![],
                 },
@@ -326,18 +399,41 @@ mod tests {
                     gen: 6,
                     cut_unix_ms: 123,
                     inconsistent: Some("preserve store full".into()),
-                    dirty: vec![(0, vec![1; LEAF_BYTES])],
-                    zero: vec![(0, vec![1; LEAF_BYTES])],
+                    dirty: vec![(0, LeafData::Bits(leaf))],
+                    zero: vec![(0, LeafData::Bits(leaf))],
                     preserved: vec![(5, 0), (9, 1)],
                 },
             ],
         }
     }
 
+    fn encode(s: &StateRecord<'_>) -> Vec<u8> {
+        let h = StateHeader {
+            flags: s.flags,
+            size: s.size,
+            granularity: s.granularity,
+            next_gen: s.next_gen,
+            resync: s.resync.clone(),
+        };
+        let mut w = StateWriter::new(Vec::new(), &h, s.maps.len()).unwrap();
+        for m in &s.maps {
+            w.map(m.gen, m.cut_unix_ms, &m.inconsistent).unwrap();
+            for set in [&m.dirty, &m.zero] {
+                w.leaf_count(set.len()).unwrap();
+                for (i, d) in set {
+                    w.leaf(*i, *d).unwrap();
+                }
+            }
+            w.preserved(&m.preserved).unwrap();
+        }
+        w.finish().unwrap()
+    }
+
     #[test]
     fn state_round_trips_and_detects_damage() {
-        let s = sample();
-        let b = s.encode();
+        let leaf = vec![1; LEAF_BYTES];
+        let s = sample(&leaf);
+        let b = encode(&s);
         assert_eq!(StateRecord::decode(&b, 1 << 30, 4096), Ok(s));
         assert!(matches!(StateRecord::decode(&b, 1 << 31, 4096), Err(FormatError::Geometry { .. })));
         for cut in [0, 5, 20, b.len() - 1] {
@@ -352,6 +448,19 @@ mod tests {
         let mut bad = b;
         bad[8] = 9;
         assert_eq!(StateRecord::decode(&bad, 1 << 30, 4096), Err(FormatError::Version(9)));
+    }
+
+    #[test]
+    fn version_1_files_are_still_read() {
+        let leaf = vec![0xa5; LEAF_BYTES];
+        let mut s = sample(&leaf);
+        s.maps[0].dirty.remove(0);
+        let mut b = encode(&s);
+        b[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let body = b.len() - CHECKSUM;
+        let sum = blake3::hash(&b[..body]);
+        b[body..].copy_from_slice(sum.as_bytes());
+        assert_eq!(StateRecord::decode(&b, 1 << 30, 4096), Ok(s));
     }
 
     #[test]

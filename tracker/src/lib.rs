@@ -5,8 +5,11 @@
 //! power-of-two granularity, marked lock-free from every connection before a write is
 //! acknowledged (invariant 1 of `DESIGN.md`: over-report, never under-report).
 //!
-//! Memory grows with the regions touched, not with the disk size: the bitmap is split into
-//! leaves that are allocated on first mark, and an untouched leaf costs one pointer-sized slot.
+//! Memory grows with the regions touched piecemeal, not with the disk size: the bitmap is
+//! split into leaves of 2^15 blocks, an untouched leaf costs a 32-byte slot, a leaf first
+//! reached by a range covering it whole costs no bitmap either (until part of it is cleared),
+//! and any other leaf a 4 KiB bitmap. So 1 TiB at 4 KiB costs 0.5 MiB idle or zeroed whole,
+//! and at most 32 MiB more however its blocks were made dirty.
 #![forbid(unsafe_code)]
 
 mod bits;

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -33,12 +33,58 @@ pub trait Media: Send + Sync {
 /// Replaces `name` with `data` atomically and durably: write a temporary file, sync it,
 /// rename it over `name`, sync the directory.
 pub fn replace(media: &dyn Media, name: &str, data: &[u8]) -> io::Result<()> {
+    replace_with(media, name, |w| w.write_all(data))
+}
+
+/// `replace`, with the content written by `fill` as it goes (in `WRITE_CHUNK` pieces).
+pub fn replace_with(
+    media: &dyn Media,
+    name: &str,
+    fill: impl FnOnce(&mut MediaWriter<'_>) -> io::Result<()>,
+) -> io::Result<()> {
     let tmp = format!("{name}.tmp");
     media.set_len(&tmp, 0)?;
-    media.write_at(&tmp, 0, data)?;
+    let mut w = MediaWriter { media, name: &tmp, offset: 0, buf: Vec::with_capacity(WRITE_CHUNK) };
+    fill(&mut w)?;
+    w.flush()?;
     media.sync(&tmp)?;
     media.rename(&tmp, name)?;
     media.sync_dir()
+}
+
+/// Bytes `MediaWriter` gathers before each write.
+const WRITE_CHUNK: usize = 64 << 10;
+
+/// Appends to a file of a `Media`, in writes of `WRITE_CHUNK` bytes.
+pub struct MediaWriter<'a> {
+    media: &'a dyn Media,
+    name: &'a str,
+    offset: u64,
+    buf: Vec<u8>,
+}
+
+impl io::Write for MediaWriter<'_> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.buf.len() + data.len() > WRITE_CHUNK {
+            self.flush()?;
+        }
+        if data.len() >= WRITE_CHUNK {
+            self.media.write_at(self.name, self.offset, data)?;
+            self.offset += data.len() as u64;
+        } else {
+            self.buf.extend_from_slice(data);
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            self.media.write_at(self.name, self.offset, &self.buf)?;
+            self.offset += self.buf.len() as u64;
+            self.buf.clear();
+        }
+        Ok(())
+    }
 }
 
 /// Real files in a directory. Open files are cached so `sync` hits the written descriptor.

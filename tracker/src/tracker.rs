@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::bits::SparseBits;
 use crate::dirty::{BlockState, DirtyMap, Extent};
-use crate::format::{AlRecord, MapRecord, StateRecord, AL_MAX_REGIONS, AL_SLOT, FLAG_CLEAN};
+use crate::format::{AlRecord, StateHeader, StateRecord, StateWriter, AL_MAX_REGIONS, AL_SLOT, FLAG_CLEAN};
 use crate::media::{self, Media};
 use crate::preserve::PreserveStore;
 
@@ -100,7 +100,7 @@ pub struct Generation {
     pub id: u64,
     /// When it was cut, in milliseconds since the Unix epoch.
     pub cut_unix_ms: u64,
-    map: DirtyMap,
+    map: Arc<DirtyMap>,
     /// Blocks whose pre-image is in the preserve store (set after the copy is saved).
     preserved: SparseBits,
     index: Mutex<HashMap<u64, u64>>,
@@ -110,7 +110,7 @@ pub struct Generation {
 }
 
 impl Generation {
-    fn new(id: u64, cut_unix_ms: u64, map: DirtyMap) -> Self {
+    fn new(id: u64, cut_unix_ms: u64, map: Arc<DirtyMap>) -> Self {
         let preserved = SparseBits::new(map.blocks());
         Self {
             id,
@@ -235,7 +235,8 @@ pub struct WriteTicket {
 struct Live {
     /// Changes at every cut.
     epoch: u64,
-    map: DirtyMap,
+    /// Shared with a checkpoint that is writing it out.
+    map: Arc<DirtyMap>,
     gens: Vec<Arc<Generation>>,
 }
 
@@ -330,7 +331,7 @@ impl Tracker {
         let t = Tracker {
             size,
             granularity: opts.granularity,
-            live: RwLock::new(Live { epoch: 0, map, gens: Vec::new() }),
+            live: RwLock::new(Live { epoch: 0, map: Arc::new(map), gens: Vec::new() }),
             next_gen: AtomicU64::new(1),
             cut_lock: Mutex::new(()),
             preserve: PreserveStore::new(preserve_file, opts.granularity, opts.preserve_limit),
@@ -416,16 +417,21 @@ impl Tracker {
         let mut next_gen = st.next_gen.max(1);
         let mut live = self.live.write().unwrap_or_else(|p| p.into_inner());
         for m in &st.maps {
-            let map = live.map.empty_like();
-            if m.dirty.iter().chain(&m.zero).any(|(i, _)| *i as usize >= map.leaf_count()) {
+            if m.dirty.iter().chain(&m.zero).any(|(i, _)| *i as usize >= live.map.leaf_count()) {
                 rec.resync_required = Some("state.bin names blocks past the end of the disk".into());
                 continue;
             }
+            if m.gen == 0 && live.map.dirty_bytes() == 0 {
+                // Taken as stored, leaf by leaf (so full leaves stay full).
+                live.map.import(&m.dirty, &m.zero);
+                continue;
+            }
+            let map = live.map.empty_like();
             map.import(&m.dirty, &m.zero);
             if m.gen == 0 {
                 live.map.merge_from(&map);
             } else {
-                let g = Generation::new(m.gen, m.cut_unix_ms, map);
+                let g = Generation::new(m.gen, m.cut_unix_ms, Arc::new(map));
                 if let Some(why) = &m.inconsistent {
                     g.set_inconsistent(why.clone());
                 } else if !clean {
@@ -634,7 +640,7 @@ impl Tracker {
             if live.gens.len() >= MAX_GENERATIONS {
                 return Err(TrackError::TooManyGenerations);
             }
-            let fresh = live.map.empty_like();
+            let fresh = Arc::new(live.map.empty_like());
             let frozen = std::mem::replace(&mut live.map, fresh);
             let id = self.next_gen.fetch_add(1, Ordering::SeqCst);
             live.epoch += 1;
@@ -858,44 +864,58 @@ impl Tracker {
         // write marks the map before it touches its regions, and re-marks its region hot, with
         // a durable log record, before its reply if it finds the region retired).
         fence(Ordering::SeqCst);
-        let record = {
+        // The maps are shared, not copied: writes go on marking them while they are written
+        // out, and each is written with at least every bit set before the fence.
+        struct Snapshot {
+            gen: u64,
+            cut_unix_ms: u64,
+            inconsistent: Option<String>,
+            map: Arc<DirtyMap>,
+            preserved: Vec<(u64, u64)>,
+        }
+        let (header, maps) = {
             let live = self.read_live();
             let mut maps = Vec::with_capacity(live.gens.len() + 1);
-            let (dirty, zero) = live.map.export();
-            maps.push(MapRecord {
+            maps.push(Snapshot {
                 gen: 0,
                 cut_unix_ms: 0,
                 inconsistent: None,
-                dirty,
-                zero,
+                map: live.map.clone(),
                 preserved: Vec::new(),
             });
             for g in &live.gens {
-                let (dirty, zero) = g.map.export();
                 let mut preserved: Vec<(u64, u64)> = lock(&g.index).iter().map(|(b, s)| (*b, *s)).collect();
                 preserved.sort_unstable();
-                maps.push(MapRecord {
+                maps.push(Snapshot {
                     gen: g.id,
                     cut_unix_ms: g.cut_unix_ms,
                     inconsistent: g.inconsistent(),
-                    dirty,
-                    zero,
+                    map: g.map.clone(),
                     preserved,
                 });
             }
-            StateRecord {
+            let header = StateHeader {
                 flags: if clean { FLAG_CLEAN } else { 0 },
                 size: self.size,
                 granularity: self.granularity,
                 next_gen: self.next_gen.load(Ordering::SeqCst),
                 resync: lock(&self.resync).clone(),
-                maps,
+            };
+            (header, maps)
+        };
+        let write_state = |w: &mut media::MediaWriter<'_>| {
+            let mut out = StateWriter::new(w, &header, maps.len())?;
+            for m in &maps {
+                out.map(m.gen, m.cut_unix_ms, &m.inconsistent)?;
+                m.map.write_to(&mut out)?;
+                out.preserved(&m.preserved)?;
             }
+            out.finish().map(drop)
         };
         let result = self
             .preserve
             .sync()
-            .and_then(|_| media::replace(&*p.media, STATE_FILE, &record.encode()))
+            .and_then(|_| media::replace_with(&*p.media, STATE_FILE, write_state))
             .and_then(|_| {
                 let mut al = lock(&p.al);
                 let mut keep = BTreeSet::new();
@@ -1368,5 +1388,41 @@ mod tests {
         )
         .unwrap();
         assert!(t.status().memory_bytes <= 1 << 20, "{}", t.status().memory_bytes);
+    }
+
+    #[test]
+    fn terabyte_zeroed_whole_stays_small_on_disk_and_in_memory_and_restarts_exactly() {
+        const TIB: u64 = 1 << 40;
+        let sim = Arc::new(SimMedia::new());
+        let o = Options { region_size: 4 << 30, ..Options::default() };
+        let open = || {
+            let img = Arc::new(MemImage(Mutex::new(Vec::new())));
+            let media = Box::new(SharedSim(sim.clone()));
+            Tracker::open(TIB, &o, img, Some(media), tempfile::tempfile().unwrap()).unwrap().0
+        };
+        let t = open();
+        let idle = t.status().memory_bytes;
+        for i in 0..1024u64 {
+            let ticket = t.begin_write(i << 30, 1 << 30).unwrap();
+            t.end_write(ticket, i << 30, 1 << 30, true);
+        }
+        for off in [0, 5 << 30, TIB - 4096] {
+            let ticket = t.begin_write(off, 4096).unwrap();
+            t.end_write(ticket, off, 4096, false);
+        }
+        let st = t.status();
+        assert_eq!((st.live_dirty_bytes, st.live_zero_bytes), (TIB, TIB - 3 * 4096));
+        // Three leaves of the zero set hold a bitmap; nothing else does.
+        assert_eq!(st.memory_bytes, idle + 3 * 4096);
+        let runs = t.live_runs(0, TIB, usize::MAX);
+        assert_eq!(runs.len(), 5);
+        t.close().unwrap();
+        drop(t);
+        // Full leaves are stored as their index alone.
+        let state = sim.read(STATE_FILE).unwrap().unwrap();
+        assert!(state.len() < 128 << 10, "state.bin is {} bytes", state.len());
+        let t2 = open();
+        assert_eq!(t2.live_runs(0, TIB, usize::MAX), runs);
+        assert_eq!(t2.status().memory_bytes, idle + 3 * 4096);
     }
 }
