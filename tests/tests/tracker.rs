@@ -207,6 +207,17 @@ impl Reader<'_> {
     fn u64(&mut self) -> Option<u64> {
         Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
     }
+    /// A set of leaves, skipped; returns how many. A full leaf is its index with bit 31 set,
+    /// any other leaf its index and a 4096-byte bitmap.
+    fn leaves(&mut self) -> Option<u32> {
+        let n = self.u32()?;
+        for _ in 0..n {
+            if self.u32()? & (1 << 31) == 0 {
+                self.take(4096)?;
+            }
+        }
+        Some(n)
+    }
     fn reason(&mut self) -> Option<Option<String>> {
         match self.u8()? {
             0 => Some(None),
@@ -223,7 +234,7 @@ impl Reader<'_> {
 fn read_state(dir: &Path) -> Option<StateFile> {
     let bytes = std::fs::read(dir.join("state.bin")).ok()?;
     let mut r = Reader(&bytes, 0);
-    if r.take(8)? != b"SRTRKST\0" || r.u32()? != 1 {
+    if r.take(8)? != b"SRTRKST\0" || r.u32()? != 2 {
         return None;
     }
     let flags = r.u32()?;
@@ -235,10 +246,8 @@ fn read_state(dir: &Path) -> Option<StateFile> {
         let gen = r.u64()?;
         let _cut = r.u64()?;
         let inconsistent = r.reason()?;
-        let dirty_leaves = r.u32()?;
-        r.take(dirty_leaves as usize * (4 + 4096))?;
-        let zero_leaves = r.u32()?;
-        r.take(zero_leaves as usize * (4 + 4096))?;
+        let dirty_leaves = r.leaves()?;
+        let zero_leaves = r.leaves()?;
         let preserved = r.u64()?;
         r.take(usize::try_from(preserved).ok()?.checked_mul(16)?)?;
         maps.push(StateMap { gen, inconsistent, dirty_leaves, zero_leaves, preserved });
