@@ -149,10 +149,11 @@ pub fn run(cfg: &AgentConfig) -> Result<Option<Summary>, AgentError> {
                     RETRY_DELAYS.get(failures).copied().unwrap_or(RETRY_STEADY).mul_f64(cfg.retry_scale);
                 failures += 1;
                 tracing::warn!("replication failed ({}); retrying in {delay:?}", chain(&e));
-                if matches!(e, AgentError::Server { .. }) {
-                    // The server may lack chunks we believed it had.
-                    agent.known.clear();
-                }
+                // The server may lack chunks we believed it had: ones sent in a session that
+                // ended before its commit, or ones it refused in a reply this failure cut off.
+                // Asking again costs a query per batch; claiming a chunk it lacks fails the
+                // next session too.
+                agent.known.clear();
                 std::thread::sleep(delay);
             }
         }
