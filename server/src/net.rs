@@ -151,6 +151,14 @@ trait Stream: Read + Write {
     /// Tells the agent that no more frames follow (TLS close_notify, then TCP FIN).
     fn close_write(&mut self);
     fn set_read_timeout(&mut self, t: Duration);
+    /// Whether a read would return without waiting (data, the end, or an error).
+    fn readable(&mut self) -> bool;
+}
+
+fn fd_readable(fd: std::os::fd::BorrowedFd<'_>) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+    poll(&mut fds, PollTimeout::ZERO).map_or(true, |n| n > 0)
 }
 
 impl Stream for TcpStream {
@@ -159,6 +167,9 @@ impl Stream for TcpStream {
     }
     fn set_read_timeout(&mut self, t: Duration) {
         let _ = TcpStream::set_read_timeout(self, Some(t));
+    }
+    fn readable(&mut self) -> bool {
+        fd_readable(std::os::fd::AsFd::as_fd(self))
     }
 }
 
@@ -169,6 +180,9 @@ impl Stream for std::os::unix::net::UnixStream {
     }
     fn set_read_timeout(&mut self, t: Duration) {
         let _ = std::os::unix::net::UnixStream::set_read_timeout(self, Some(t));
+    }
+    fn readable(&mut self) -> bool {
+        fd_readable(std::os::fd::AsFd::as_fd(self))
     }
 }
 
@@ -181,6 +195,17 @@ impl Stream for StreamOwned<ServerConnection, TcpStream> {
     fn set_read_timeout(&mut self, t: Duration) {
         let _ = self.sock.set_read_timeout(Some(t));
     }
+    fn readable(&mut self) -> bool {
+        // Plaintext rustls already holds, or more records on the socket.
+        self.conn.process_new_packets().map_or(true, |io| io.plaintext_bytes_to_read() > 0)
+            || fd_readable(std::os::fd::AsFd::as_fd(&self.sock))
+    }
+}
+
+enum Recv {
+    Frame(Frame),
+    End,
+    Idle,
 }
 
 struct Conn<S: Stream> {
@@ -194,9 +219,18 @@ impl<S: Stream> Conn<S> {
     /// The next frame; `None` at the end of the stream. A frame that does not decode is
     /// answered with its `Error` (the session ends).
     fn recv(&mut self) -> io::Result<Option<Frame>> {
+        match self.next(false)? {
+            Recv::Frame(f) => Ok(Some(f)),
+            Recv::End | Recv::Idle => Ok(None),
+        }
+    }
+
+    /// The next frame, or with `idle` [`Recv::Idle`] when none is buffered and the agent has
+    /// sent nothing more yet (reading would wait).
+    fn next(&mut self, idle: bool) -> io::Result<Recv> {
         loop {
             match self.dec.next_frame() {
-                Ok(Some(f)) => return Ok(Some(f)),
+                Ok(Some(f)) => return Ok(Recv::Frame(f)),
                 Ok(None) => {}
                 Err(e) => {
                     tracing::warn!("refusing: {e}");
@@ -205,9 +239,12 @@ impl<S: Stream> Conn<S> {
                     return Err(io::Error::new(io::ErrorKind::InvalidData, e));
                 }
             }
+            if idle && !self.stream.readable() {
+                return Ok(Recv::Idle);
+            }
             let n = self.stream.read(&mut self.buf)?;
             if n == 0 {
-                return Ok(None);
+                return Ok(Recv::End);
             }
             self.dec.feed(&self.buf[..n]);
         }
@@ -325,7 +362,6 @@ fn session<S: Stream>(
     store: &Store,
     name: &str,
 ) -> io::Result<()> {
-    let metrics = &access.metrics;
     let Some(Frame::Hello { min_version, max_version, agent }) = c.recv()? else {
         return c.error(ErrorClass::Fatal, wire::ERR_BAD_REQUEST, "expected Hello".into());
     };
@@ -339,10 +375,38 @@ fn session<S: Stream>(
     };
     c.send(&Frame::Welcome { version, server: name.to_string() })?;
     tracing::info!(%agent, version, "agent connected");
+    std::thread::scope(|scope| frames(&mut c, scope, access, fingerprint, store))
+}
+
+/// The session after `Welcome`: frames until the agent closes or either side fails.
+fn frames<'scope, 'env, S: Stream>(
+    c: &mut Conn<S>,
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    access: &Access,
+    fingerprint: Option<String>,
+    store: &'env Store,
+) -> io::Result<()> {
+    let metrics = &access.metrics;
     let mut disk: Option<String> = None;
     let mut receiving = Receiving::Nothing;
     let mut hashes = PointHashes::default();
-    while let Some(frame) = c.recv()? {
+    let mut ingest = Ingest::new(scope, store);
+    loop {
+        let frame = match c.next(!ingest.queue.is_empty())? {
+            Recv::Frame(f) => f,
+            Recv::End => break,
+            Recv::Idle => {
+                // The agent sent nothing more yet: what is queued goes in now, so a refusal is
+                // never held back while the agent waits for an answer.
+                if let Receiving::Pending(p) = &mut receiving {
+                    if let Err(e) = ingest.settle(p, 0) {
+                        return refuse(c, metrics, Fail::from(e));
+                    }
+                }
+                ingest.queue.clear();
+                continue;
+            }
+        };
         // Generations and hash queries name their disk: it must be the one registered here.
         if let Frame::BeginGeneration { disk: d, .. } | Frame::HashQuery { disk: d, .. } = &frame {
             if disk.as_deref() != Some(d.as_str()) {
@@ -353,7 +417,15 @@ fn session<S: Stream>(
                 );
             }
         }
+        // Everything else is answered once every extent before it is in the pending point.
+        let settled = match &mut receiving {
+            Receiving::Pending(p) if !matches!(frame, Frame::Chunk { .. } | Frame::Zero { .. }) => {
+                ingest.settle(p, 0)
+            }
+            _ => Ok(()),
+        };
         let result: Result<Option<Frame>, Fail> = match frame {
+            _ if settled.is_err() => Err(Fail::from(settled.unwrap_err())),
             Frame::RegisterDisk { disk: d, .. }
                 if access.enrollment.allows(fingerprint.as_deref(), &d).is_err() =>
             {
@@ -388,21 +460,23 @@ fn session<S: Stream>(
             }
             Frame::Chunk { offset, len, hash, data } => match &mut receiving {
                 Receiving::Pending(p) => {
-                    let stored = match &data {
+                    let upload = match data {
                         ChunkData::Compressed(bytes) => {
                             metrics.bytes_received_total.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                             metrics.chunks_stored_total.fetch_add(1, Ordering::Relaxed);
-                            store.put_chunk(&hash, len, bytes)
+                            Some(bytes)
                         }
-                        ChunkData::Known => Ok(()),
+                        ChunkData::Known => None,
                     };
-                    stored.and_then(|()| p.add_chunk(offset, len, hash)).map(|()| None).map_err(Fail::from)
+                    ingest.chunk(p, offset, len, hash, upload).map(|()| None).map_err(Fail::from)
                 }
                 Receiving::Done(_) => Ok(None),
                 Receiving::Nothing => Err(Fail::Protocol("Chunk outside a generation".into())),
             },
             Frame::Zero { offset, len } => match &mut receiving {
-                Receiving::Pending(p) => p.add_zero(offset, len).map(|()| None).map_err(Fail::from),
+                Receiving::Pending(p) => {
+                    ingest.push(p, Extent::Zero { offset, len }).map(|()| None).map_err(Fail::from)
+                }
                 Receiving::Done(_) => Ok(None),
                 Receiving::Nothing => Err(Fail::Protocol("Zero outside a generation".into())),
             },
@@ -443,22 +517,134 @@ fn session<S: Stream>(
         match result {
             Ok(Some(reply)) => c.send(&reply)?,
             Ok(None) => {}
-            Err(fail) => {
-                metrics.rejected_total.fetch_add(1, Ordering::Relaxed);
-                // The generation is rejected whole: nothing of it becomes a point. An error
-                // ends the session; the agent reconnects and sends the generation again.
-                let (class, code, msg) = match fail {
-                    Fail::Store(e) => {
-                        let (class, code) = classify(&e);
-                        (class, code, e.to_string())
-                    }
-                    Fail::Protocol(m) => (ErrorClass::Fatal, wire::ERR_BAD_REQUEST, m),
-                };
-                return c.error(class, code, msg);
-            }
+            Err(fail) => return refuse(c, metrics, fail),
         }
     }
     Ok(())
+}
+
+/// Rejects the generation whole (nothing of it becomes a point) and ends the session; the
+/// agent reconnects and sends the generation again.
+fn refuse<S: Stream>(c: &mut Conn<S>, metrics: &Metrics, fail: Fail) -> io::Result<()> {
+    metrics.rejected_total.fetch_add(1, Ordering::Relaxed);
+    let (class, code, msg) = match fail {
+        Fail::Store(e) => {
+            let (class, code) = classify(&e);
+            (class, code, e.to_string())
+        }
+        Fail::Protocol(m) => (ErrorClass::Fatal, wire::ERR_BAD_REQUEST, m),
+    };
+    c.error(class, code, msg)
+}
+
+/// Chunks verified (decompressed, blake3) and staged at once, beyond which the connection
+/// waits for the oldest before reading on.
+const INGEST_WINDOW: usize = 8;
+
+/// An extent of the generation being received, in the order it came.
+enum Extent {
+    Chunk {
+        offset: u64,
+        len: u32,
+        hash: Hash,
+        staged: Option<crossbeam_channel::Receiver<Result<(), StoreError>>>,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+    },
+}
+
+struct Upload {
+    hash: Hash,
+    len: u32,
+    bytes: Vec<u8>,
+    done: crossbeam_channel::Sender<Result<(), StoreError>>,
+}
+
+/// Verifies and stages uploaded chunks on worker threads (one per CPU, started by the first
+/// upload) while the connection reads on, and adds every extent to the pending point in the
+/// order the agent sent them (a later extent over the same bytes wins).
+struct Ingest<'scope, 'env> {
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    store: &'env Store,
+    uploads: Option<crossbeam_channel::Sender<Upload>>,
+    queue: std::collections::VecDeque<Extent>,
+}
+
+impl<'scope, 'env> Ingest<'scope, 'env> {
+    fn new(scope: &'scope std::thread::Scope<'scope, 'env>, store: &'env Store) -> Self {
+        Self { scope, store, uploads: None, queue: Default::default() }
+    }
+
+    fn chunk(
+        &mut self,
+        p: &mut PendingPoint,
+        offset: u64,
+        len: u32,
+        hash: Hash,
+        upload: Option<Vec<u8>>,
+    ) -> Result<(), StoreError> {
+        let staged = upload.map(|bytes| {
+            let (done, staged) = crossbeam_channel::bounded(1);
+            let upload = Upload { hash, len, bytes, done };
+            if let Err(crossbeam_channel::SendError(upload)) = self.workers().send(upload) {
+                // No worker left (they only stop with the session): do it here.
+                let _ = upload.done.send(self.store.put_chunk(&upload.hash, upload.len, &upload.bytes));
+            }
+            staged
+        });
+        self.push(p, Extent::Chunk { offset, len, hash, staged })
+    }
+
+    fn workers(&mut self) -> &crossbeam_channel::Sender<Upload> {
+        let (scope, store) = (self.scope, self.store);
+        self.uploads.get_or_insert_with(|| {
+            let (tx, rx) = crossbeam_channel::bounded::<Upload>(INGEST_WINDOW);
+            let n = std::thread::available_parallelism().map_or(2, |n| n.get()).min(INGEST_WINDOW);
+            for _ in 0..n {
+                let rx = rx.clone();
+                scope.spawn(move || {
+                    for u in rx {
+                        let _ = u.done.send(store.put_chunk(&u.hash, u.len, &u.bytes));
+                    }
+                });
+            }
+            tx
+        })
+    }
+
+    /// Queues an extent, then adds what is ready to the pending point, waiting for the oldest
+    /// upload while more than `INGEST_WINDOW` extents wait.
+    fn push(&mut self, p: &mut PendingPoint, e: Extent) -> Result<(), StoreError> {
+        self.queue.push_back(e);
+        self.settle(p, INGEST_WINDOW)
+    }
+
+    /// Adds queued extents to the pending point in order: every ready one, and more (waiting
+    /// for their uploads) until at most `keep` are left queued. The first failure rejects the
+    /// generation.
+    fn settle(&mut self, p: &mut PendingPoint, keep: usize) -> Result<(), StoreError> {
+        while let Some(front) = self.queue.front() {
+            if let Extent::Chunk { staged: Some(rx), .. } = front {
+                let result = if self.queue.len() > keep {
+                    rx.recv().unwrap_or(Err(StoreError::Poisoned))
+                } else {
+                    match rx.try_recv() {
+                        Ok(r) => r,
+                        Err(crossbeam_channel::TryRecvError::Empty) => return Ok(()),
+                        Err(crossbeam_channel::TryRecvError::Disconnected) => Err(StoreError::Poisoned),
+                    }
+                };
+                result?;
+            }
+            match self.queue.pop_front().expect("a front") {
+                Extent::Chunk { offset, len, hash, .. } => p.add_chunk(offset, len, hash)?,
+                Extent::Zero { offset, len } => p.add_zero(offset, len)?,
+            }
+        }
+        Ok(())
+    }
 }
 
 fn begin(
