@@ -151,14 +151,15 @@ trait Stream: Read + Write {
     /// Tells the agent that no more frames follow (TLS close_notify, then TCP FIN).
     fn close_write(&mut self);
     fn set_read_timeout(&mut self, t: Duration);
-    /// Whether a read would return without waiting (data, the end, or an error).
-    fn readable(&mut self) -> bool;
+    /// Whether a read would return without waiting (data, the end, or an error), waiting up
+    /// to `ms` milliseconds for it.
+    fn readable(&mut self, ms: u8) -> bool;
 }
 
-fn fd_readable(fd: std::os::fd::BorrowedFd<'_>) -> bool {
+fn fd_readable(fd: std::os::fd::BorrowedFd<'_>, ms: u8) -> bool {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
-    poll(&mut fds, PollTimeout::ZERO).map_or(true, |n| n > 0)
+    poll(&mut fds, PollTimeout::from(ms)).map_or(true, |n| n > 0)
 }
 
 impl Stream for TcpStream {
@@ -168,8 +169,8 @@ impl Stream for TcpStream {
     fn set_read_timeout(&mut self, t: Duration) {
         let _ = TcpStream::set_read_timeout(self, Some(t));
     }
-    fn readable(&mut self) -> bool {
-        fd_readable(std::os::fd::AsFd::as_fd(self))
+    fn readable(&mut self, ms: u8) -> bool {
+        fd_readable(std::os::fd::AsFd::as_fd(self), ms)
     }
 }
 
@@ -181,8 +182,8 @@ impl Stream for std::os::unix::net::UnixStream {
     fn set_read_timeout(&mut self, t: Duration) {
         let _ = std::os::unix::net::UnixStream::set_read_timeout(self, Some(t));
     }
-    fn readable(&mut self) -> bool {
-        fd_readable(std::os::fd::AsFd::as_fd(self))
+    fn readable(&mut self, ms: u8) -> bool {
+        fd_readable(std::os::fd::AsFd::as_fd(self), ms)
     }
 }
 
@@ -195,10 +196,10 @@ impl Stream for StreamOwned<ServerConnection, TcpStream> {
     fn set_read_timeout(&mut self, t: Duration) {
         let _ = self.sock.set_read_timeout(Some(t));
     }
-    fn readable(&mut self) -> bool {
+    fn readable(&mut self, ms: u8) -> bool {
         // Plaintext rustls already holds, or more records on the socket.
         self.conn.process_new_packets().map_or(true, |io| io.plaintext_bytes_to_read() > 0)
-            || fd_readable(std::os::fd::AsFd::as_fd(&self.sock))
+            || fd_readable(std::os::fd::AsFd::as_fd(&self.sock), ms)
     }
 }
 
@@ -239,7 +240,7 @@ impl<S: Stream> Conn<S> {
                     return Err(io::Error::new(io::ErrorKind::InvalidData, e));
                 }
             }
-            if idle && !self.stream.readable() {
+            if idle && !self.stream.readable(0) {
                 return Ok(Recv::Idle);
             }
             let n = self.stream.read(&mut self.buf)?;
@@ -396,14 +397,18 @@ fn frames<'scope, 'env, S: Stream>(
             Recv::Frame(f) => f,
             Recv::End => break,
             Recv::Idle => {
-                // The agent sent nothing more yet: what is queued goes in now, so a refusal is
-                // never held back while the agent waits for an answer.
-                if let Receiving::Pending(p) = &mut receiving {
-                    if let Err(e) = ingest.settle(p, 0) {
-                        return refuse(c, metrics, Fail::from(e));
+                // Nothing more from the agent yet: until it sends more, extents go in as their
+                // uploads finish, so a refusal is never held back while the agent waits.
+                match &mut receiving {
+                    Receiving::Pending(p) => {
+                        while !ingest.queue.is_empty() && !c.stream.readable(IDLE_POLL_MS) {
+                            if let Err(e) = ingest.settle(p, usize::MAX) {
+                                return refuse(c, metrics, Fail::from(e));
+                            }
+                        }
                     }
+                    _ => ingest.queue.clear(),
                 }
-                ingest.queue.clear();
                 continue;
             }
         };
@@ -540,6 +545,8 @@ fn refuse<S: Stream>(c: &mut Conn<S>, metrics: &Metrics, fail: Fail) -> io::Resu
 /// Chunks verified (decompressed, blake3) and staged at once, beyond which the connection
 /// waits for the oldest before reading on.
 const INGEST_WINDOW: usize = 8;
+/// How often uploads that finished are looked at while the agent sends nothing.
+const IDLE_POLL_MS: u8 = 1;
 
 /// An extent of the generation being received, in the order it came.
 enum Extent {
@@ -562,7 +569,7 @@ struct Upload {
     done: crossbeam_channel::Sender<Result<(), StoreError>>,
 }
 
-/// Verifies and stages uploaded chunks on worker threads (one per CPU, started by the first
+/// Verifies and stages uploaded chunks on worker threads (two per CPU, started by the first
 /// upload) while the connection reads on, and adds every extent to the pending point in the
 /// order the agent sent them (a later extent over the same bytes wins).
 struct Ingest<'scope, 'env> {
@@ -601,7 +608,9 @@ impl<'scope, 'env> Ingest<'scope, 'env> {
         let (scope, store) = (self.scope, self.store);
         self.uploads.get_or_insert_with(|| {
             let (tx, rx) = crossbeam_channel::bounded::<Upload>(INGEST_WINDOW);
-            let n = std::thread::available_parallelism().map_or(2, |n| n.get()).min(INGEST_WINDOW);
+            // Two per CPU: a worker also waits, creating and writing its chunk's file (one
+            // per CPU measured 0.7 of the replayed ingest rate of two, BENCHMARKS.md).
+            let n = (2 * std::thread::available_parallelism().map_or(2, |n| n.get())).min(INGEST_WINDOW);
             for _ in 0..n {
                 let rx = rx.clone();
                 scope.spawn(move || {
