@@ -545,6 +545,8 @@ fn refuse<S: Stream>(c: &mut Conn<S>, metrics: &Metrics, fail: Fail) -> io::Resu
 /// Chunks verified (decompressed, blake3) and staged at once, beyond which the connection
 /// waits for the oldest before reading on.
 const INGEST_WINDOW: usize = 8;
+/// Chunks shorter than this (uncompressed) are verified and staged by the connection itself.
+const INLINE_BELOW: u32 = 128 << 10;
 /// How often uploads that finished are looked at while the agent sends nothing.
 const IDLE_POLL_MS: u8 = 1;
 
@@ -592,15 +594,24 @@ impl<'scope, 'env> Ingest<'scope, 'env> {
         hash: Hash,
         upload: Option<Vec<u8>>,
     ) -> Result<(), StoreError> {
-        let staged = upload.map(|bytes| {
-            let (done, staged) = crossbeam_channel::bounded(1);
-            let upload = Upload { hash, len, bytes, done };
-            if let Err(crossbeam_channel::SendError(upload)) = self.workers().send(upload) {
-                // No worker left (they only stop with the session): do it here.
-                let _ = upload.done.send(self.store.put_chunk(&upload.hash, upload.len, &upload.bytes));
+        let staged = match upload {
+            None => None,
+            // A small chunk costs less to verify here than to hand to another thread (a wakeup
+            // across CPUs): the wire's order is kept all the same, and a refusal is at once.
+            Some(bytes) if len < INLINE_BELOW => {
+                self.store.put_chunk(&hash, len, &bytes)?;
+                None
             }
-            staged
-        });
+            Some(bytes) => {
+                let (done, staged) = crossbeam_channel::bounded(1);
+                let upload = Upload { hash, len, bytes, done };
+                if let Err(crossbeam_channel::SendError(upload)) = self.workers().send(upload) {
+                    // No worker left (they only stop with the session): do it here.
+                    let _ = upload.done.send(self.store.put_chunk(&upload.hash, upload.len, &upload.bytes));
+                }
+                Some(staged)
+            }
+        };
         self.push(p, Extent::Chunk { offset, len, hash, staged })
     }
 
@@ -1097,6 +1108,20 @@ mod tests {
         Frame::HashQuery { disk: DISK.into(), point, offset, len, block }
     }
 
+    fn begin(generation: u64, kind: wire::GenerationKind, base_point: u64) -> Frame {
+        Frame::BeginGeneration { disk: DISK.into(), generation, kind, base_point: Some(base_point) }
+    }
+
+    /// A `Chunk` of `data` at `offset`, compressed, its hash the true one.
+    fn chunk(offset: u64, data: &[u8]) -> Frame {
+        Frame::Chunk {
+            offset,
+            len: data.len() as u32,
+            hash: *blake3::hash(data).as_bytes(),
+            data: ChunkData::Compressed(zstd::bulk::compress(data, 1).unwrap()),
+        }
+    }
+
     #[test]
     fn a_session_answers_hash_queries_in_order_and_refuses_bad_ones() {
         let (_dir, store, image) = store_with_point();
@@ -1137,21 +1162,11 @@ mod tests {
         let store = Arc::new(store);
         let mut c = Client::start(&store);
         c.register();
-        c.send(&Frame::BeginGeneration {
-            disk: DISK.into(),
-            generation: 5,
-            kind: wire::GenerationKind::InitialFull,
-            base_point: Some(1),
-        });
+        c.send(&begin(5, wire::GenerationKind::InitialFull, 1));
         c.send(&query(1, 0, 64 << 10, 4096));
         assert!(matches!(c.recv(), Some(Frame::Hashes { .. })));
         let data = bytes(99, 4096);
-        c.send(&Frame::Chunk {
-            offset: 4096,
-            len: 4096,
-            hash: *blake3::hash(&data).as_bytes(),
-            data: ChunkData::Compressed(zstd::bulk::compress(&data, 1).unwrap()),
-        });
+        c.send(&chunk(4096, &data));
         image[4096..8192].copy_from_slice(&data);
         c.send(&Frame::Progress { next_offset: 512 << 10 });
         assert_eq!(c.recv(), Some(Frame::ProgressAck { next_offset: 512 << 10 }));
@@ -1164,12 +1179,7 @@ mod tests {
             }
             f => panic!("{f:?}"),
         }
-        c.send(&Frame::BeginGeneration {
-            disk: DISK.into(),
-            generation: 5,
-            kind: wire::GenerationKind::InitialFull,
-            base_point: Some(1),
-        });
+        c.send(&begin(5, wire::GenerationKind::InitialFull, 1));
         // Above the checkpoint the base still answers.
         c.send(&query(1, 512 << 10, SIZE - (512 << 10), 64 << 10));
         assert_eq!(
@@ -1195,41 +1205,33 @@ mod tests {
         assert!(got == image, "the resynced point reads as the base with the changes applied");
     }
 
-    /// Chunks are verified on several threads, but extents reach the point in the order sent:
-    /// overlapping chunks, Known chunks and zeroes, pipelined with no pause, end as the last
-    /// one over each byte wrote them; a corrupt chunk among them, with nothing sent after it,
-    /// is still refused.
+    /// Large chunks are verified on several threads, small ones by the connection, but extents
+    /// reach the point in the order sent: overlapping chunks of both kinds, Known chunks and
+    /// zeroes, pipelined with no pause, end as the last one over each byte wrote them; a
+    /// corrupt chunk verified by a worker, with nothing sent after it, is still refused.
     #[test]
     fn parallel_verification_applies_extents_in_the_order_sent() {
         let (_dir, store, mut image) = store_with_point();
         let store = Arc::new(store);
         let mut c = Client::start(&store);
         c.register();
-        c.send(&Frame::BeginGeneration {
-            disk: DISK.into(),
-            generation: 2,
-            kind: wire::GenerationKind::Incremental,
-            base_point: Some(1),
-        });
+        c.send(&begin(2, wire::GenerationKind::Incremental, 1));
         let known = bytes(7, 8192);
         let known_hash = put(&store, &known);
-        for i in 0..60u64 {
-            // Each write overlaps the previous two (48 KiB chunks, 16 KiB apart).
-            let (off, len) = ((i * 16) << 10, 48 << 10);
+        let big = u64::from(INLINE_BELOW) + (32 << 10);
+        for i in 0..26u64 {
+            // Each extent overlaps the ones before it (32 KiB apart, most of them longer).
+            let off = (i * 32) << 10;
             if i % 7 == 3 {
-                c.send(&Frame::Zero { offset: off, len });
-                image[off as usize..(off + len) as usize].fill(0);
+                c.send(&Frame::Zero { offset: off, len: 48 << 10 });
+                image[off as usize..off as usize + (48 << 10)].fill(0);
             } else if i % 11 == 5 {
                 c.send(&Frame::Chunk { offset: off, len: 8192, hash: known_hash, data: ChunkData::Known });
                 image[off as usize..off as usize + 8192].copy_from_slice(&known);
             } else {
+                let len = if i % 5 == 2 { 40 << 10 } else { big };
                 let data = bytes(1000 + i, len as usize);
-                c.send(&Frame::Chunk {
-                    offset: off,
-                    len: len as u32,
-                    hash: *blake3::hash(&data).as_bytes(),
-                    data: ChunkData::Compressed(zstd::bulk::compress(&data, 1).unwrap()),
-                });
+                c.send(&chunk(off, &data));
                 image[off as usize..(off + len) as usize].copy_from_slice(&data);
             }
         }
@@ -1241,24 +1243,13 @@ mod tests {
 
         let mut c = Client::start(&store);
         c.register();
-        c.send(&Frame::BeginGeneration {
-            disk: DISK.into(),
-            generation: 3,
-            kind: wire::GenerationKind::Incremental,
-            base_point: Some(2),
-        });
-        for i in 0..20u64 {
-            let data = bytes(5000 + i, 32 << 10);
-            let mut hash = *blake3::hash(&data).as_bytes();
-            if i == 13 {
+        c.send(&begin(3, wire::GenerationKind::Incremental, 2));
+        for i in 0..5u64 {
+            let mut frame = chunk(i * big, &bytes(5000 + i, big as usize));
+            if let (3, Frame::Chunk { hash, .. }) = (i, &mut frame) {
                 hash[0] ^= 1;
             }
-            c.send(&Frame::Chunk {
-                offset: (i * 32) << 10,
-                len: 32 << 10,
-                hash,
-                data: ChunkData::Compressed(zstd::bulk::compress(&data, 1).unwrap()),
-            });
+            c.send(&frame);
         }
         c.expect_error(wire::ERR_CORRUPT_CHUNK);
         assert_eq!(store.open_point(DISK, PointSel::Latest).unwrap().info().id, 2);
