@@ -423,14 +423,14 @@ fn frames<'scope, 'env, S: Stream>(
             }
         }
         // Everything else is answered once every extent before it is in the pending point.
-        let settled = match &mut receiving {
-            Receiving::Pending(p) if !matches!(frame, Frame::Chunk { .. } | Frame::Zero { .. }) => {
-                ingest.settle(p, 0)
+        if let Receiving::Pending(p) = &mut receiving {
+            if !matches!(frame, Frame::Chunk { .. } | Frame::Zero { .. }) {
+                if let Err(e) = ingest.settle(p, 0) {
+                    return refuse(c, metrics, Fail::from(e));
+                }
             }
-            _ => Ok(()),
-        };
+        }
         let result: Result<Option<Frame>, Fail> = match frame {
-            _ if settled.is_err() => Err(Fail::from(settled.unwrap_err())),
             Frame::RegisterDisk { disk: d, .. }
                 if access.enrollment.allows(fingerprint.as_deref(), &d).is_err() =>
             {
@@ -604,11 +604,8 @@ impl<'scope, 'env> Ingest<'scope, 'env> {
             }
             Some(bytes) => {
                 let (done, staged) = crossbeam_channel::bounded(1);
-                let upload = Upload { hash, len, bytes, done };
-                if let Err(crossbeam_channel::SendError(upload)) = self.workers().send(upload) {
-                    // No worker left (they only stop with the session): do it here.
-                    let _ = upload.done.send(self.store.put_chunk(&upload.hash, upload.len, &upload.bytes));
-                }
+                // Workers stop only with the session, or by panicking.
+                self.workers().send(Upload { hash, len, bytes, done }).map_err(|_| StoreError::Poisoned)?;
                 Some(staged)
             }
         };

@@ -270,14 +270,13 @@ impl SparseBits {
         out.leaf_count(present.len())?;
         let mut bytes = [0u8; LEAF_BYTES];
         for leaf in present {
-            if (0..LEAF_WORDS).all(|w| self.word(leaf, w) == self.valid(leaf, w)) {
-                out.leaf(leaf as u32, LeafData::Full)?;
-                continue;
-            }
+            let mut full = true;
             for (w, c) in bytes.chunks_exact_mut(8).enumerate() {
-                c.copy_from_slice(&self.word(leaf, w).to_le_bytes());
+                let word = self.word(leaf, w);
+                full &= word == self.valid(leaf, w);
+                c.copy_from_slice(&word.to_le_bytes());
             }
-            out.leaf(leaf as u32, LeafData::Bits(&bytes))?;
+            out.leaf(leaf as u32, if full { LeafData::Full } else { LeafData::Bits(&bytes) })?;
         }
         Ok(())
     }
