@@ -390,12 +390,22 @@ mod tests {
         img: &Path,
         engine: EngineKind,
     ) -> (Arc<Server>, std::thread::JoinHandle<()>, std::path::PathBuf) {
+        serve_polling(img, engine, std::time::Duration::ZERO)
+    }
+
+    /// [`serve`], with connections polling their socket for up to `idle_poll`.
+    fn serve_polling(
+        img: &Path,
+        engine: EngineKind,
+        idle_poll: std::time::Duration,
+    ) -> (Arc<Server>, std::thread::JoinHandle<()>, std::path::PathBuf) {
         let backend = Arc::new(Backend::open(img, false, false).unwrap());
         let export = Arc::new(Export::live("disk", backend, false, None));
         let sock = img.with_extension("sock");
         let listener = Listener::unix(&sock).unwrap();
-        let server =
-            Arc::new(Server::new(Arc::new(StaticCatalog(vec![export])), vec![listener], engine).unwrap());
+        let mut server = Server::new(Arc::new(StaticCatalog(vec![export])), vec![listener], engine).unwrap();
+        server.set_idle_poll(idle_poll);
+        let server = Arc::new(server);
         let s = server.clone();
         (server, std::thread::spawn(move || s.run().unwrap()), sock)
     }
@@ -454,5 +464,48 @@ mod tests {
         c.disconnect().unwrap();
         server.shutdown_handle().trigger();
         t.join().unwrap();
+    }
+
+    /// A client at queue depth 1 on a polling server: the connection turns hot, so its small
+    /// reads and writes run on the connection's thread and their replies go straight out;
+    /// large ones still go through the engine. Data, errors (a read past the end of a file
+    /// that shrank) and a shutdown while the client sits idle behave as on any connection.
+    #[test]
+    fn a_hot_connection_serves_requests_synchronously() {
+        for engine in [EngineKind::Uring, EngineKind::Sync] {
+            let dir = tempfile::tempdir().unwrap();
+            let img = dir.path().join("img");
+            let f = std::fs::File::create(&img).unwrap();
+            f.set_len(8 << 20).unwrap();
+            let (server, t, sock) = serve_polling(&img, engine, std::time::Duration::from_millis(20));
+            let mut c = Client::connect_unix(&sock, "disk", &[]).unwrap();
+            let mut model = vec![0u8; 8 << 20];
+            for i in 0..300u64 {
+                let len = [512usize, 4096, 64 << 10, 1 << 20][(i % 4) as usize];
+                let offset = (i * 7919 * 512) % ((8 << 20) - (1 << 20));
+                let data: Vec<u8> = (0..len).map(|j| (i as usize * 31 + j) as u8).collect();
+                c.write(offset, &data).unwrap();
+                model[offset as usize..offset as usize + len].copy_from_slice(&data);
+                let mut back = vec![0u8; len];
+                c.read(offset, &mut back).unwrap();
+                assert_eq!(back, data, "{engine:?}: write {i} read back");
+            }
+            c.flush().unwrap();
+            let mut all = vec![0u8; 8 << 20];
+            c.read(0, &mut all[..4 << 20]).unwrap();
+            c.read(4 << 20, &mut all[4 << 20..]).unwrap();
+            assert!(all == model, "{engine:?}: the image as written");
+            assert_eq!(std::fs::read(&img).unwrap(), model, "{engine:?}: the file as written");
+            f.set_len((4 << 20) + 1000).unwrap();
+            let mut buf = vec![0u8; 4096];
+            assert!(matches!(c.read(4 << 20, &mut buf), Err(ClientError::Errno(5))), "{engine:?}");
+            assert!(matches!(c.read(6 << 20, &mut buf), Err(ClientError::Errno(5))), "{engine:?}");
+            c.read(4096, &mut buf).unwrap();
+            assert_eq!(buf, model[4096..8192]);
+            // The client goes quiet and stays connected: the server still stops.
+            server.shutdown_handle().trigger();
+            t.join().unwrap();
+            drop(c);
+        }
     }
 }

@@ -20,6 +20,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::socket::{getsockname, AddressFamily, SockaddrLike, SockaddrStorage};
 
+use crate::engine::poll::IdlePoll;
 use crate::engine::{self, Ending, EngineKind};
 use crate::export::{Catalog, Conn, Export};
 use crate::proto::handshake::{Handshake, Outcome};
@@ -176,8 +177,16 @@ pub struct Server {
     /// Threads of connections that did not come through a listener.
     extra: std::sync::Mutex<Vec<JoinHandle<()>>>,
     listeners: Vec<Listener>,
-    engine: EngineKind,
+    engine: Engine,
     shutdown: Arc<Shutdown>,
+}
+
+/// How connections are served.
+#[derive(Clone, Copy)]
+struct Engine {
+    kind: EngineKind,
+    /// How long a connection polls its socket for the next request before it sleeps.
+    idle_poll: Duration,
 }
 
 impl Server {
@@ -188,9 +197,15 @@ impl Server {
             sockets: Default::default(),
             extra: Default::default(),
             listeners,
-            engine,
+            engine: Engine { kind: engine, idle_poll: Duration::ZERO },
             shutdown: Arc::new(Shutdown::new()?),
         })
+    }
+
+    /// Connections poll their socket for up to `budget` for the client's next request before
+    /// they sleep (see [`crate::engine::poll`]); zero, the default, never polls.
+    pub fn set_idle_poll(&mut self, budget: Duration) {
+        self.engine.idle_poll = budget;
     }
 
     /// The handle that stops `run`.
@@ -316,7 +331,7 @@ fn serve_connection(
     peer: String,
     sock: OwnedFd,
     catalog: &dyn Catalog,
-    engine: EngineKind,
+    engine: Engine,
     shutdown: &Shutdown,
     sockets: &OpenSockets,
 ) {
@@ -364,12 +379,13 @@ fn serve_connection(
     run_engine(id, &peer, &conn, file, engine, shutdown);
 }
 
-fn run_engine(id: u64, peer: &str, conn: &Conn, file: File, engine: EngineKind, shutdown: &Shutdown) {
+fn run_engine(id: u64, peer: &str, conn: &Conn, file: File, engine: Engine, shutdown: &Shutdown) {
     // io_uring needs a descriptor to submit to; virtual images (recovery points) have none.
-    let engine = if conn.export.backend.fd().is_none() { EngineKind::Sync } else { engine };
-    let result = match engine {
-        EngineKind::Uring => engine::uring::serve(conn, &file, shutdown),
-        EngineKind::Sync => engine::sync::serve(conn, file, shutdown),
+    let kind = if conn.export.backend.fd().is_none() { EngineKind::Sync } else { engine.kind };
+    let poll = IdlePoll::new(engine.idle_poll);
+    let result = match kind {
+        EngineKind::Uring => engine::uring::serve(conn, &file, shutdown, poll),
+        EngineKind::Sync => engine::sync::serve(conn, file, shutdown, poll),
     };
     match result {
         Ok(Ending::ClientDone) => tracing::debug!(id, %peer, "disconnected"),

@@ -6,6 +6,7 @@
 //! [`crate::proto::transmission::Session::validate`] before touching the image and mark the
 //! dirty map before a modifying command's reply is queued.
 
+pub mod poll;
 pub mod sync;
 pub mod uring;
 

@@ -3,10 +3,11 @@
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
+use super::poll::IdlePoll;
 use super::{ConnError, Ending};
 use crate::buf::BufPool;
 use crate::export::Conn;
@@ -24,7 +25,7 @@ fn read_err(e: io::Error) -> ConnError {
 }
 
 /// Serves `sock` until the client disconnects or the server shuts down.
-pub fn serve(conn: &Conn, sock: File, shutdown: &Shutdown) -> Result<Ending, ConnError> {
+pub fn serve(conn: &Conn, sock: File, shutdown: &Shutdown, mut idle: IdlePoll) -> Result<Ending, ConnError> {
     let mut rd = BufReader::with_capacity(256 << 10, &sock);
     let mut wr = BufWriter::with_capacity(256 << 10, &sock);
     let mut pool = BufPool::default();
@@ -34,14 +35,19 @@ pub fn serve(conn: &Conn, sock: File, shutdown: &Shutdown) -> Result<Ending, Con
     loop {
         if rd.buffer().is_empty() {
             wr.flush().map_err(ConnError::Socket)?;
-            let mut fds =
-                [PollFd::new(sock.as_fd(), PollFlags::POLLIN), PollFd::new(shutdown.fd(), PollFlags::POLLIN)];
-            loop {
-                match poll(&mut fds, PollTimeout::NONE) {
-                    Err(nix::errno::Errno::EINTR) => continue,
-                    r => r.map_err(|e| ConnError::Socket(e.into()))?,
-                };
-                break;
+            // Whatever the spin saw (data, end of file, an error), the read below sees too.
+            if idle.spin(sock.as_raw_fd(), &mut [0u8; 1], libc::MSG_PEEK).is_none() {
+                let mut fds = [
+                    PollFd::new(sock.as_fd(), PollFlags::POLLIN),
+                    PollFd::new(shutdown.fd(), PollFlags::POLLIN),
+                ];
+                loop {
+                    match poll(&mut fds, PollTimeout::NONE) {
+                        Err(nix::errno::Errno::EINTR) => continue,
+                        r => r.map_err(|e| ConnError::Socket(e.into()))?,
+                    };
+                    break;
+                }
             }
             if shutdown.is_set() {
                 return Ok(Ending::Shutdown);
@@ -49,6 +55,7 @@ pub fn serve(conn: &Conn, sock: File, shutdown: &Shutdown) -> Result<Ending, Con
             if rd.fill_buf().map_err(ConnError::Socket)?.is_empty() {
                 return Ok(Ending::ClientDone);
             }
+            idle.arrived();
         }
         let mut hdr = [0u8; REQUEST_LEN];
         rd.read_exact(&mut hdr).map_err(read_err)?;

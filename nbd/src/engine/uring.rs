@@ -10,6 +10,11 @@
 //! If the read fails or comes up short, the kernel cancels the send and the read is finished
 //! the ordinary way ([`Linked`]).
 //!
+//! A connection whose client waits for each reply before it sends the next request (see
+//! [`super::poll`]) is served synchronously: its thread polls the socket for the request, runs
+//! a small READ or WRITE with `pread(2)`/`pwritev2(2)` and sends the reply with `sendmsg(2)`,
+//! all without the ring, which it sleeps on only once the client goes quiet.
+//!
 //! Ownership rule for every buffer handed to the kernel: it is owned by this `Engine` (the
 //! receive buffer, the pending write, the op slab, the send queue and its iovec/msghdr) and is
 //! neither moved nor freed until the operation's completion has been reaped. `run` does not
@@ -21,6 +26,7 @@ use std::os::fd::{AsRawFd, RawFd};
 
 use io_uring::{opcode, squeue, types, IoUring};
 
+use super::poll::IdlePoll;
 use super::{ConnError, Ending};
 use crate::buf::{AlignedBuf, BufPool};
 use crate::export::{Conn, ExportKind, SPARSE_READ_MIN};
@@ -40,6 +46,8 @@ const MAX_IOVECS: usize = 64;
 /// Small writes beyond this many requests in flight are punted to io-wq (`IOSQE_ASYNC`).
 const ASYNC_WRITE_DEPTH: usize = 4;
 const ASYNC_WRITE_MAX: usize = 64 << 10;
+/// Largest READ or WRITE a hot connection runs on its own thread.
+const INLINE_MAX: usize = 64 << 10;
 
 const UD_RECV: u64 = u64::MAX;
 const UD_SEND: u64 = u64::MAX - 1;
@@ -143,10 +151,16 @@ struct Engine<'a> {
     pool: BufPool,
     scratch: Vec<u8>,
     linked: Option<Linked>,
+    poll: IdlePoll,
 }
 
 /// Serves the connection on `sock` until the client disconnects or the server shuts down.
-pub fn serve(conn: &Conn, sock: &impl AsRawFd, shutdown: &Shutdown) -> Result<Ending, ConnError> {
+pub fn serve(
+    conn: &Conn,
+    sock: &impl AsRawFd,
+    shutdown: &Shutdown,
+    poll: IdlePoll,
+) -> Result<Ending, ConnError> {
     // One thread owns the ring: completions run at our own io_uring_enter (no IPIs, no task
     // work interrupting the loop). Older kernels refuse the flags: fall back to a plain ring.
     let ring = IoUring::builder()
@@ -187,6 +201,7 @@ pub fn serve(conn: &Conn, sock: &impl AsRawFd, shutdown: &Shutdown) -> Result<En
         pool: BufPool::default(),
         scratch: Vec::with_capacity(256),
         linked: None,
+        poll,
     };
     e.run(shutdown)
 }
@@ -199,8 +214,23 @@ impl Engine<'_> {
         }
         let mut cqes: Vec<(u64, i32)> = Vec::with_capacity(RING_ENTRIES as usize);
         loop {
-            self.post_recv();
             self.post_send();
+            if self.idle() {
+                if shutdown.is_set() {
+                    // A hot connection may not sleep on the ring, where the shutdown shows.
+                    self.begin_shutdown();
+                    continue;
+                }
+                if self.recv.is_some() {
+                    self.poll.went_idle();
+                } else if let Some(res) = self.poll.spin(self.sock, &mut self.rbuf[self.rend..], 0) {
+                    self.recv = Some(RecvTarget::Rbuf);
+                    self.on_recv(res as i32);
+                    self.parse();
+                    continue;
+                }
+            }
+            self.post_recv();
             if self.finished() {
                 break;
             }
@@ -291,6 +321,18 @@ impl Engine<'_> {
         }
     }
 
+    /// Nothing in flight (but a receive), queued or half received: the next thing to happen
+    /// is a request.
+    fn idle(&self) -> bool {
+        !self.stop_recv
+            && self.error.is_none()
+            && self.n_ops == 0
+            && !self.sending
+            && self.outq.is_empty()
+            && self.pending.is_none()
+            && self.rstart == self.rend
+    }
+
     fn throttled(&self) -> bool {
         self.n_ops >= MAX_OPS || self.queued >= MAX_QUEUED
     }
@@ -327,6 +369,24 @@ impl Engine<'_> {
         if self.sending || self.outq.is_empty() {
             return;
         }
+        if self.poll.hot() && self.n_ops == 0 {
+            // The reply of a synchronously served request goes now; what the socket does not
+            // take at once goes through the ring.
+            self.fill_msghdr();
+            // SAFETY: the msghdr points to the iovecs, which point into the send queue's
+            // messages; all are owned by the engine and unchanged for the duration of the call.
+            let n =
+                unsafe { libc::sendmsg(self.sock, &*self.msghdr, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
+            let res = if n < 0 {
+                -io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+            } else {
+                n as i32
+            };
+            self.on_send(res);
+            if self.sending || self.outq.is_empty() {
+                return;
+            }
+        }
         let sqe = self.send_sqe();
         self.push(sqe);
     }
@@ -334,6 +394,16 @@ impl Engine<'_> {
     /// The SENDMSG of the send queue's front messages (as many as fit `MAX_IOVECS`), marking a
     /// send in flight.
     fn send_sqe(&mut self) -> squeue::Entry {
+        self.fill_msghdr();
+        self.sending = true;
+        opcode::SendMsg::new(types::Fd(self.sock), &*self.msghdr as *const libc::msghdr)
+            .flags(libc::MSG_NOSIGNAL as u32)
+            .build()
+            .user_data(UD_SEND)
+    }
+
+    /// Points the msghdr at the send queue's front messages (as many as fit `MAX_IOVECS`).
+    fn fill_msghdr(&mut self) {
         self.iovecs.clear();
         let mut skip = self.front_sent;
         for m in self.outq.iter() {
@@ -354,11 +424,6 @@ impl Engine<'_> {
         }
         self.msghdr.msg_iov = self.iovecs.as_mut_ptr();
         self.msghdr.msg_iovlen = self.iovecs.len();
-        self.sending = true;
-        opcode::SendMsg::new(types::Fd(self.sock), &*self.msghdr as *const libc::msghdr)
-            .flags(libc::MSG_NOSIGNAL as u32)
-            .build()
-            .user_data(UD_SEND)
     }
 
     fn queue(&mut self, head: Vec<u8>, data: Option<AlignedBuf>) {
@@ -406,7 +471,10 @@ impl Engine<'_> {
         }
         let n = res as usize;
         match target {
-            RecvTarget::Rbuf => self.rend += n,
+            RecvTarget::Rbuf => {
+                self.rend += n;
+                self.poll.arrived();
+            }
             RecvTarget::Payload => {
                 let p = self.pending.as_mut().expect("payload recv without a pending write");
                 p.filled += n;
@@ -500,6 +568,55 @@ impl Engine<'_> {
         self.push(sqe.user_data(idx));
     }
 
+    /// Whether the next READ or WRITE, of `len` bytes, runs on this thread: the connection is
+    /// hot, and the request is small and the only one there is (nothing in flight, queued to
+    /// send or received after it).
+    fn inlinable(&self, len: usize) -> bool {
+        self.poll.hot()
+            && len <= INLINE_MAX
+            && self.n_ops == 0
+            && !self.sending
+            && self.outq.is_empty()
+            && self.pending.is_none()
+            && self.rstart == self.rend
+    }
+
+    fn start_op(&mut self, idx: u64, inline: bool) {
+        if !inline {
+            self.submit_op(idx);
+            return;
+        }
+        let fd = self.conn.export.backend.raw_fd();
+        let res = loop {
+            let n = match &mut self.ops[idx as usize].as_mut().expect("live op").kind {
+                OpKind::Read { buf, offset, done, .. } => {
+                    let rest = &mut buf.as_mut_slice()[*done..];
+                    let at = (*offset + *done as u64) as libc::off_t;
+                    // SAFETY: `rest` is a valid, writable buffer of `rest.len()` bytes.
+                    unsafe { libc::pread(fd, rest.as_mut_ptr().cast(), rest.len(), at) }
+                }
+                OpKind::Write { buf, offset, fua, done, .. } => {
+                    let rest = &buf.as_slice()[*done..];
+                    let iov =
+                        libc::iovec { iov_base: rest.as_ptr() as *mut libc::c_void, iov_len: rest.len() };
+                    let at = (*offset + *done as u64) as libc::off_t;
+                    let flags = if *fua { libc::RWF_DSYNC } else { 0 };
+                    // SAFETY: the iovec describes `rest`, valid for reads for the whole call.
+                    unsafe { libc::pwritev2(fd, &iov, 1, at, flags) }
+                }
+                OpKind::Flush | OpKind::LinkedRead { .. } => unreachable!("only reads and writes run inline"),
+            };
+            if n >= 0 {
+                break n as i32;
+            }
+            let errno = io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
+            if errno != libc::EINTR {
+                break -errno;
+            }
+        };
+        self.on_op(idx as usize, res);
+    }
+
     fn submit_write(&mut self, p: PendingWrite) {
         let Some(buf) = p.buf else {
             transmission::error_reply(&mut self.scratch, p.cookie, self.conn.structured(), p.error);
@@ -516,9 +633,10 @@ impl Engine<'_> {
                 return;
             }
         };
+        let inline = self.inlinable(buf.len());
         let kind = OpKind::Write { buf, offset: p.offset, fua: p.fua, done: 0, ticket };
         let idx = self.alloc_op(Op { cookie: p.cookie, kind });
-        self.submit_op(idx);
+        self.start_op(idx, inline);
     }
 
     fn on_op(&mut self, idx: usize, res: i32) {
@@ -753,15 +871,18 @@ impl Engine<'_> {
                     error: Errno::Io,
                 });
             }
-            Ok(Command::Read { offset, len, df }) if self.can_link_read(len) => {
+            Ok(Command::Read { offset, len, df })
+                if self.can_link_read(len) && !self.inlinable(len as usize) =>
+            {
                 let buf = self.pool.get(len as usize);
                 self.submit_linked_read(raw.cookie, offset, df, buf);
             }
             Ok(Command::Read { offset, len, df }) => {
+                let inline = self.inlinable(len as usize);
                 let buf = self.pool.get(len as usize);
                 let idx =
                     self.alloc_op(Op { cookie: raw.cookie, kind: OpKind::Read { buf, offset, df, done: 0 } });
-                self.submit_op(idx);
+                self.start_op(idx, inline);
             }
             Ok(Command::Flush) => {
                 let idx = self.alloc_op(Op { cookie: raw.cookie, kind: OpKind::Flush });
