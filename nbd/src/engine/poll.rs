@@ -98,7 +98,9 @@ impl IdlePoll {
             if start.elapsed() >= self.budget {
                 return None;
             }
-            std::hint::spin_loop();
+            // Let whatever else wants this CPU (the client itself, often) run first.
+            // SAFETY: sched_yield has no memory-safety preconditions.
+            unsafe { libc::sched_yield() };
         }
     }
 
