@@ -157,6 +157,8 @@ fn bad_arguments_fail_loudly() {
         ("granularity too large", vec![img.clone().into(), "--granularity".into(), "2097152".into()]),
         ("granularity zero", vec![img.clone().into(), "--granularity".into(), "0".into()]),
         ("unknown engine", vec![img.clone().into(), "--engine".into(), "magic".into()]),
+        ("poll budget too long", vec![img.clone().into(), "--poll-us".into(), "10001".into()]),
+        ("poll budget negative", vec![img.clone().into(), "--poll-us".into(), "-1".into()]),
         ("missing image", vec![missing.into()]),
         ("image is a directory", vec![dir.path().into()]),
         ("bad listen address", vec![img.clone().into(), "--listen".into(), "not-an-address".into()]),
