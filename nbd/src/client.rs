@@ -472,6 +472,7 @@ mod tests {
     /// that shrank) and a shutdown while the client sits idle behave as on any connection.
     #[test]
     fn a_hot_connection_serves_requests_synchronously() {
+        let _one_at_a_time = crate::engine::poll::TEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         for engine in [EngineKind::Uring, EngineKind::Sync] {
             let dir = tempfile::tempdir().unwrap();
             let img = dir.path().join("img");
