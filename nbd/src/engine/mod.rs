@@ -7,6 +7,7 @@
 //! dirty map before a modifying command's reply is queued.
 
 pub mod poll;
+mod punt;
 pub mod sync;
 pub mod uring;
 

@@ -27,6 +27,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use io_uring::{opcode, squeue, types, IoUring};
 
 use super::poll::IdlePoll;
+use super::punt::PuntPolicy;
 use super::{ConnError, Ending};
 use crate::buf::{AlignedBuf, BufPool};
 use crate::export::{Conn, ExportKind, SPARSE_READ_MIN};
@@ -152,6 +153,7 @@ struct Engine<'a> {
     scratch: Vec<u8>,
     linked: Option<Linked>,
     poll: IdlePoll,
+    punt: PuntPolicy,
 }
 
 /// Serves the connection on `sock` until the client disconnects or the server shuts down.
@@ -202,6 +204,7 @@ pub fn serve(
         scratch: Vec::with_capacity(256),
         linked: None,
         poll,
+        punt: PuntPolicy::new(std::time::Instant::now()),
     };
     e.run(shutdown)
 }
@@ -539,6 +542,7 @@ impl Engine<'_> {
 
     fn submit_op(&mut self, idx: u64) {
         let fd = types::Fd(self.conn.export.backend.raw_fd());
+        let punt = self.n_ops > ASYNC_WRITE_DEPTH && self.punt.punt();
         let sqe = match &mut self.ops[idx as usize].as_mut().expect("live op").kind {
             OpKind::Read { buf, offset, done, .. } => {
                 let rest = &mut buf.as_mut_slice()[*done..];
@@ -553,10 +557,11 @@ impl Engine<'_> {
                     .offset(*offset + *done as u64)
                     .rw_flags(flags)
                     .build();
-                // With other requests in flight, a small buffered write goes to an io-wq
-                // worker instead of running inline in this thread, so a deep queue of them
-                // uses the other cores while this thread keeps receiving.
-                if self.n_ops > ASYNC_WRITE_DEPTH && rest.len() <= ASYNC_WRITE_MAX {
+                // With other requests in flight, a small buffered write may go to an io-wq
+                // worker instead of being tried inline in this thread, so a deep queue of them
+                // uses the other cores while this thread keeps receiving (`super::punt` says
+                // when that pays).
+                if punt && rest.len() <= ASYNC_WRITE_MAX {
                     sqe.flags(squeue::Flags::ASYNC)
                 } else {
                     sqe
@@ -687,6 +692,7 @@ impl Engine<'_> {
         let mut op = op;
         let errno = match (&mut op.kind, errno) {
             (OpKind::Write { offset, ticket, buf, .. }, e) => {
+                self.punt.write_done(std::time::Instant::now());
                 self.conn.export.end_write(*ticket, *offset, buf.len() as u64, false);
                 e
             }
