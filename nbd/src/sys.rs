@@ -89,3 +89,13 @@ pub fn set_io_flusher() -> io::Result<()> {
         Err(io::Error::last_os_error())
     }
 }
+
+/// A raw syscall's return value the way io_uring reports results: `n`, or `-errno` when it
+/// failed.
+pub fn result(n: isize) -> isize {
+    if n < 0 {
+        -(io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO) as isize)
+    } else {
+        n
+    }
+}

@@ -92,12 +92,9 @@ impl IdlePoll {
         loop {
             // SAFETY: `buf` is a valid, writable buffer of `buf.len()` bytes for the whole call.
             let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), flags | libc::MSG_DONTWAIT) };
-            if n >= 0 {
-                return Some(n);
-            }
-            let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
-            if errno != libc::EAGAIN && errno != libc::EINTR {
-                return Some(-(errno as isize));
+            let res = crate::sys::result(n);
+            if res != -(libc::EAGAIN as isize) && res != -(libc::EINTR as isize) {
+                return Some(res);
             }
             if start.elapsed() >= self.budget {
                 return None;

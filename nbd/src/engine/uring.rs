@@ -35,6 +35,7 @@ use crate::proto::consts::REQUEST_LEN;
 use crate::proto::transmission::{self, Command, RawRequest};
 use crate::proto::Errno;
 use crate::server::Shutdown;
+use crate::sys;
 use tracker::WriteTicket;
 
 const RING_ENTRIES: u32 = 256;
@@ -376,16 +377,12 @@ impl Engine<'_> {
             // The reply of a synchronously served request goes now; what the socket does not
             // take at once goes through the ring.
             self.fill_msghdr();
-            // SAFETY: the msghdr points to the iovecs, which point into the send queue's
-            // messages; all are owned by the engine and unchanged for the duration of the call.
-            let n =
-                unsafe { libc::sendmsg(self.sock, &*self.msghdr, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
-            let res = if n < 0 {
-                -io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
-            } else {
-                n as i32
-            };
-            self.on_send(res);
+            let flags = libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT;
+            // The msghdr points to the iovecs, which point into the send queue's messages; all
+            // are owned by the engine and unchanged for the duration of the call.
+            // SAFETY: so every pointer the kernel follows is valid while it does.
+            let n = unsafe { libc::sendmsg(self.sock, &*self.msghdr, flags) };
+            self.on_send(sys::result(n) as i32);
             if self.sending || self.outq.is_empty() {
                 return;
             }
@@ -577,13 +574,7 @@ impl Engine<'_> {
     /// hot, and the request is small and the only one there is (nothing in flight, queued to
     /// send or received after it).
     fn inlinable(&self, len: usize) -> bool {
-        self.poll.hot()
-            && len <= INLINE_MAX
-            && self.n_ops == 0
-            && !self.sending
-            && self.outq.is_empty()
-            && self.pending.is_none()
-            && self.rstart == self.rend
+        self.poll.hot() && len <= INLINE_MAX && self.idle()
     }
 
     fn start_op(&mut self, idx: u64, inline: bool) {
@@ -611,12 +602,9 @@ impl Engine<'_> {
                 }
                 OpKind::Flush | OpKind::LinkedRead { .. } => unreachable!("only reads and writes run inline"),
             };
-            if n >= 0 {
-                break n as i32;
-            }
-            let errno = io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
-            if errno != libc::EINTR {
-                break -errno;
+            let res = sys::result(n) as i32;
+            if res != -libc::EINTR {
+                break res;
             }
         };
         self.on_op(idx as usize, res);
