@@ -3,22 +3,29 @@
 //! Neither choice wins everywhere. When a write is a plain copy into cached pages, the
 //! connection's thread copying every payload itself is the bottleneck, and marking the writes
 //! `IOSQE_ASYNC` spreads the copies over io-wq workers on the other CPUs (4k randwrite qd32:
-//! 1.5×, BENCHMARKS.md session 2). When the page cache holds the image in large folios, every
-//! 4k write dirties a whole folio and writers are throttled by writeback: io-wq runs the writes
-//! to one file one at a time, each waiting its turn to be throttled, while a write submitted
-//! without the flag is first tried without blocking and goes to io-wq only if it would block
-//! (1.5× the other way, session 5). Which case holds changes with what the page cache holds.
+//! 1.5×, BENCHMARKS.md session 2). When the page cache holds the image in large folios (a
+//! freshly written image does), ext4 walks all of a folio's block buffers on every write, some
+//! 50 µs for a 4 KiB write, under the inode lock. Writes tried inline first and punted when they
+//! would block run one at a time on one io-wq worker; writes marked `IOSQE_ASYNC` run on many
+//! workers at once, which spin on the inode lock and take the CPU the rest of the pipeline needs
+//! (1.5× the other way, session 5; `perf` in session 6). Which case holds changes with what the
+//! page cache holds.
 //!
-//! So the engine measures. It starts handing writes to io-wq; every [`EXPLOIT`] it runs one
-//! [`PROBE`] each way and keeps the way that completed more writes per second. A probe that saw
-//! fewer than [`MIN_WRITES`] writes (the client slowed down or paused) decides nothing.
+//! So the engine measures. It starts handing writes to io-wq; after each period it runs one
+//! [`PROBE`] each way and keeps the way that completed more writes per second. The period starts
+//! at [`EXPLOIT`] and doubles, up to [`EXPLOIT_MAX`], each time a measurement keeps the way it
+//! had (the losing way's probe is what measuring costs); it drops back to [`EXPLOIT`] when the
+//! way changes. A probe that saw fewer than [`MIN_WRITES`] writes (the client slowed down or
+//! paused) decides nothing.
 
 use std::time::{Duration, Instant};
 
 /// How long each way is measured.
 pub const PROBE: Duration = Duration::from_millis(100);
-/// How long the faster way is kept before the next measurement.
+/// How long the faster way is kept before the next measurement, at first.
 pub const EXPLOIT: Duration = Duration::from_secs(2);
+/// The longest it is kept, after measurements kept choosing it.
+pub const EXPLOIT_MAX: Duration = Duration::from_secs(16);
 /// Fewest writes a probe must complete to count.
 pub const MIN_WRITES: u64 = 256;
 
@@ -37,11 +44,23 @@ pub struct PuntPolicy {
     done: u64,
     /// Writes per second in the last `ProbeAsync`.
     async_rate: Option<f64>,
+    /// The way the last decided measurement chose.
+    kept: Option<bool>,
+    /// How long the current `Keep` lasts.
+    period: Duration,
 }
 
 impl PuntPolicy {
     pub fn new(now: Instant) -> Self {
-        Self { punt: true, phase: Phase::ProbeAsync, since: now, done: 0, async_rate: None }
+        Self {
+            punt: true,
+            phase: Phase::ProbeAsync,
+            since: now,
+            done: 0,
+            async_rate: None,
+            kept: None,
+            period: EXPLOIT,
+        }
     }
 
     /// Whether queued-up small writes go to io-wq now.
@@ -61,13 +80,23 @@ impl PuntPolicy {
             }
             Phase::ProbeInline if elapsed >= PROBE => {
                 let punt = match (self.async_rate, rate()) {
-                    (Some(a), Some(i)) => a >= i,
-                    // Undecided: io-wq, as before any measurement.
-                    _ => true,
+                    (Some(a), Some(i)) => {
+                        let punt = a >= i;
+                        self.period = if self.kept == Some(punt) {
+                            (self.period * 2).min(EXPLOIT_MAX)
+                        } else {
+                            EXPLOIT
+                        };
+                        self.kept = Some(punt);
+                        punt
+                    }
+                    // Undecided: the way kept before (io-wq before any measurement), for as long
+                    // as before.
+                    _ => self.kept.unwrap_or(true),
                 };
                 self.begin(Phase::Keep, punt, now);
             }
-            Phase::Keep if elapsed >= EXPLOIT => {
+            Phase::Keep if elapsed >= self.period => {
                 self.begin(Phase::ProbeAsync, true, now);
             }
             _ => {}
@@ -123,5 +152,45 @@ mod tests {
         assert!(!p.punt());
         feed(&mut p, &mut t, 2000, PROBE);
         assert!(p.punt(), "no rate for io-wq: back to io-wq");
+    }
+
+    /// Runs one measurement (io-wq at `a`, inline at `i` writes per probe) and returns how long
+    /// the chosen way is then kept.
+    fn measure(p: &mut PuntPolicy, t: &mut Instant, a: u64, i: u64) -> Duration {
+        assert!(p.punt(), "a measurement starts with io-wq");
+        feed(p, t, a, PROBE);
+        assert!(!p.punt(), "then inline");
+        feed(p, t, i, PROBE);
+        let chosen = p.punt();
+        let start = *t;
+        while p.punt() == chosen && p.phase == Phase::Keep {
+            *t += Duration::from_millis(10);
+            p.write_done(*t);
+        }
+        assert!(p.punt(), "the next measurement starts with io-wq");
+        *t - start
+    }
+
+    #[test]
+    fn measures_less_often_while_the_same_way_keeps_winning() {
+        let mut t = Instant::now();
+        let mut p = PuntPolicy::new(t);
+        let near = |d: Duration, want: Duration| d >= want && d <= want + Duration::from_millis(10);
+        // The first measurement is kept for the shortest period, whichever way wins.
+        assert!(near(measure(&mut p, &mut t, 2000, 1000), EXPLOIT));
+        assert!(near(measure(&mut p, &mut t, 2000, 1000), EXPLOIT * 2));
+        // Inline wins: back to the shortest period.
+        assert!(near(measure(&mut p, &mut t, 1000, 2000), EXPLOIT));
+        assert!(near(measure(&mut p, &mut t, 1000, 2000), EXPLOIT * 2));
+        assert!(near(measure(&mut p, &mut t, 1000, 2000), EXPLOIT * 4));
+        assert!(near(measure(&mut p, &mut t, 1000, 2000), EXPLOIT_MAX));
+        assert!(near(measure(&mut p, &mut t, 1000, 2000), EXPLOIT_MAX), "no longer than the cap");
+        // A probe without enough writes keeps the way and the period.
+        assert!(near(measure(&mut p, &mut t, 10, 2000), EXPLOIT_MAX));
+        // io-wq wins again: the short period, io-wq kept.
+        feed(&mut p, &mut t, 2000, PROBE);
+        feed(&mut p, &mut t, 1000, PROBE);
+        assert!(p.punt(), "io-wq was faster");
+        assert_eq!(p.period, EXPLOIT);
     }
 }
