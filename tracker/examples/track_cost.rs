@@ -26,18 +26,6 @@ impl ImageRead for Zeroes {
     }
 }
 
-/// xorshift64*: a fixed, cheap sequence of offsets, the same for every run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
-
 fn open(size: u64, state: Option<&std::path::Path>) -> Arc<Tracker> {
     let preserve = tempfile::tempfile().expect("a temporary preserve file");
     let media = state.map(|d| Box::new(DirMedia::open(d).expect("the state directory")) as _);
@@ -53,13 +41,15 @@ fn run(t: &Arc<Tracker>, size: u64, threads: usize, len: u64, random: bool, ops:
         .map(|i| {
             let t = t.clone();
             std::thread::spawn(move || {
-                let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (i as u64 + 1));
+                // Fibonacci hashing of the write's number: scattered, the same every run.
+                let mut hash = (i as u64 + 1) << 40;
                 let slots = size / len;
                 let mut seq = i as u64 * (slots / threads as u64);
                 let start = Instant::now();
                 for _ in 0..ops {
                     let offset = if random {
-                        (rng.next() % (size / 4096)) * 4096 % (size - len + 1)
+                        hash = hash.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                        ((hash >> 20) % (size / 4096)) * 4096 % (size - len + 1)
                     } else {
                         seq = (seq + 1) % slots;
                         seq * len
