@@ -13,11 +13,11 @@
 //!
 //! So the engine measures, io-wq first. When io-wq completes at least [`FAST`] writes a second,
 //! none of them held the inode lock long, and it is kept without trying the other way: a short
-//! probe cannot be trusted there (100-ms probes put inline-first at 0.6-1.14× io-wq where 8-s
-//! runs put it at 0.7×, session 6). Slower than that, one [`PROBE`] each way decides, and the
-//! way that completed more writes per second is kept. Each probe starts [`SETTLE`] after the
-//! switch, so writes submitted the other way are not counted. The way is kept for [`EXPLOIT`] at first, twice as
-//! long (up to [`EXPLOIT_MAX`]) each time a measurement keeps it, and [`EXPLOIT`] again when the
+//! probe cannot be trusted there (100-ms probes put inline-first at 0.6-1.14× io-wq where 8-s runs
+//! put it at 0.7×, session 6). Slower than that, one [`PROBE`] each way decides, and the way that
+//! completed more writes per second is kept. Each probe starts [`SETTLE`] after the switch, so
+//! writes submitted the other way are not counted. The way is kept for [`EXPLOIT`] at first, twice
+//! as long (up to [`EXPLOIT_MAX`]) each time a measurement keeps it, and [`EXPLOIT`] again when the
 //! way changes. A probe that saw fewer than [`MIN_WRITES`] writes (the client slowed down or
 //! paused) decides nothing.
 
