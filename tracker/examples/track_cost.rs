@@ -1,6 +1,6 @@
 //! What tracking adds to one write: the time of `Tracker::begin_write` + `end_write`, the work
 //! the shim does for a WRITE on its connection's thread before the reply, that `--no-track`
-//! skips. `scripts/bench-tracking` runs this and turns it into a bound on the throughput that
+//! skips. `scripts/bench-nbd` runs this and turns it into a bound on the throughput that
 //! tracking can cost.
 //!
 //! Usage: track_cost [SIZE_MIB] [OPS]   (defaults: 1024 MiB disk, 2,000,000 writes per case)
