@@ -30,6 +30,8 @@ use crate::preserve::PreserveStore;
 pub const MAX_GENERATIONS: usize = 1024;
 const STATE_FILE: &str = "state.bin";
 const AL_FILE: &str = "al.bin";
+/// The disk's source identity, written once (`docs/tracker-state.md`).
+const SOURCE_FILE: &str = "source.id";
 /// Region state bits (one byte per activity-log region).
 const HOT: u8 = 1;
 const TOUCHED: u8 = 2;
@@ -92,6 +94,11 @@ pub enum TrackError {
     Flush(#[source] io::Error),
     #[error("tracking state is poisoned after an earlier failure: {0}")]
     Poisoned(String),
+    #[error(
+        "{SOURCE_FILE} in the state directory is damaged ({0}): restore it from a backup, or remove it \
+         and re-enroll the disk with `siterep agent --reenroll` (which resyncs)"
+    )]
+    BadSource(String),
 }
 
 /// A frozen dirty set and what is needed to read the disk as it was at its cut.
@@ -211,6 +218,13 @@ pub struct Status {
     pub rpo_ms: Option<u64>,
     /// Writes are refused (planned failover in progress or done).
     pub quiesced: bool,
+    /// The disk's source identity (32 hex digits): drawn once and kept in the state directory,
+    /// or drawn at every start without one. The recovery server binds the disk to it.
+    #[serde(default)]
+    pub source_id: String,
+    /// Whether `source_id` survives a restart (it is kept in a state directory).
+    #[serde(default)]
+    pub source_persistent: bool,
 }
 
 /// What recovery found when the tracker was opened.
@@ -280,6 +294,8 @@ pub struct Tracker {
     quiesced: AtomicBool,
     /// Writes between `begin_write` and `end_write`.
     inflight: AtomicU64,
+    /// The disk's source identity (`Status::source_id`).
+    source: [u8; 16],
 }
 
 impl std::fmt::Debug for Tracker {
@@ -290,6 +306,43 @@ impl std::fmt::Debug for Tracker {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// 16 bytes from the kernel's random source.
+fn random_source() -> io::Result<[u8; 16]> {
+    use std::io::Read;
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    Ok(b)
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The source identity kept in `media`, created (durably) on first use. Its text is 32 hex
+/// digits and a newline; anything else is refused, never replaced: a new identity would make
+/// the recovery server refuse this disk as another source.
+fn load_or_create_source(media: &dyn Media) -> Result<[u8; 16], TrackError> {
+    if let Some(text) = media.read(SOURCE_FILE).map_err(TrackError::State)? {
+        let t = String::from_utf8_lossy(&text);
+        let digits = t.strip_suffix('\n').unwrap_or(&t);
+        let mut id = [0u8; 16];
+        if digits.len() != 32 || !digits.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return Err(TrackError::BadSource(format!(
+                "expected 32 hex digits, found {:?}",
+                t.chars().take(40).collect::<String>()
+            )));
+        }
+        for (i, b) in id.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&digits[2 * i..2 * i + 2], 16).expect("checked hex");
+        }
+        return Ok(id);
+    }
+    let id = random_source().map_err(TrackError::State)?;
+    crate::media::replace(media, SOURCE_FILE, format!("{}\n", hex(&id)).as_bytes())
+        .map_err(TrackError::State)?;
+    Ok(id)
 }
 
 fn now_ms() -> u64 {
@@ -328,7 +381,7 @@ impl Tracker {
                 checkpoint: Mutex::new(()),
             }
         });
-        let t = Tracker {
+        let mut t = Tracker {
             size,
             granularity: opts.granularity,
             live: RwLock::new(Live { epoch: 0, map: Arc::new(map), gens: Vec::new() }),
@@ -345,6 +398,11 @@ impl Tracker {
             replicated: Mutex::new(None),
             quiesced: AtomicBool::new(false),
             inflight: AtomicU64::new(0),
+            source: [0; 16],
+        };
+        t.source = match &t.persist {
+            Some(p) => load_or_create_source(&*p.media)?,
+            None => random_source().map_err(TrackError::State)?,
         };
         let recovery = match &t.persist {
             None => Recovery {
@@ -759,6 +817,8 @@ impl Tracker {
             persistent: self.persist.is_some() && poisoned.is_none(),
             resync_required: lock(&self.resync).clone(),
             memory_bytes: memory as u64,
+            source_id: hex(&self.source),
+            source_persistent: self.persist.is_some(),
         }
     }
 

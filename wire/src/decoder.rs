@@ -381,7 +381,7 @@ mod tests {
 
     #[test]
     fn unknown_type() {
-        for ty in [0, 17, 255] {
+        for ty in [0, 19, 255] {
             // Refused from the first five bytes.
             assert_eq!(decode_one(&frame(ty, &[1, 2, 3])[..5]), Err(WireError::UnknownType(ty)));
         }

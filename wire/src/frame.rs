@@ -10,6 +10,10 @@ use crate::{
 /// A blake3 hash of a chunk's uncompressed bytes (§1).
 pub type Hash = [u8; 32];
 
+/// The identity of a protected disk's source: 16 random bytes drawn once, when protection
+/// starts, and kept in the shim's state (§4.3, §6.2).
+pub type SourceId = [u8; 16];
+
 // Frame type numbers (§4).
 pub(crate) const T_HELLO: u8 = 1;
 pub(crate) const T_WELCOME: u8 = 2;
@@ -27,6 +31,8 @@ pub(crate) const T_PROGRESS_ACK: u8 = 13;
 pub(crate) const T_ERROR: u8 = 14;
 pub(crate) const T_HASH_QUERY: u8 = 15;
 pub(crate) const T_HASHES: u8 = 16;
+pub(crate) const T_CURRENT: u8 = 17;
+pub(crate) const T_CURRENT_ACK: u8 = 18;
 
 /// Bytes of the length field that starts every frame (§2).
 pub(crate) const LEN_FIELD: usize = 4;
@@ -57,12 +63,21 @@ pub const ERR_CORRUPT_CHUNK: u16 = 7;
 pub const ERR_STORAGE: u16 = 8;
 /// The server is overloaded or the disk is in use by another session.
 pub const ERR_BUSY: u16 = 9;
+/// The disk is bound to another source: a clone, or a second machine under the same name
+/// (§6.2).
+pub const ERR_OTHER_SOURCE: u16 = 10;
+/// A generation the server committed from other content: two sources diverged under one
+/// identity (§6.6).
+pub const ERR_DIVERGED: u16 = 11;
+/// The disk's latest point cannot be built on incrementally (a damaged object, or a source
+/// re-enrolled): resync, then go on (§6.2, §6.8).
+pub const ERR_RESYNC_REQUIRED: u16 = 12;
 
 /// The class an `Error` frame with this code is sent with (§5); unknown codes are fatal.
 /// A receiver goes by the class on the wire, not by this table.
 pub fn default_class(code: u16) -> ErrorClass {
     match code {
-        ERR_CORRUPT_CHUNK | ERR_STORAGE | ERR_BUSY => ErrorClass::Retryable,
+        ERR_CORRUPT_CHUNK | ERR_STORAGE | ERR_BUSY | ERR_RESYNC_REQUIRED => ErrorClass::Retryable,
         _ => ErrorClass::Fatal,
     }
 }
@@ -137,10 +152,16 @@ pub enum Frame {
     Hello { min_version: u16, max_version: u16, agent: String },
     /// Type 2, server → agent: the session's version (§4.2).
     Welcome { version: u16, server: String },
-    /// Type 3, agent → server: a disk this session replicates (§4.3).
-    RegisterDisk { disk: String, size: u64, block_size: u32 },
+    /// Type 3, agent → server: a disk this session replicates, from which source (§4.3).
+    RegisterDisk { disk: String, size: u64, block_size: u32, source: SourceId, reenroll: bool },
     /// Type 4, server → agent: what the server holds of a registered disk (§4.4).
-    DiskState { disk: String, latest: Option<PointRef>, initial: Option<InitialSync> },
+    DiskState {
+        disk: String,
+        latest: Option<PointRef>,
+        initial: Option<InitialSync>,
+        /// Why the next generation must be a resync, when it must.
+        resync: Option<String>,
+    },
     /// Type 5, agent → server: a generation follows (§4.5).
     BeginGeneration { disk: String, generation: u64, kind: GenerationKind, base_point: Option<u64> },
     /// Type 6, agent → server: `len` bytes of the disk at `offset` (§4.6).
@@ -154,7 +175,7 @@ pub enum Frame {
     /// Type 10, agent → server: everything below `next_offset` has been sent (§4.10).
     Progress { next_offset: u64 },
     /// Type 11, agent → server: the generation is complete; make it a point (§4.11).
-    Commit { generation: u64, cut_unix_ms: u64, consistency: Consistency },
+    Commit { generation: u64, cut_unix_ms: u64, consistency: Consistency, digest: Option<Hash> },
     /// Type 12, server → agent: the point is durable (§4.12).
     Committed { point: u64, generation: u64 },
     /// Type 13, server → agent: the progress is durable (§4.13).
@@ -167,6 +188,11 @@ pub enum Frame {
     /// Type 16, server → agent: the answer to a `HashQuery`, one hash per piece in order
     /// (§4.16).
     Hashes { offset: u64, block: u32, hashes: Vec<Hash> },
+    /// Type 17, agent → server: nothing was written since `point`'s cut; the point still
+    /// equals the disk as of `as_of_unix_ms` (§4.17).
+    Current { point: u64, as_of_unix_ms: u64 },
+    /// Type 18, server → agent: the `Current` is recorded (§4.18).
+    CurrentAck { point: u64, as_of_unix_ms: u64 },
 }
 
 /// The name of a frame type, or `None` for a type byte no frame has.
@@ -188,6 +214,8 @@ pub(crate) fn type_name(ty: u8) -> Option<&'static str> {
         T_ERROR => "Error",
         T_HASH_QUERY => "HashQuery",
         T_HASHES => "Hashes",
+        T_CURRENT => "Current",
+        T_CURRENT_ACK => "CurrentAck",
         _ => return None,
     })
 }
@@ -199,15 +227,16 @@ pub(crate) const fn max_frame_len(ty: u8) -> Option<u32> {
     Some(match ty {
         T_HELLO => 1 + 8 + 2 + 2 + S,
         T_WELCOME => 1 + 2 + S,
-        T_REGISTER_DISK => 1 + S + 8 + 4,
-        T_DISK_STATE => 1 + S + (1 + 24) + (1 + 16),
+        T_REGISTER_DISK => 1 + S + 8 + 4 + 16 + 1,
+        T_DISK_STATE => 1 + S + (1 + 24) + (1 + 16) + (1 + S),
         T_BEGIN_GENERATION => 1 + S + 8 + 1 + (1 + 8),
         T_CHUNK => MAX_FRAME,
         T_ZERO => 1 + 8 + 8,
         T_HAVE_QUERY => 1 + 4 + 32 * MAX_HAVE as u32,
         T_HAVE_REPLY => 1 + 4 + MAX_HAVE.div_ceil(8) as u32,
         T_PROGRESS | T_PROGRESS_ACK => 1 + 8,
-        T_COMMIT => 1 + 8 + 8 + 1,
+        T_COMMIT => 1 + 8 + 8 + 1 + (1 + 32),
+        T_CURRENT | T_CURRENT_ACK => 1 + 8 + 8,
         T_COMMITTED => 1 + 8 + 8,
         T_ERROR => 1 + 1 + 2 + S,
         T_HASH_QUERY => 1 + S + 8 + 8 + 8 + 4,
@@ -316,6 +345,8 @@ impl Frame {
             Frame::Error { .. } => T_ERROR,
             Frame::HashQuery { .. } => T_HASH_QUERY,
             Frame::Hashes { .. } => T_HASHES,
+            Frame::Current { .. } => T_CURRENT,
+            Frame::CurrentAck { .. } => T_CURRENT_ACK,
         }
     }
 
@@ -337,9 +368,12 @@ impl Frame {
             }
             Frame::Welcome { server: s, .. }
             | Frame::RegisterDisk { disk: s, .. }
-            | Frame::DiskState { disk: s, .. }
             | Frame::BeginGeneration { disk: s, .. }
             | Frame::Error { message: s, .. } => check_string(s),
+            Frame::DiskState { disk, resync, .. } => {
+                check_string(disk)?;
+                resync.as_deref().map_or(Ok(()), check_string)
+            }
             Frame::Chunk { offset, len, data, .. } => {
                 check_chunk(*offset, *len)?;
                 match data {
@@ -363,7 +397,9 @@ impl Frame {
             Frame::Progress { .. }
             | Frame::Commit { .. }
             | Frame::Committed { .. }
-            | Frame::ProgressAck { .. } => Ok(()),
+            | Frame::ProgressAck { .. }
+            | Frame::Current { .. }
+            | Frame::CurrentAck { .. } => Ok(()),
         }
     }
 
@@ -374,9 +410,12 @@ impl Frame {
         let body = match self {
             Frame::Hello { agent, .. } => 8 + 2 + 2 + s(agent),
             Frame::Welcome { server, .. } => 2 + s(server),
-            Frame::RegisterDisk { disk, .. } => s(disk) + 8 + 4,
-            Frame::DiskState { disk, latest, initial } => {
-                s(disk) + opt(latest.is_some(), 24) + opt(initial.is_some(), 16)
+            Frame::RegisterDisk { disk, .. } => s(disk) + 8 + 4 + 16 + 1,
+            Frame::DiskState { disk, latest, initial, resync } => {
+                s(disk)
+                    + opt(latest.is_some(), 24)
+                    + opt(initial.is_some(), 16)
+                    + opt(resync.is_some(), resync.as_ref().map_or(0, s))
             }
             Frame::BeginGeneration { disk, base_point, .. } => s(disk) + 8 + 1 + opt(base_point.is_some(), 8),
             Frame::Chunk { data, .. } => {
@@ -391,7 +430,8 @@ impl Frame {
             Frame::HaveQuery { hashes } => 4 + 32 * hashes.len(),
             Frame::HaveReply { have } => 4 + have.len().div_ceil(8),
             Frame::Progress { .. } | Frame::ProgressAck { .. } => 8,
-            Frame::Commit { .. } => 8 + 8 + 1,
+            Frame::Commit { digest, .. } => 8 + 8 + 1 + opt(digest.is_some(), 32),
+            Frame::Current { .. } | Frame::CurrentAck { .. } => 16,
             Frame::Committed { .. } => 16,
             Frame::Error { message, .. } => 1 + 2 + s(message),
             Frame::HashQuery { disk, .. } => s(disk) + 8 + 8 + 8 + 4,
@@ -425,12 +465,14 @@ impl Frame {
                 put_u16(out, *version);
                 put_str(out, server);
             }
-            Frame::RegisterDisk { disk, size, block_size } => {
+            Frame::RegisterDisk { disk, size, block_size, source, reenroll } => {
                 put_str(out, disk);
                 put_u64(out, *size);
                 put_u32(out, *block_size);
+                out.extend_from_slice(source);
+                out.push(u8::from(*reenroll));
             }
-            Frame::DiskState { disk, latest, initial } => {
+            Frame::DiskState { disk, latest, initial, resync } => {
                 put_str(out, disk);
                 put_opt(out, latest.as_ref(), |out, p| {
                     put_u64(out, p.point);
@@ -441,6 +483,7 @@ impl Frame {
                     put_u64(out, i.generation);
                     put_u64(out, i.next_offset);
                 });
+                put_opt(out, resync.as_ref(), |out, r| put_str(out, r));
             }
             Frame::BeginGeneration { disk, generation, kind, base_point } => {
                 put_str(out, disk);
@@ -480,10 +523,15 @@ impl Frame {
             Frame::Progress { next_offset } | Frame::ProgressAck { next_offset } => {
                 put_u64(out, *next_offset)
             }
-            Frame::Commit { generation, cut_unix_ms, consistency } => {
+            Frame::Commit { generation, cut_unix_ms, consistency, digest } => {
                 put_u64(out, *generation);
                 put_u64(out, *cut_unix_ms);
                 out.push(*consistency as u8);
+                put_opt(out, digest.as_ref(), |out, d| out.extend_from_slice(d));
+            }
+            Frame::Current { point, as_of_unix_ms } | Frame::CurrentAck { point, as_of_unix_ms } => {
+                put_u64(out, *point);
+                put_u64(out, *as_of_unix_ms);
             }
             Frame::Committed { point, generation } => {
                 put_u64(out, *point);
@@ -533,15 +581,24 @@ impl Frame {
                 Frame::Hello { min_version, max_version, agent: r.string()? }
             }
             T_WELCOME => Frame::Welcome { version: r.u16()?, server: r.string()? },
-            T_REGISTER_DISK => {
-                Frame::RegisterDisk { disk: r.string()?, size: r.u64()?, block_size: r.u32()? }
-            }
+            T_REGISTER_DISK => Frame::RegisterDisk {
+                disk: r.string()?,
+                size: r.u64()?,
+                block_size: r.u32()?,
+                source: r.array()?,
+                reenroll: match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    tag => return Err(WireError::BadTag { field: "reenroll", tag }),
+                },
+            },
             T_DISK_STATE => Frame::DiskState {
                 disk: r.string()?,
                 latest: r.option(|r| {
                     Ok(PointRef { point: r.u64()?, generation: r.u64()?, cut_unix_ms: r.u64()? })
                 })?,
                 initial: r.option(|r| Ok(InitialSync { generation: r.u64()?, next_offset: r.u64()? }))?,
+                resync: r.option(Reader::string)?,
             },
             T_BEGIN_GENERATION => Frame::BeginGeneration {
                 disk: r.string()?,
@@ -599,7 +656,10 @@ impl Frame {
                     2 => Consistency::Inconsistent,
                     tag => return Err(WireError::BadTag { field: "Consistency", tag }),
                 },
+                digest: r.option(Reader::array)?,
             },
+            T_CURRENT => Frame::Current { point: r.u64()?, as_of_unix_ms: r.u64()? },
+            T_CURRENT_ACK => Frame::CurrentAck { point: r.u64()?, as_of_unix_ms: r.u64()? },
             T_COMMITTED => Frame::Committed { point: r.u64()?, generation: r.u64()? },
             T_PROGRESS_ACK => Frame::ProgressAck { next_offset: r.u64()? },
             T_ERROR => Frame::Error {
@@ -789,12 +849,26 @@ pub(crate) mod tests {
         vec![
             Frame::Hello { min_version: 1, max_version: 3, agent: "agent-1 (siterep 0.1)".into() },
             Frame::Welcome { version: 1, server: "dr-site".into() },
-            Frame::RegisterDisk { disk: "vm1/disk0".into(), size: 10 << 30, block_size: 4096 },
-            Frame::DiskState { disk: "d".into(), latest: None, initial: None },
+            Frame::RegisterDisk {
+                disk: "vm1/disk0".into(),
+                size: 10 << 30,
+                block_size: 4096,
+                source: [9; 16],
+                reenroll: false,
+            },
+            Frame::RegisterDisk {
+                disk: "d".into(),
+                size: 1 << 20,
+                block_size: 512,
+                source: [0; 16],
+                reenroll: true,
+            },
+            Frame::DiskState { disk: "d".into(), latest: None, initial: None, resync: None },
             Frame::DiskState {
                 disk: "dïsk".into(),
                 latest: Some(PointRef { point: 7, generation: 42, cut_unix_ms: 1_700_000_000_000 }),
                 initial: Some(InitialSync { generation: 43, next_offset: 1 << 33 }),
+                resync: Some("a chunk of the latest point is damaged".into()),
             },
             Frame::BeginGeneration {
                 disk: "d".into(),
@@ -828,9 +902,19 @@ pub(crate) mod tests {
             Frame::HaveReply { have: vec![true, false, true, true, false, false, false, false, true] },
             Frame::HaveReply { have: Vec::new() },
             Frame::Progress { next_offset: 123 << 20 },
-            Frame::Commit { generation: 43, cut_unix_ms: 1_700_000_000_500, consistency: Consistency::Crash },
-            Frame::Commit { generation: 44, cut_unix_ms: 1, consistency: Consistency::App },
-            Frame::Commit { generation: 45, cut_unix_ms: 2, consistency: Consistency::Inconsistent },
+            Frame::Commit {
+                generation: 43,
+                cut_unix_ms: 1_700_000_000_500,
+                consistency: Consistency::Crash,
+                digest: Some([4; 32]),
+            },
+            Frame::Commit { generation: 44, cut_unix_ms: 1, consistency: Consistency::App, digest: None },
+            Frame::Commit {
+                generation: 45,
+                cut_unix_ms: 2,
+                consistency: Consistency::Inconsistent,
+                digest: None,
+            },
             Frame::Committed { point: 8, generation: 43 },
             Frame::ProgressAck { next_offset: 123 << 20 },
             Frame::Error { class: ErrorClass::Retryable, code: ERR_BUSY, message: "busy".into() },
@@ -839,6 +923,8 @@ pub(crate) mod tests {
             Frame::HashQuery { disk: "d".into(), point: 1, offset: 0, len: 1, block: MIN_HASH_BLOCK },
             Frame::Hashes { offset: 64 << 20, block: 4096, hashes: vec![[5; 32], [6; 32]] },
             Frame::Hashes { offset: 0, block: MAX_HASH_BLOCK, hashes: Vec::new() },
+            Frame::Current { point: 8, as_of_unix_ms: 1_700_000_000_900 },
+            Frame::CurrentAck { point: 8, as_of_unix_ms: 1_700_000_000_900 },
         ]
     }
 
@@ -889,10 +975,27 @@ pub(crate) mod tests {
                 agent
             }),
             (any::<u16>(), arb_string()).prop_map(|(version, server)| Frame::Welcome { version, server }),
-            (arb_string(), any::<u64>(), any::<u32>())
-                .prop_map(|(disk, size, block_size)| Frame::RegisterDisk { disk, size, block_size }),
-            (arb_string(), proptest::option::of(point), proptest::option::of(initial))
-                .prop_map(|(disk, latest, initial)| Frame::DiskState { disk, latest, initial }),
+            (arb_string(), any::<u64>(), any::<u32>(), any::<[u8; 16]>(), any::<bool>()).prop_map(
+                |(disk, size, block_size, source, reenroll)| Frame::RegisterDisk {
+                    disk,
+                    size,
+                    block_size,
+                    source,
+                    reenroll
+                }
+            ),
+            (
+                arb_string(),
+                proptest::option::of(point),
+                proptest::option::of(initial),
+                proptest::option::of(arb_string())
+            )
+                .prop_map(|(disk, latest, initial, resync)| Frame::DiskState {
+                    disk,
+                    latest,
+                    initial,
+                    resync
+                }),
             (arb_string(), any::<u64>(), kind, proptest::option::of(any::<u64>())).prop_map(
                 |(disk, generation, kind, base_point)| Frame::BeginGeneration {
                     disk,
@@ -911,9 +1014,18 @@ pub(crate) mod tests {
             proptest::collection::vec(arb_hash(), 0..40).prop_map(|hashes| Frame::HaveQuery { hashes }),
             proptest::collection::vec(any::<bool>(), 0..80).prop_map(|have| Frame::HaveReply { have }),
             any::<u64>().prop_map(|next_offset| Frame::Progress { next_offset }),
-            (any::<u64>(), any::<u64>(), consistency).prop_map(|(generation, cut_unix_ms, consistency)| {
-                Frame::Commit { generation, cut_unix_ms, consistency }
-            }),
+            (any::<u64>(), any::<u64>(), consistency, proptest::option::of(arb_hash())).prop_map(
+                |(generation, cut_unix_ms, consistency, digest)| Frame::Commit {
+                    generation,
+                    cut_unix_ms,
+                    consistency,
+                    digest
+                }
+            ),
+            (any::<u64>(), any::<u64>())
+                .prop_map(|(point, as_of_unix_ms)| Frame::Current { point, as_of_unix_ms }),
+            (any::<u64>(), any::<u64>())
+                .prop_map(|(point, as_of_unix_ms)| Frame::CurrentAck { point, as_of_unix_ms }),
             (any::<u64>(), any::<u64>())
                 .prop_map(|(point, generation)| Frame::Committed { point, generation }),
             any::<u64>().prop_map(|next_offset| Frame::ProgressAck { next_offset }),
@@ -955,7 +1067,7 @@ pub(crate) mod tests {
         let samples = samples();
         let mut types: Vec<u8> = samples.iter().map(Frame::frame_type).collect();
         types.dedup();
-        assert_eq!(types, (1..=16).collect::<Vec<u8>>(), "samples cover every type in order");
+        assert_eq!(types, (1..=18).collect::<Vec<u8>>(), "samples cover every type in order");
         for f in samples {
             let b = encode(&f);
             assert_eq!(b.len(), f.encoded_len(), "{f:?}");
@@ -989,11 +1101,12 @@ pub(crate) mod tests {
         let big = [
             Frame::Hello { min_version: 0, max_version: 0, agent: s.clone() },
             Frame::Welcome { version: 0, server: s.clone() },
-            Frame::RegisterDisk { disk: s.clone(), size: 0, block_size: 0 },
+            Frame::RegisterDisk { disk: s.clone(), size: 0, block_size: 0, source: [0; 16], reenroll: false },
             Frame::DiskState {
                 disk: s.clone(),
                 latest: Some(PointRef { point: 0, generation: 0, cut_unix_ms: 0 }),
                 initial: Some(InitialSync { generation: 0, next_offset: 0 }),
+                resync: Some(s.clone()),
             },
             Frame::BeginGeneration {
                 disk: s.clone(),
@@ -1011,8 +1124,15 @@ pub(crate) mod tests {
             Frame::HaveQuery { hashes: vec![[0; 32]; MAX_HAVE] },
             Frame::HaveReply { have: vec![true; MAX_HAVE] },
             Frame::Progress { next_offset: 0 },
-            Frame::Commit { generation: 0, cut_unix_ms: 0, consistency: Consistency::App },
+            Frame::Commit {
+                generation: 0,
+                cut_unix_ms: 0,
+                consistency: Consistency::App,
+                digest: Some([0; 32]),
+            },
             Frame::Committed { point: 0, generation: 0 },
+            Frame::Current { point: 0, as_of_unix_ms: 0 },
+            Frame::CurrentAck { point: 0, as_of_unix_ms: 0 },
             Frame::ProgressAck { next_offset: 0 },
             Frame::Error { class: ErrorClass::Fatal, code: 0, message: s.clone() },
             Frame::HashQuery { disk: s, point: 0, offset: 0, len: 1, block: MIN_HASH_BLOCK },
@@ -1024,7 +1144,7 @@ pub(crate) mod tests {
             assert_eq!(decode(&b), Ok(f));
         }
         assert_eq!(max_frame_len(0), None);
-        assert_eq!(max_frame_len(17), None);
+        assert_eq!(max_frame_len(19), None);
     }
 
     #[test]
@@ -1039,7 +1159,13 @@ pub(crate) mod tests {
         // Refused from the length alone, before the bytes would be read.
         let b = raw(T_WELCOME, &[0, 1, 0xff, 0xff]);
         assert_eq!(decode(&b), Err(WireError::StringTooLong { len: 0xffff }));
-        let f = Frame::RegisterDisk { disk: "é".repeat(513), size: 1, block_size: 512 };
+        let f = Frame::RegisterDisk {
+            disk: "é".repeat(513),
+            size: 1,
+            block_size: 512,
+            source: [0; 16],
+            reenroll: false,
+        };
         assert_eq!(f.check(), Err(WireError::StringTooLong { len: 1026 }));
     }
 
@@ -1253,7 +1379,13 @@ pub(crate) mod tests {
     #[test]
     #[should_panic(expected = "RegisterDisk frame cannot be encoded: string of 1025 bytes")]
     fn encode_refuses_a_frame_over_a_limit() {
-        let f = Frame::RegisterDisk { disk: "x".repeat(MAX_STRING + 1), size: 1, block_size: 512 };
+        let f = Frame::RegisterDisk {
+            disk: "x".repeat(MAX_STRING + 1),
+            size: 1,
+            block_size: 512,
+            source: [0; 16],
+            reenroll: false,
+        };
         f.encode(&mut Vec::new());
     }
 

@@ -42,14 +42,15 @@ pub use decoder::Decoder;
 pub use error::{Fault, WireError};
 pub use frame::{
     default_class, hash_count, ChunkData, Consistency, ErrorClass, Frame, GenerationKind, Hash, InitialSync,
-    PointRef, ERR_AUTH, ERR_BAD_REQUEST, ERR_BUSY, ERR_CORRUPT_CHUNK, ERR_DISK_MISMATCH, ERR_NO_SUCH_DISK,
-    ERR_STORAGE, ERR_TOO_LARGE, ERR_VERSION,
+    PointRef, SourceId, ERR_AUTH, ERR_BAD_REQUEST, ERR_BUSY, ERR_CORRUPT_CHUNK, ERR_DISK_MISMATCH,
+    ERR_DIVERGED, ERR_NO_SUCH_DISK, ERR_OTHER_SOURCE, ERR_RESYNC_REQUIRED, ERR_STORAGE, ERR_TOO_LARGE,
+    ERR_VERSION,
 };
 
 /// The newest protocol version this crate speaks (§7).
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// The oldest protocol version this crate speaks (§7).
-pub const MIN_VERSION: u16 = 1;
+pub const MIN_VERSION: u16 = 2;
 
 /// The first bytes of every `Hello` body (§4.1): not this protocol if they differ.
 pub const MAGIC: [u8; 8] = *b"SITEREP\x01";
