@@ -605,7 +605,7 @@ impl Agent<'_> {
         stats.bytes_read += bytes_read.load(Ordering::Relaxed);
         progress.update(&counts, true);
         progress.bar.finish_and_clear();
-        let point = self.commit(link, generation, cut_ms, Consistency::Inconsistent)?;
+        let point = self.commit(link, generation, cut_ms, Consistency::Inconsistent, None)?;
         // The replica now holds the whole disk (fuzzy); the live set covers what changed since.
         self.control::<serde_json::Value>(&Request::ClearResync)?;
         self.report(point, generation, cut_ms)?;
@@ -813,6 +813,7 @@ impl Agent<'_> {
             cfg.zstd_level,
             &self.known,
             stats,
+            None,
             &mut |_| {},
         )?;
         debug_assert_eq!(stats.bytes_read - before, chunks.iter().map(|c| c.1).sum::<u64>());

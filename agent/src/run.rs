@@ -15,7 +15,7 @@ use wire::{Consistency, Frame, GenerationKind, PointRef};
 
 use crate::link::{frame_name, Link};
 use crate::resync::{resync_reason, ResyncOptions};
-use crate::ship::{plan_chunks, ship_chunks, Known, Stats, MAX_CHUNK};
+use crate::ship::{plan_chunks, ship_chunks, GenerationDigest, Known, Stats, MAX_CHUNK};
 use crate::AgentError;
 
 /// Freeze hooks for application-consistent points.
@@ -60,6 +60,9 @@ pub struct AgentConfig {
     pub progress: bool,
     /// When to resync and how fast (`--resync`, `--resync-rate`, `--resync-backoff`).
     pub resync: ResyncOptions,
+    /// Rebind the disk on the server to this shim's source identity, then resync
+    /// (`--reenroll`: a reinstalled source with a new shim state).
+    pub reenroll: bool,
 }
 
 /// What one cycle did (printed as JSON by `--once`).
@@ -134,6 +137,7 @@ pub fn run(cfg: &AgentConfig) -> Result<Option<Summary>, AgentError> {
         last_app: Instant::now(),
         last_cut: None,
         force_resync: cfg.resync.force,
+        reenroll: cfg.reenroll,
     };
     let mut failures = 0usize;
     loop {
@@ -183,6 +187,25 @@ pub(crate) struct Agent<'a> {
     last_cut: Option<Instant>,
     /// `--resync` given and not yet done.
     force_resync: bool,
+    /// `--reenroll` given and the server not yet told.
+    reenroll: bool,
+}
+
+/// The source identity in a shim's status (32 hex digits).
+fn source_id(st: &Status) -> Result<wire::SourceId, AgentError> {
+    let hex = st.source_id.as_bytes();
+    let mut id = [0u8; 16];
+    let digit = |c: u8| (c as char).to_digit(16);
+    if hex.len() != 32 || !hex.iter().all(|&c| digit(c).is_some()) {
+        return Err(AgentError::Config(format!(
+            "the shim reports no valid source identity ({:?}): run a siterep serve of this version",
+            st.source_id
+        )));
+    }
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = (digit(hex[2 * i]).expect("checked") * 16 + digit(hex[2 * i + 1]).expect("checked")) as u8;
+    }
+    Ok(id)
 }
 
 impl Agent<'_> {
@@ -201,18 +224,29 @@ impl Agent<'_> {
         let cfg = self.cfg;
         let mut link = Link::connect(&cfg.server, &cfg.server_name, cfg.tls.clone(), &cfg.agent_name)?;
         let status = self.status()?;
+        let source = source_id(&status)?;
         link.send(&Frame::RegisterDisk {
             disk: cfg.disk.clone(),
             size: status.size,
             block_size: status.granularity as u32,
+            source,
+            reenroll: self.reenroll,
         })?;
-        let (mut latest, initial) = match link.recv()? {
-            Frame::DiskState { latest, initial, .. } => (latest, initial),
+        let (mut latest, initial, server_resync) = match link.recv()? {
+            Frame::DiskState { latest, initial, resync, .. } => (latest, initial, resync),
             other => {
                 return Err(AgentError::Protocol(format!("expected DiskState, got {}", frame_name(&other))))
             }
         };
-        tracing::info!(server = %link.server, disk = %cfg.disk, latest = ?latest, "connected");
+        tracing::info!(server = %link.server, disk = %cfg.disk, source = %status.source_id, latest = ?latest, "connected");
+        if self.reenroll {
+            tracing::warn!(disk = %cfg.disk, source = %status.source_id, "re-enrolled: the disk is bound to this source now");
+            self.reenroll = false;
+        }
+        if let Some(why) = &server_resync {
+            tracing::warn!(disk = %cfg.disk, "the server requires a resync: {why}");
+        }
+        let mut server_resync = server_resync;
         if latest.is_none() {
             if self.force_resync {
                 tracing::info!("the server has no recovery point to compare with: copying the disk whole");
@@ -235,7 +269,11 @@ impl Agent<'_> {
         loop {
             let st = self.status()?;
             let interrupted = initial.take();
-            if let Some(why) = resync_reason(&st, &latest, interrupted, self.force_resync) {
+            let why = match server_resync.take() {
+                Some(why) => Some(format!("the server requires it: {why}")),
+                None => resync_reason(&st, &latest, interrupted, self.force_resync),
+            };
+            if let Some(why) = why {
                 let summary = self.resync(&mut link, latest, interrupted, &why)?;
                 self.force_resync = false;
                 *failures = 0;
@@ -250,14 +288,24 @@ impl Agent<'_> {
             let pending: Vec<u64> = st.generations.iter().map(|g| g.id).collect();
             let summary = if let Some(&id) = pending.first() {
                 if id <= latest.generation {
-                    // Committed before an earlier run could release it.
-                    tracing::info!(generation = id, "already committed: releasing it");
-                    self.control::<serde_json::Value>(&Request::Release { generation: id })?;
-                    continue;
+                    // Committed before an earlier run could release it, or by another source
+                    // under this identity: sent again, the server compares its digest with
+                    // the point's and answers with that point only if they are equal.
+                    tracing::info!(
+                        generation = id,
+                        "the server has a point of this generation: checking it is ours"
+                    );
                 }
                 self.ship_generation(&mut link, id, &mut latest)?
             } else {
                 self.wait_for_cycle()?;
+                if let Some(summary) = self.unchanged(&mut link, &latest)? {
+                    *failures = 0;
+                    if cfg.once {
+                        return Ok(Some(summary));
+                    }
+                    continue;
+                }
                 // Cut, then loop: the oldest unreleased generation always ships first, so a
                 // generation cut by someone else (quiesce, a manual cut) is never skipped.
                 self.cut()?;
@@ -293,6 +341,53 @@ impl Agent<'_> {
             }
             std::thread::sleep(Duration::from_millis(200).min(self.cfg.interval));
         }
+    }
+
+    /// When nothing was written since the latest point and no app-consistent point is due,
+    /// records on the server that the latest point still equals the disk, instead of cutting
+    /// an empty generation (`docs/wire.md` §6.9). `None`: something changed, cut.
+    fn unchanged(&mut self, link: &mut Link, latest: &PointRef) -> Result<Option<Summary>, AgentError> {
+        if self.cfg.app.as_ref().is_some_and(|a| self.last_app.elapsed() >= a.every) {
+            return Ok(None);
+        }
+        // Taken before the status: a write acknowledged before this time was marked in the
+        // live set before it (invariant 1), so an empty set and no generation prove the latest
+        // point equals the disk as of it.
+        let as_of = now_ms();
+        let st = self.status()?;
+        if st.live_dirty_bytes != 0 || !st.generations.is_empty() || st.quiesced {
+            return Ok(None);
+        }
+        let start = Instant::now();
+        self.last_cut = Some(start);
+        link.send(&Frame::Current { point: latest.point, as_of_unix_ms: as_of })?;
+        match link.recv()? {
+            Frame::CurrentAck { point, as_of_unix_ms } if point == latest.point && as_of_unix_ms == as_of => {
+            }
+            other => {
+                return Err(AgentError::Protocol(format!("expected CurrentAck, got {}", frame_name(&other))))
+            }
+        }
+        self.cfg.metrics.last_cut_unix_ms.store(as_of, Ordering::Relaxed);
+        let p = ReplicatedPoint {
+            point: latest.point,
+            generation: latest.generation,
+            cut_unix_ms: as_of,
+            committed_unix_ms: now_ms(),
+        };
+        self.control::<serde_json::Value>(&Request::Replicated { point: p })?;
+        tracing::debug!(point = latest.point, as_of, "nothing written: the latest point is current");
+        let mut s = summary(
+            "unchanged",
+            latest.generation,
+            latest.point,
+            Consistency::Crash,
+            &Stats::default(),
+            start,
+            &self.cfg.metrics,
+        );
+        s.consistency = "unchanged";
+        Ok(Some(s))
     }
 
     /// Cuts a generation, around the freeze hooks when an app-consistent point is due.
@@ -350,6 +445,7 @@ impl Agent<'_> {
         let map = client.map(&context)?;
         let _ = client.disconnect();
         let mut stats = Stats::default();
+        let mut digest = GenerationDigest::default();
         link.send(&Frame::BeginGeneration {
             disk: cfg.disk.clone(),
             generation: id,
@@ -362,6 +458,7 @@ impl Agent<'_> {
                 0 => {}
                 3 => {
                     stats.bytes_zero += len;
+                    digest.zero(off, len);
                     link.queue(&Frame::Zero { offset: off, len });
                 }
                 _ => data.push((off, len)),
@@ -377,14 +474,17 @@ impl Agent<'_> {
             cfg.zstd_level,
             &self.known,
             &mut stats,
+            Some(&mut digest),
             &mut |_| {},
         )?;
         let shipped = start.elapsed();
-        let point = self.commit(link, id, gen.cut_unix_ms, consistency)?;
+        let point = self.commit(link, id, gen.cut_unix_ms, consistency, Some(digest.finish()))?;
         let committed = start.elapsed();
         self.control::<serde_json::Value>(&Request::Release { generation: id })?;
         self.consistency.retain(|(g, _)| *g != id);
-        *latest = PointRef { point, generation: id, cut_unix_ms: gen.cut_unix_ms };
+        if id > latest.generation {
+            *latest = PointRef { point, generation: id, cut_unix_ms: gen.cut_unix_ms };
+        }
         self.report(point, id, gen.cut_unix_ms)?;
         let s = summary("incremental", id, point, consistency, &stats, start, &cfg.metrics);
         tracing::info!(
@@ -408,8 +508,9 @@ impl Agent<'_> {
         generation: u64,
         cut_unix_ms: u64,
         consistency: Consistency,
+        digest: Option<wire::Hash>,
     ) -> Result<u64, AgentError> {
-        link.send(&Frame::Commit { generation, cut_unix_ms, consistency })?;
+        link.send(&Frame::Commit { generation, cut_unix_ms, consistency, digest })?;
         match link.recv()? {
             Frame::Committed { point, generation: g } if g == generation => Ok(point),
             other => Err(AgentError::Protocol(format!("expected Committed, got {}", frame_name(&other)))),
@@ -491,6 +592,7 @@ impl Agent<'_> {
                 cfg.zstd_level,
                 &self.known,
                 &mut stats,
+                None,
                 &mut |n| bar.inc(n),
             )?;
             link.send(&Frame::Progress { next_offset: slice_end })?;
@@ -506,7 +608,7 @@ impl Agent<'_> {
             slice_start = slice_end;
         }
         bar.finish_and_clear();
-        let point = self.commit(link, generation, cut_ms, Consistency::Inconsistent)?;
+        let point = self.commit(link, generation, cut_ms, Consistency::Inconsistent, None)?;
         // The replica now holds the whole disk (fuzzy); the live set covers what changed since.
         self.control::<serde_json::Value>(&Request::ClearResync)?;
         self.report(point, generation, cut_ms)?;

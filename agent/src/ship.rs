@@ -58,6 +58,38 @@ impl Known {
     }
 }
 
+/// The digest of what a generation contains (`docs/wire.md` §6.6): blake3 over its extents in
+/// offset order, each as offset, length, kind and (for data) the chunk's hash. The same
+/// generation sent again has the same digest, however its chunks were scheduled; another
+/// source's generation of the same number has another.
+#[derive(Debug, Default)]
+pub struct GenerationDigest(Vec<(u64, u64, Option<[u8; 32]>)>);
+
+impl GenerationDigest {
+    pub fn zero(&mut self, offset: u64, len: u64) {
+        self.0.push((offset, len, None));
+    }
+
+    pub fn data(&mut self, offset: u64, len: u64, hash: [u8; 32]) {
+        self.0.push((offset, len, Some(hash)));
+    }
+
+    pub fn finish(mut self) -> [u8; 32] {
+        self.0.sort_unstable();
+        let mut h = blake3::Hasher::new();
+        h.update(b"siterep generation digest 1");
+        for (offset, len, hash) in &self.0 {
+            h.update(&offset.to_be_bytes());
+            h.update(&len.to_be_bytes());
+            match hash {
+                None => h.update(&[0]),
+                Some(x) => h.update(&[1]).update(x),
+            };
+        }
+        *h.finalize().as_bytes()
+    }
+}
+
 /// Turns sorted, disjoint dirty data extents into chunks: runs separated by less than
 /// `MIN_CHUNK` merge (bounded by `end`), then split at `MAX_CHUNK` boundaries.
 pub fn plan_chunks(extents: &[(u64, u64)], end: u64) -> Vec<(u64, u64)> {
@@ -94,7 +126,8 @@ struct Item {
 }
 
 /// Reads, hashes, compresses and sends `chunks` of export `export` at `socket`.
-/// `on_done(bytes)` is called as chunks are sent (progress).
+/// `on_done(bytes)` is called as chunks are sent (progress); each chunk sent is added to
+/// `digest`, when given.
 #[allow(clippy::too_many_arguments)]
 pub fn ship_chunks(
     link: &mut Link,
@@ -105,6 +138,7 @@ pub fn ship_chunks(
     zstd_level: i32,
     known: &Known,
     stats: &mut Stats,
+    mut digest: Option<&mut GenerationDigest>,
     on_done: &mut dyn FnMut(u64),
 ) -> Result<(), AgentError> {
     if chunks.is_empty() {
@@ -164,7 +198,9 @@ pub fn ship_chunks(
                     stats.bytes_read += u64::from(item.len);
                     batch.push(item);
                     if batch.len() == BATCH || res_rx.is_empty() {
-                        if let Err(e) = send_batch(link, &mut batch, known, stats, on_done) {
+                        if let Err(e) =
+                            send_batch(link, &mut batch, known, stats, digest.as_deref_mut(), on_done)
+                        {
                             result = Err(e);
                             break;
                         }
@@ -180,7 +216,7 @@ pub fn ship_chunks(
         drop(res_rx);
         result?;
         if !batch.is_empty() {
-            send_batch(link, &mut batch, known, stats, on_done)?;
+            send_batch(link, &mut batch, known, stats, digest, on_done)?;
         }
         Ok(())
     })
@@ -191,6 +227,7 @@ fn send_batch(
     batch: &mut Vec<Item>,
     known: &Known,
     stats: &mut Stats,
+    mut digest: Option<&mut GenerationDigest>,
     on_done: &mut dyn FnMut(u64),
 ) -> Result<(), AgentError> {
     let ask: Vec<[u8; 32]> = batch.iter().filter(|i| i.compressed.is_some()).map(|i| i.hash).collect();
@@ -224,6 +261,9 @@ fn send_batch(
         }
         stats.chunks += 1;
         done += u64::from(item.len);
+        if let Some(d) = digest.as_deref_mut() {
+            d.data(item.offset, u64::from(item.len), item.hash);
+        }
         link.queue(&Frame::Chunk { offset: item.offset, len: item.len, hash: item.hash, data });
         known.insert(item.hash);
     }
@@ -250,5 +290,33 @@ mod tests {
             vec![(512 * k, 512 * k), (1 << 20, 1 << 20), (2 << 20, 1 << 20), (3 << 20, 512 * k)]
         );
         assert!(plan_chunks(&[], 10).is_empty());
+    }
+
+    #[test]
+    fn a_generation_digest_depends_on_content_not_order() {
+        let digest = |items: &[(u64, u64, Option<[u8; 32]>)]| {
+            let mut d = GenerationDigest::default();
+            for &(o, l, h) in items {
+                match h {
+                    Some(h) => d.data(o, l, h),
+                    None => d.zero(o, l),
+                }
+            }
+            d.finish()
+        };
+        let a = [(0, 4096, Some([1; 32])), (8192, 4096, None), (1 << 20, 65536, Some([2; 32]))];
+        let mut shuffled = a;
+        shuffled.swap(0, 2);
+        assert_eq!(digest(&a), digest(&shuffled));
+        // Other bytes at the same place, a zero instead of data, another length: another digest.
+        let mut other = a;
+        other[0].2 = Some([3; 32]);
+        assert_ne!(digest(&a), digest(&other));
+        let mut other = a;
+        other[1].2 = Some([0; 32]);
+        assert_ne!(digest(&a), digest(&other));
+        let mut other = a;
+        other[1].1 = 8192;
+        assert_ne!(digest(&a), digest(&other));
     }
 }

@@ -110,6 +110,27 @@ pub enum StoreError {
     /// A lock was poisoned by a thread that panicked while holding it.
     #[error("internal state poisoned by a panic")]
     Poisoned,
+    /// The disk is bound to another source (invariant 6): a clone, or a second machine under
+    /// the same name.
+    #[error(
+        "disk {disk:?} is replicated from source {bound}, not from this source {offered}: if this \
+         machine is a clone, protect it under another disk name; if it is the disk's source and its \
+         shim state was re-created (reinstalled, or a shim without --state-dir restarted), run the \
+         agent once with --reenroll (which resyncs)"
+    )]
+    OtherSource { disk: String, bound: String, offered: String },
+    /// A generation that already has a point was sent again with other content: two sources
+    /// replicate under one identity (a clone that copied the shim's state).
+    #[error(
+        "generation {generation} of disk {disk:?} was committed as point {point} with digest {committed}, \
+         and is now sent again with digest {sent}: two machines replicate under one identity (a clone \
+         with a copy of the shim's state?). Stop the clone's agent and protect it under another disk \
+         name with a fresh --state-dir"
+    )]
+    Diverged { disk: String, generation: u64, point: u64, committed: String, sent: String },
+    /// An operation that only applies to a disk's latest point named another.
+    #[error("point {point} is not the latest point of disk {disk:?} (latest: {latest:?})")]
+    NotLatest { disk: String, point: u64, latest: Option<u64> },
 }
 
 impl StoreError {

@@ -69,6 +69,28 @@ pub struct PointInfo {
     pub tags: Vec<(String, u64)>,
     /// Bytes the generation carried (data and zero extents; overlaps counted each time).
     pub changed_bytes: u64,
+    /// The source's digest of what the generation contains (hex blake3), when it sent one:
+    /// a generation sent again must carry the same one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+}
+
+impl PointInfo {
+    /// Checks that `digest`, the digest of a generation sent again, is this point's: a
+    /// different one means another source made this point ([`StoreError::Diverged`]). A side
+    /// without a digest is not compared.
+    pub fn check_digest(&self, digest: Option<&[u8; 32]>) -> Result<(), crate::StoreError> {
+        match (digest.map(|d| crate::format::hex(d)), &self.digest) {
+            (Some(sent), Some(have)) if &sent != have => Err(crate::StoreError::Diverged {
+                disk: self.disk.clone(),
+                generation: self.generation,
+                point: self.id,
+                committed: have.clone(),
+                sent,
+            }),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Progress of an interrupted initial full copy, as of its last checkpoint.

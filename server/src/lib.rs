@@ -30,6 +30,7 @@ mod map;
 pub mod net;
 mod pending;
 mod reader;
+mod source;
 mod store;
 
 pub use error::{FormatError, StoreError};

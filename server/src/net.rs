@@ -106,6 +106,51 @@ pub struct Access {
     pub tls: Option<Arc<ServerConfig>>,
     pub enrollment: Enrollment,
     pub metrics: Arc<Metrics>,
+    /// Which disks are in a session now (one session per disk).
+    pub sessions: Sessions,
+}
+
+/// The disks in a session now, and who holds each: a disk allows one agent session at a time
+/// (`docs/wire.md` §6.2).
+#[derive(Debug, Default)]
+pub struct Sessions(std::sync::Mutex<HashMap<String, String>>);
+
+/// A disk held by a session, released when dropped.
+struct DiskClaim<'a> {
+    sessions: &'a Sessions,
+    disk: String,
+}
+
+impl Drop for DiskClaim<'_> {
+    fn drop(&mut self) {
+        self.sessions.0.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.disk);
+    }
+}
+
+/// How long a session waits for another session of the same disk to end before it answers
+/// `ERR_BUSY`: an agent that reconnects at once may find its previous session still closing.
+const CLAIM_WAIT: Duration = Duration::from_secs(3);
+
+impl Sessions {
+    /// Claims `disk` for `holder`, waiting up to [`CLAIM_WAIT`] for a session that holds it to
+    /// end; `Err` names the holder.
+    fn claim(&self, disk: &str, holder: &str) -> Result<DiskClaim<'_>, String> {
+        let deadline = std::time::Instant::now() + CLAIM_WAIT;
+        loop {
+            {
+                let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
+                match held.get(disk) {
+                    None => {
+                        held.insert(disk.to_string(), holder.to_string());
+                        return Ok(DiskClaim { sessions: self, disk: disk.to_string() });
+                    }
+                    Some(other) if std::time::Instant::now() >= deadline => return Err(other.clone()),
+                    Some(_) => {}
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 /// Serves agents on `listener` until `stop` is set (checked every 200 ms).
@@ -293,12 +338,18 @@ fn classify(e: &StoreError) -> (ErrorClass, u16) {
             (ErrorClass::Fatal, wire::ERR_DISK_MISMATCH)
         }
         StoreError::UnknownDisk(_) => (ErrorClass::Fatal, wire::ERR_NO_SUCH_DISK),
+        StoreError::OtherSource { .. } => (ErrorClass::Fatal, wire::ERR_OTHER_SOURCE),
+        // One source sends its generations in order, on its latest point, and releases each
+        // only once committed: a generation that has another point's content, or that is not
+        // above the latest point's without a point of its own, came from another source under
+        // the same identity.
+        StoreError::Diverged { .. } | StoreError::StaleGeneration { .. } | StoreError::InvalidBase { .. } => {
+            (ErrorClass::Fatal, wire::ERR_DIVERGED)
+        }
         StoreError::InvalidName { .. } | StoreError::InvalidGeometry { .. } => {
             (ErrorClass::Fatal, wire::ERR_BAD_REQUEST)
         }
-        StoreError::MissingChunk(_) | StoreError::StaleGeneration { .. } | StoreError::InvalidBase { .. } => {
-            (ErrorClass::Retryable, wire::ERR_BAD_REQUEST)
-        }
+        StoreError::MissingChunk(_) => (ErrorClass::Retryable, wire::ERR_BAD_REQUEST),
         e if e.caller_fault() => (ErrorClass::Fatal, wire::ERR_BAD_REQUEST),
         _ => (ErrorClass::Retryable, wire::ERR_STORAGE),
     }
@@ -376,19 +427,25 @@ fn session<S: Stream>(
     };
     c.send(&Frame::Welcome { version, server: name.to_string() })?;
     tracing::info!(%agent, version, "agent connected");
-    std::thread::scope(|scope| frames(&mut c, scope, access, fingerprint, store))
+    let holder = match &fingerprint {
+        Some(fp) => format!("agent {agent:?}, certificate {}", &fp[..fp.len().min(16)]),
+        None => format!("agent {agent:?}"),
+    };
+    std::thread::scope(|scope| frames(&mut c, scope, access, fingerprint, &holder, store))
 }
 
 /// The session after `Welcome`: frames until the agent closes or either side fails.
 fn frames<'scope, 'env, S: Stream>(
     c: &mut Conn<S>,
     scope: &'scope std::thread::Scope<'scope, 'env>,
-    access: &Access,
+    access: &'env Access,
     fingerprint: Option<String>,
+    holder: &str,
     store: &'env Store,
 ) -> io::Result<()> {
     let metrics = &access.metrics;
     let mut disk: Option<String> = None;
+    let mut _claim: Option<DiskClaim<'_>> = None;
     let mut receiving = Receiving::Nothing;
     let mut hashes = PointHashes::default();
     let mut ingest = Ingest::new(scope, store);
@@ -438,24 +495,53 @@ fn frames<'scope, 'env, S: Stream>(
                 metrics.rejected_total.fetch_add(1, Ordering::Relaxed);
                 return c.error(ErrorClass::Fatal, wire::ERR_AUTH, why);
             }
-            Frame::RegisterDisk { disk: d, size, block_size } => {
-                store.register_disk(&d, size, block_size).map_err(Fail::from).map(|info| {
-                    disk = Some(d.clone());
-                    receiving = Receiving::Nothing;
-                    Some(Frame::DiskState {
-                        disk: d,
-                        latest: info.latest.as_ref().map(point_ref),
-                        initial: info
-                            .initial
-                            .map(|i| InitialSync { generation: i.generation, next_offset: i.next_offset }),
-                    })
-                })
+            Frame::RegisterDisk { disk: d, size, block_size, source, reenroll } => {
+                let registered = store
+                    .register_disk(&d, size, block_size)
+                    .and_then(|_| store.bind_source(&d, &source, reenroll));
+                if let Err(e @ StoreError::OtherSource { .. }) = &registered {
+                    tracing::error!(disk = %d, peer = %holder, "refused a second source: {e}");
+                }
+                match registered {
+                    Err(e) => Err(Fail::from(e)),
+                    Ok(()) => {
+                        receiving = Receiving::Nothing;
+                        _claim = None;
+                        match access.sessions.claim(&d, holder) {
+                            Err(other) => {
+                                metrics.rejected_total.fetch_add(1, Ordering::Relaxed);
+                                tracing::warn!(disk = %d, peer = %holder, holder = %other, "disk busy: refused a second session");
+                                let msg = format!(
+                                    "disk {d} is in another session (from {other}): one agent session per disk; \
+                                     retrying later"
+                                );
+                                return c.error(ErrorClass::Retryable, wire::ERR_BUSY, msg);
+                            }
+                            Ok(cl) => _claim = Some(cl),
+                        }
+                        disk = Some(d.clone());
+                        disk_state(store, &d).map(Some).map_err(Fail::from)
+                    }
+                }
             }
+            Frame::Current { point, as_of_unix_ms } => match &disk {
+                Some(d) => store
+                    .record_current(d, point, as_of_unix_ms)
+                    .map(|()| Some(Frame::CurrentAck { point, as_of_unix_ms }))
+                    .map_err(Fail::from),
+                None => Err(Fail::Protocol("Current before RegisterDisk".into())),
+            },
             Frame::BeginGeneration { disk: d, generation, kind, base_point } => {
-                begin(store, &d, generation, kind, base_point).map_err(Fail::from).map(|r| {
-                    receiving = r;
-                    None
-                })
+                match begin(store, &d, generation, kind, base_point) {
+                    Ok(r) => {
+                        receiving = r;
+                        Ok(None)
+                    }
+                    Err(Refusal::Store(e)) => Err(Fail::from(e)),
+                    Err(Refusal::Resync(why)) => {
+                        return c.error(ErrorClass::Retryable, wire::ERR_RESYNC_REQUIRED, why);
+                    }
+                }
             }
             Frame::HaveQuery { hashes } => {
                 Ok(Some(Frame::HaveReply { have: hashes.iter().map(|h| store.has_chunk(h)).collect() }))
@@ -493,7 +579,7 @@ fn frames<'scope, 'env, S: Stream>(
                 Receiving::Done(_) => Ok(Some(Frame::ProgressAck { next_offset })),
                 Receiving::Nothing => Err(Fail::Protocol("Progress outside a generation".into())),
             },
-            Frame::Commit { generation, cut_unix_ms, consistency } => {
+            Frame::Commit { generation, cut_unix_ms, consistency, digest } => {
                 match std::mem::replace(&mut receiving, Receiving::Nothing) {
                     Receiving::Pending(p) => {
                         let c = match consistency {
@@ -501,15 +587,16 @@ fn frames<'scope, 'env, S: Stream>(
                             wire::Consistency::App => Consistency::App,
                             wire::Consistency::Inconsistent => Consistency::Inconsistent,
                         };
-                        p.commit(cut_unix_ms, c).map_err(Fail::from).map(|info| {
+                        p.commit_with_digest(cut_unix_ms, c, digest).map_err(Fail::from).map(|info| {
                             tracing::info!(disk = ?disk, point = info.id, generation, "recovery point committed");
                             metrics.points_total.fetch_add(1, Ordering::Relaxed);
                             Some(Frame::Committed { point: info.id, generation })
                         })
                     }
-                    Receiving::Done(info) => {
-                        Ok(Some(Frame::Committed { point: info.id, generation: info.generation }))
-                    }
+                    Receiving::Done(info) => match info.check_digest(digest.as_ref()) {
+                        Ok(()) => Ok(Some(Frame::Committed { point: info.id, generation: info.generation })),
+                        Err(e) => Err(Fail::from(e)),
+                    },
                     Receiving::Nothing => Err(Fail::Protocol("Commit outside a generation".into())),
                 }
             }
@@ -539,6 +626,10 @@ fn refuse<S: Stream>(c: &mut Conn<S>, metrics: &Metrics, fail: Fail) -> io::Resu
         }
         Fail::Protocol(m) => (ErrorClass::Fatal, wire::ERR_BAD_REQUEST, m),
     };
+    match class {
+        ErrorClass::Fatal => tracing::error!(code, "refused the session: {msg}"),
+        ErrorClass::Retryable => tracing::warn!(code, "refused the generation: {msg}"),
+    }
     c.error(class, code, msg)
 }
 
@@ -664,15 +755,44 @@ impl<'scope, 'env> Ingest<'scope, 'env> {
     }
 }
 
+/// What the server holds of a registered disk (`docs/wire.md` §4.4).
+fn disk_state(store: &Store, disk: &str) -> Result<Frame, StoreError> {
+    let info = store.disk(disk)?;
+    Ok(Frame::DiskState {
+        disk: disk.to_string(),
+        latest: info.latest.as_ref().map(point_ref),
+        initial: info.initial.map(|i| InitialSync { generation: i.generation, next_offset: i.next_offset }),
+        resync: store.resync_required(disk)?,
+    })
+}
+
+/// Why `begin` refused a generation.
+enum Refusal {
+    Store(StoreError),
+    /// An incremental while the disk needs a resync (`ERR_RESYNC_REQUIRED`).
+    Resync(String),
+}
+
+impl From<StoreError> for Refusal {
+    fn from(e: StoreError) -> Self {
+        Refusal::Store(e)
+    }
+}
+
 fn begin(
     store: &Store,
     disk: &str,
     generation: u64,
     kind: wire::GenerationKind,
     base: Option<u64>,
-) -> Result<Receiving, StoreError> {
+) -> Result<Receiving, Refusal> {
     if let Some(p) = store.point_for_generation(disk, generation)? {
         return Ok(Receiving::Done(p));
+    }
+    if kind == wire::GenerationKind::Incremental {
+        if let Some(why) = store.resync_required(disk)? {
+            return Err(Refusal::Resync(why));
+        }
     }
     let kind = match kind {
         wire::GenerationKind::Incremental => GenerationKind::Incremental,
@@ -684,7 +804,7 @@ fn begin(
     if kind == GenerationKind::Incremental {
         let latest = store.disk(disk)?.latest.map(|p| p.id);
         if base.is_none() || base != latest {
-            return Err(StoreError::BaseNotLatest { disk: disk.to_string(), base, latest });
+            return Err(StoreError::BaseNotLatest { disk: disk.to_string(), base, latest }.into());
         }
     }
     if kind == GenerationKind::InitialFull {
@@ -694,7 +814,7 @@ fn begin(
             // The checkpoint of a copy abandoned before the latest point: this generation
             // replaces it with its first checkpoint.
             Err(StoreError::StaleGeneration { .. }) => {}
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(Receiving::Pending(Box::new(store.begin(disk, generation, kind, base)?)))
@@ -1051,17 +1171,33 @@ mod tests {
 
     impl Client {
         fn start(store: &Arc<Store>) -> Client {
+            Client::start_with(
+                store,
+                &Arc::new(Access {
+                    tls: None,
+                    enrollment: Enrollment::default(),
+                    metrics: Arc::default(),
+                    sessions: Sessions::default(),
+                }),
+            )
+        }
+
+        /// A session of a server whose other sessions share `access`.
+        fn start_with(store: &Arc<Store>, access: &Arc<Access>) -> Client {
             let (ours, theirs) = UnixStream::pair().unwrap();
-            let store = store.clone();
+            let (store, access) = (store.clone(), access.clone());
             let thread = std::thread::spawn(move || {
-                let access = Access { tls: None, enrollment: Enrollment::default(), metrics: Arc::default() };
                 let conn =
                     Conn { stream: theirs, dec: Decoder::new(), buf: vec![0; 64 << 10], out: Vec::new() };
                 session(conn, &access, None, &store, "test")
             });
             let mut c = Client { stream: ours, dec: Decoder::new(), thread: Some(thread) };
-            c.send(&Frame::Hello { min_version: 1, max_version: 1, agent: "test".into() });
-            assert!(matches!(c.recv(), Some(Frame::Welcome { version: 1, .. })));
+            c.send(&Frame::Hello {
+                min_version: wire::VERSION,
+                max_version: wire::VERSION,
+                agent: "test".into(),
+            });
+            assert!(matches!(c.recv(), Some(Frame::Welcome { version: wire::VERSION, .. })));
             c
         }
 
@@ -1086,8 +1222,28 @@ mod tests {
         }
 
         fn register(&mut self) -> Frame {
-            self.send(&Frame::RegisterDisk { disk: DISK.into(), size: SIZE, block_size: 512 });
+            self.register_as([1; 16], false)
+        }
+
+        fn register_as(&mut self, source: wire::SourceId, reenroll: bool) -> Frame {
+            self.send(&Frame::RegisterDisk {
+                disk: DISK.into(),
+                size: SIZE,
+                block_size: 512,
+                source,
+                reenroll,
+            });
             self.recv().unwrap()
+        }
+
+        fn commit(&mut self, generation: u64, digest: Option<Hash>) -> Option<Frame> {
+            self.send(&Frame::Commit {
+                generation,
+                cut_unix_ms: 10 + generation,
+                consistency: wire::Consistency::Crash,
+                digest,
+            });
+            self.recv()
         }
 
         /// Expects an `Error` with `code`, then the end of the session.
@@ -1193,6 +1349,7 @@ mod tests {
             generation: 5,
             cut_unix_ms: 7,
             consistency: wire::Consistency::Inconsistent,
+            digest: None,
         });
         assert_eq!(c.recv(), Some(Frame::Committed { point: 2, generation: 5 }));
         let reader = store.open_point(DISK, PointSel::Latest).unwrap();
@@ -1232,7 +1389,12 @@ mod tests {
                 image[off as usize..(off + len) as usize].copy_from_slice(&data);
             }
         }
-        c.send(&Frame::Commit { generation: 2, cut_unix_ms: 9, consistency: wire::Consistency::Crash });
+        c.send(&Frame::Commit {
+            generation: 2,
+            cut_unix_ms: 9,
+            consistency: wire::Consistency::Crash,
+            digest: None,
+        });
         assert_eq!(c.recv(), Some(Frame::Committed { point: 2, generation: 2 }));
         let mut got = vec![0u8; SIZE as usize];
         store.open_point(DISK, PointSel::Latest).unwrap().read_at(&mut got, 0).unwrap();
@@ -1250,5 +1412,120 @@ mod tests {
         }
         c.expect_error(wire::ERR_CORRUPT_CHUNK);
         assert_eq!(store.open_point(DISK, PointSel::Latest).unwrap().info().id, 2);
+    }
+
+    /// One source per disk: the first source binds the disk; another is refused as fatal
+    /// whatever it sends; a re-enrollment rebinds it and makes the next generation a resync.
+    #[test]
+    fn a_second_source_is_refused_and_a_re_enrollment_requires_a_resync() {
+        let (_dir, store, _) = store_with_point();
+        let store = Arc::new(store);
+        let mut a = Client::start(&store);
+        assert!(matches!(a.register_as([1; 16], false), Frame::DiskState { resync: None, .. }));
+        drop(a);
+        let mut b = Client::start(&store);
+        match b.register_as([2; 16], false) {
+            Frame::Error { class: ErrorClass::Fatal, code: wire::ERR_OTHER_SOURCE, message } => {
+                assert!(
+                    message.contains(&"02".repeat(16)) && message.contains(&"01".repeat(16)),
+                    "{message}"
+                );
+                assert!(message.contains("--reenroll"), "{message}");
+            }
+            f => panic!("{f:?}"),
+        }
+        assert_eq!(store.source(DISK).unwrap(), Some("01".repeat(16)));
+        let mut b = Client::start(&store);
+        match b.register_as([2; 16], true) {
+            Frame::DiskState { resync: Some(why), .. } => assert!(why.contains("re-enrolled"), "{why}"),
+            f => panic!("{f:?}"),
+        }
+        // An incremental on the latest point is refused until a resync made a point.
+        b.send(&begin(2, wire::GenerationKind::Incremental, 1));
+        b.expect_error(wire::ERR_RESYNC_REQUIRED);
+        let mut b = Client::start(&store);
+        assert!(matches!(b.register_as([2; 16], false), Frame::DiskState { resync: Some(_), .. }));
+        b.send(&begin(3, wire::GenerationKind::InitialFull, 1));
+        assert_eq!(b.commit(3, None), Some(Frame::Committed { point: 2, generation: 3 }));
+        assert!(matches!(b.register_as([2; 16], false), Frame::DiskState { resync: None, .. }));
+        // The old source is now the other one.
+        let mut a = Client::start(&store);
+        assert!(matches!(a.register_as([1; 16], false), Frame::Error { code: wire::ERR_OTHER_SOURCE, .. }));
+    }
+
+    /// A disk allows one session at a time: a second gets a retryable ERR_BUSY, and gets in
+    /// once the first ended.
+    #[test]
+    fn a_disk_in_a_session_is_busy_for_another() {
+        let (_dir, store, _) = store_with_point();
+        let store = Arc::new(store);
+        let access = Arc::new(Access {
+            tls: None,
+            enrollment: Enrollment::default(),
+            metrics: Arc::default(),
+            sessions: Sessions::default(),
+        });
+        let mut a = Client::start_with(&store, &access);
+        assert!(matches!(a.register(), Frame::DiskState { .. }));
+        let mut b = Client::start_with(&store, &access);
+        match b.register() {
+            Frame::Error { class: ErrorClass::Retryable, code: wire::ERR_BUSY, message } => {
+                assert!(message.contains("another session"), "{message}")
+            }
+            f => panic!("{f:?}"),
+        }
+        drop(a);
+        let mut b = Client::start_with(&store, &access);
+        assert!(matches!(b.register(), Frame::DiskState { .. }));
+    }
+
+    /// A generation sent again with its point's digest is the harmless duplicate; with another
+    /// digest, or older than the latest point without one of its own, it is divergence: fatal,
+    /// and never answered with the other content's point.
+    #[test]
+    fn a_generation_sent_again_with_other_content_is_divergence() {
+        let (_dir, store, _) = store_with_point();
+        let store = Arc::new(store);
+        let mut c = Client::start(&store);
+        c.register();
+        c.send(&begin(2, wire::GenerationKind::Incremental, 1));
+        c.send(&chunk(0, &[7; 512]));
+        assert_eq!(c.commit(2, Some([0xaa; 32])), Some(Frame::Committed { point: 2, generation: 2 }));
+        // The same content again: the same point.
+        c.send(&begin(2, wire::GenerationKind::Incremental, 2));
+        assert_eq!(c.commit(2, Some([0xaa; 32])), Some(Frame::Committed { point: 2, generation: 2 }));
+        // Other content under the same generation: refused, fatal.
+        c.send(&begin(2, wire::GenerationKind::Incremental, 2));
+        match c.commit(2, Some([0xbb; 32])) {
+            Some(Frame::Error { class: ErrorClass::Fatal, code: wire::ERR_DIVERGED, message }) => {
+                assert!(message.contains("two machines"), "{message}")
+            }
+            f => panic!("{f:?}"),
+        }
+        assert_eq!(c.recv(), None);
+        // A generation below the latest point's without a point of its own, on that point.
+        let mut c = Client::start(&store);
+        c.register();
+        c.send(&begin(5, wire::GenerationKind::Incremental, 2));
+        assert_eq!(c.commit(5, Some([0xcc; 32])), Some(Frame::Committed { point: 3, generation: 5 }));
+        c.send(&begin(4, wire::GenerationKind::Incremental, 3));
+        c.expect_error(wire::ERR_DIVERGED);
+        assert_eq!(store.points(DISK).unwrap().len(), 3);
+    }
+
+    /// `Current` records that the latest point still equals the disk; for another point it is
+    /// refused.
+    #[test]
+    fn current_records_an_unchanged_disk() {
+        let (_dir, store, _) = store_with_point();
+        let store = Arc::new(store);
+        let mut c = Client::start(&store);
+        c.register();
+        c.send(&Frame::Current { point: 1, as_of_unix_ms: 5_000 });
+        assert_eq!(c.recv(), Some(Frame::CurrentAck { point: 1, as_of_unix_ms: 5_000 }));
+        assert_eq!(store.current_unix_ms(DISK).unwrap(), Some(5_000));
+        assert_eq!(store.points(DISK).unwrap().len(), 1, "no point is made");
+        c.send(&Frame::Current { point: 7, as_of_unix_ms: 6_000 });
+        c.expect_error(wire::ERR_BAD_REQUEST);
     }
 }

@@ -212,12 +212,25 @@ impl PendingPoint {
     /// point is durable. If the generation already has a point, returns that one. A referenced
     /// chunk that a failed sync discarded meanwhile is [`StoreError::MissingChunk`].
     pub fn commit(self, cut_unix_ms: u64, consistency: Consistency) -> Result<PointInfo, StoreError> {
+        self.commit_with_digest(cut_unix_ms, consistency, None)
+    }
+
+    /// [`PendingPoint::commit`], recording `digest`, the source's digest of what the
+    /// generation contains. If the generation already has a point whose digest differs, two
+    /// sources diverged under one identity: [`StoreError::Diverged`], and nothing is written.
+    pub fn commit_with_digest(
+        self,
+        cut_unix_ms: u64,
+        consistency: Consistency,
+        digest: Option<[u8; 32]>,
+    ) -> Result<PointInfo, StoreError> {
         let store = &*self.store;
         let disk = &self.disk.name;
         let _gate = store.shared();
         let lock = store.disk_lock(disk);
         let _disk = lock.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(existing) = store.point_for_generation(disk, self.generation)? {
+            existing.check_digest(digest.as_ref())?;
             tracing::info!(disk = %disk, generation = self.generation, id = existing.id, "generation already committed");
             return Ok(existing);
         }
@@ -251,6 +264,7 @@ impl PendingPoint {
             created_unix_ms: now_unix_ms(),
             tags: Vec::new(),
             changed_bytes: st.changed_bytes,
+            digest: digest.as_ref().map(|d| crate::format::hex(d)),
         };
         let json = encode_point_record(&info, &root_sum);
         write_atomic(&store.tmp, &dir, &point_file(id, "json"), &[&json], true)?;

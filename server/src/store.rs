@@ -68,7 +68,7 @@ pub(crate) fn parse_point_file(name: &str, ext: &str) -> Option<u64> {
 /// disk are serialized. One process opens a store directory at a time.
 #[derive(Clone)]
 pub struct Store {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 /// Processes still working on files and references the sweep must not remove.

@@ -110,6 +110,12 @@ pub struct AgentArgs {
     /// it (tracking lost) or the backlog exceeds half the disk.
     #[arg(long)]
     resync: bool,
+    /// Bind the disk on the server to this shim's source identity, then resync. For a
+    /// reinstalled source whose shim state (and so its identity) was created anew; the server
+    /// refuses a second source under a disk's name otherwise. Never use it for a clone: protect
+    /// a clone under another --disk name.
+    #[arg(long)]
+    reenroll: bool,
     /// Most bytes per second a resync reads from the disk (default: unlimited).
     #[arg(long, value_name = "BYTES_PER_SEC", value_parser = parse_size)]
     resync_rate: Option<u64>,
@@ -176,6 +182,7 @@ pub fn agent(args: AgentArgs) -> Result<()> {
             rate: args.resync_rate,
             backoff_rate: args.resync_backoff,
         },
+        reenroll: args.reenroll,
     };
     match agent::run(&cfg) {
         Ok(Some(summary)) => {
@@ -232,7 +239,12 @@ pub fn server(args: ServerArgs) -> Result<()> {
         bail!("--enrollment needs TLS: plaintext agents have no certificate to check");
     }
     let metrics = Arc::new(server::net::Metrics::default());
-    let access = Arc::new(server::net::Access { tls, enrollment, metrics: metrics.clone() });
+    let access = Arc::new(server::net::Access {
+        tls,
+        enrollment,
+        metrics: metrics.clone(),
+        sessions: Default::default(),
+    });
     let store = Arc::new(
         server::Store::open(&args.store)
             .with_context(|| format!("opening store {}", args.store.display()))?,

@@ -995,9 +995,13 @@ impl Raw {
     fn session_as(addr: SocketAddr, cert: &Path, key: &Path, ca: &Path) -> Raw {
         let mut c = Raw::connect(addr, cert, key, ca)
             .unwrap_or_else(|e| panic!("TLS handshake with the server: {e}"));
-        c.send(&Frame::Hello { min_version: 1, max_version: 1, agent: "raw-test-client".into() });
+        c.send(&Frame::Hello {
+            min_version: wire::VERSION,
+            max_version: wire::VERSION,
+            agent: "raw-test-client".into(),
+        });
         match c.recv() {
-            Got::Frame(Frame::Welcome { version: 1, .. }) => c,
+            Got::Frame(Frame::Welcome { version: wire::VERSION, .. }) => c,
             other => panic!("expected Welcome, got {other:?}"),
         }
     }
@@ -1063,7 +1067,13 @@ impl Raw {
     /// Registers `disk` and returns whether the server holds a point of it.
     #[track_caller]
     fn register(&mut self, disk: &str, size: u64) -> Option<wire::PointRef> {
-        self.send(&Frame::RegisterDisk { disk: disk.into(), size, block_size: BLOCK as u32 });
+        self.send(&Frame::RegisterDisk {
+            disk: disk.into(),
+            size,
+            block_size: BLOCK as u32,
+            source: [7; 16],
+            reenroll: false,
+        });
         match self.recv() {
             Got::Frame(Frame::DiskState { latest, .. }) => latest,
             other => panic!("expected DiskState for {disk}, got {other:?}"),
@@ -1450,7 +1460,10 @@ fn server_rejects_bad_input() {
         if let Some(msg) =
             refusal(&mut fails, &mut c, wire::ERR_VERSION, ErrorClass::Fatal, "Hello for version 99 only")
         {
-            assert!(msg.contains("99") && msg.contains('1'), "the message names both ranges: {msg}");
+            assert!(
+                msg.contains("99") && msg.contains(&wire::VERSION.to_string()),
+                "the message names both ranges: {msg}"
+            );
         }
     }
     {
@@ -1466,7 +1479,13 @@ fn server_rejects_bad_input() {
     {
         let what = "RegisterDisk before Hello";
         let mut c = Raw::connect(addr, &certs.agent_cert(), &certs.agent_key(), &certs.ca()).expect("TLS");
-        c.send(&Frame::RegisterDisk { disk: "bad-early".into(), size: SIZE, block_size: 4096 });
+        c.send(&Frame::RegisterDisk {
+            disk: "bad-early".into(),
+            size: SIZE,
+            block_size: 4096,
+            source: [7; 16],
+            reenroll: false,
+        });
         refusal(&mut fails, &mut c, wire::ERR_BAD_REQUEST, ErrorClass::Fatal, what);
         assert!(!store.join("disks/bad-early").exists(), "{what}: the disk was registered");
     }
@@ -1518,6 +1537,7 @@ fn server_rejects_bad_input() {
             generation: 1,
             cut_unix_ms: now_ms(),
             consistency: Consistency::Inconsistent,
+            digest: None,
         });
         let point = match c.recv() {
             Got::Frame(Frame::Committed { point, generation: 1 }) => point,
@@ -1529,6 +1549,7 @@ fn server_rejects_bad_input() {
             generation: 1,
             cut_unix_ms: now_ms(),
             consistency: Consistency::Inconsistent,
+            digest: None,
         });
         match c.recv() {
             Got::Frame(Frame::Committed { point: again, generation: 1 }) => assert_eq!(again, point),
@@ -1550,7 +1571,12 @@ fn server_rejects_bad_input() {
             base_point: Some(good_point),
         });
         c.send(&Frame::Zero { offset: SIZE / 2, len: 4096 });
-        c.send(&Frame::Commit { generation: 2, cut_unix_ms: now_ms(), consistency: Consistency::Crash });
+        c.send(&Frame::Commit {
+            generation: 2,
+            cut_unix_ms: now_ms(),
+            consistency: Consistency::Crash,
+            digest: None,
+        });
         match c.recv() {
             Got::Frame(Frame::Committed { point, generation: 2 }) => point,
             other => panic!("expected Committed, got {other:?}"),
@@ -1575,7 +1601,12 @@ fn server_rejects_bad_input() {
         // Refused at BeginGeneration; if not, the rest shows what the server does with it.
         let first = c.recv_within(Duration::from_secs(2)).unwrap_or_else(|| {
             c.send(&Frame::Zero { offset: 0, len: 4096 });
-            c.send(&Frame::Commit { generation, cut_unix_ms: now_ms(), consistency: Consistency::Crash });
+            c.send(&Frame::Commit {
+                generation,
+                cut_unix_ms: now_ms(),
+                consistency: Consistency::Crash,
+                digest: None,
+            });
             c.recv()
         });
         refusal_of(&mut fails, first, &mut c, wire::ERR_DISK_MISMATCH, ErrorClass::Fatal, what);
@@ -1584,7 +1615,13 @@ fn server_rejects_bad_input() {
     {
         let what = "a registration with another size";
         let mut c = Raw::session(addr, &certs);
-        c.send(&Frame::RegisterDisk { disk: "good".into(), size: 2 * SIZE, block_size: 4096 });
+        c.send(&Frame::RegisterDisk {
+            disk: "good".into(),
+            size: 2 * SIZE,
+            block_size: 4096,
+            source: [7; 16],
+            reenroll: false,
+        });
         refusal(&mut fails, &mut c, wire::ERR_DISK_MISMATCH, ErrorClass::Fatal, what);
     }
     for (what, frame) in [
@@ -1636,7 +1673,11 @@ fn server_rejects_bad_input() {
             Err(e) => eprintln!("{what}: TLS handshake failed: {e}"),
             Ok(mut c) => {
                 // TLS 1.3: the client finishes first; the server's verdict arrives as an alert.
-                c.send(&Frame::Hello { min_version: 1, max_version: 1, agent: "untrusted".into() });
+                c.send(&Frame::Hello {
+                    min_version: wire::VERSION,
+                    max_version: wire::VERSION,
+                    agent: "untrusted".into(),
+                });
                 match c.recv() {
                     Got::Closed(e) => eprintln!("{what}: refused: {e}"),
                     Got::Frame(f) => panic!("{what}: the server answered {f:?}"),
@@ -1728,7 +1769,13 @@ fn server_rejects_bad_input() {
         let what = "alpha-agent registering disk beta";
         let before = store_files(&store2);
         let mut c = Raw::session_as(server2.addr(), &alpha_cert, &alpha_key, &enrolled.ca());
-        c.send(&Frame::RegisterDisk { disk: "beta".into(), size: SIZE, block_size: 4096 });
+        c.send(&Frame::RegisterDisk {
+            disk: "beta".into(),
+            size: SIZE,
+            block_size: 4096,
+            source: [7; 16],
+            reenroll: false,
+        });
         refusal(&mut fails, &mut c, wire::ERR_AUTH, ErrorClass::Fatal, what);
         assert!(!store2.join("disks/beta").exists(), "{what}: disk beta was registered");
         nothing_stored(&mut fails, &store2, &before, what);
@@ -1738,7 +1785,13 @@ fn server_rejects_bad_input() {
         let before = store_files(&store2);
         let mut c = Raw::session_as(server2.addr(), &alpha_cert, &alpha_key, &enrolled.ca());
         assert!(c.register("alpha", 16 * MIB).is_none());
-        c.send(&Frame::RegisterDisk { disk: "beta".into(), size: SIZE, block_size: 4096 });
+        c.send(&Frame::RegisterDisk {
+            disk: "beta".into(),
+            size: SIZE,
+            block_size: 4096,
+            source: [7; 16],
+            reenroll: false,
+        });
         refusal(&mut fails, &mut c, wire::ERR_AUTH, ErrorClass::Fatal, what);
         assert!(!store2.join("disks/beta").exists(), "{what}: disk beta was registered");
         nothing_stored(&mut fails, &store2, &before, what);
@@ -1755,6 +1808,7 @@ fn server_rejects_bad_input() {
                 generation: 1,
                 cut_unix_ms: now_ms(),
                 consistency: Consistency::Inconsistent,
+                digest: None,
             });
             c.recv()
         });
@@ -1773,7 +1827,13 @@ fn server_rejects_bad_input() {
         let what = "an agent certificate from the right CA that is not enrolled";
         let before = store_files(&store2);
         let mut c = Raw::session_as(server2.addr(), &stray_cert, &stray_key, &enrolled.ca());
-        c.send(&Frame::RegisterDisk { disk: "gamma".into(), size: SIZE, block_size: 4096 });
+        c.send(&Frame::RegisterDisk {
+            disk: "gamma".into(),
+            size: SIZE,
+            block_size: 4096,
+            source: [7; 16],
+            reenroll: false,
+        });
         refusal(&mut fails, &mut c, wire::ERR_AUTH, ErrorClass::Fatal, what);
         assert!(!store2.join("disks/gamma").exists(), "{what}: disk gamma was registered");
         nothing_stored(&mut fails, &store2, &before, what);
