@@ -64,6 +64,9 @@ pub enum AgentError {
     Nbd(#[from] nbd::client::ClientError),
     #[error("{0}")]
     Config(String),
+    /// Two machines replicate under one source identity (`docs/wire.md` §6.6).
+    #[error("{0}")]
+    Diverged(String),
     /// `max_retries` failed attempts in a row; `last` is the last one's error.
     #[error("gave up after {attempts} failed attempts")]
     GaveUp {
@@ -78,7 +81,10 @@ impl AgentError {
     pub fn is_fatal(&self) -> bool {
         match self {
             AgentError::Tls(e) => tls_is_fatal(e),
-            AgentError::Version(_) | AgentError::Config(_) | AgentError::GaveUp { .. } => true,
+            AgentError::Version(_)
+            | AgentError::Config(_)
+            | AgentError::Diverged(_)
+            | AgentError::GaveUp { .. } => true,
             AgentError::Server { fatal, .. } => *fatal,
             _ => false,
         }

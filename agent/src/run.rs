@@ -269,6 +269,23 @@ impl Agent<'_> {
         loop {
             let st = self.status()?;
             let interrupted = initial.take();
+            // A shim whose tracking state is intact numbers its generations on from the ones
+            // it committed; if the latest point's generation is not below its next one, another
+            // machine with this identity (a clone with a copy of the shim's state) made it.
+            if st.resync_required.is_none()
+                && server_resync.is_none()
+                && st.next_generation <= latest.generation
+            {
+                let why = format!(
+                    "disk {}: the server's latest point {} is generation {}, which this shim (source {}, next \
+                     generation {}) never cut: another machine replicates under this identity (a clone with a \
+                     copy of the shim's state?). Stop the clone's agent and protect it under another disk name \
+                     with a fresh --state-dir",
+                    cfg.disk, latest.point, latest.generation, st.source_id, st.next_generation
+                );
+                let _ = link.send(&Frame::error(wire::ERR_DIVERGED, why.clone()));
+                return Err(AgentError::Diverged(why));
+            }
             let why = match server_resync.take() {
                 Some(why) => Some(format!("the server requires it: {why}")),
                 None => resync_reason(&st, &latest, interrupted, self.force_resync),

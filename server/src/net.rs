@@ -600,6 +600,17 @@ fn frames<'scope, 'env, S: Stream>(
                     Receiving::Nothing => Err(Fail::Protocol("Commit outside a generation".into())),
                 }
             }
+            Frame::Error { class, code, message } => {
+                match class {
+                    ErrorClass::Fatal => {
+                        tracing::error!(peer = %holder, disk = ?disk, code, "the agent ended the session: {message}")
+                    }
+                    ErrorClass::Retryable => {
+                        tracing::warn!(peer = %holder, disk = ?disk, code, "the agent ended the session: {message}")
+                    }
+                }
+                return Ok(());
+            }
             other => {
                 let msg = format!("unexpected frame {other:?}");
                 c.error(ErrorClass::Fatal, wire::ERR_BAD_REQUEST, msg.chars().take(200).collect())?;

@@ -52,15 +52,22 @@ pub fn points(args: PointsArgs) -> Result<()> {
     match args.action.unwrap_or(PointsAction::List) {
         PointsAction::List => {
             let points = store.points(disk)?;
+            // When nothing was written since the latest point, the disk still equalled it at
+            // this later time (docs/wire.md §6.9).
+            let current = store.current_unix_ms(disk)?;
             if args.json {
-                println!("{}", serde_json::to_string(&points)?);
+                let mut list = serde_json::to_value(&points)?;
+                if let (Some(last), Some(at)) = (list.as_array_mut().and_then(|l| l.last_mut()), current) {
+                    last["current_unix_ms"] = at.into();
+                }
+                println!("{list}");
                 return Ok(());
             }
             println!(
                 "{:>6} {:>10} {:>14} {:>13} {:>14}  tags",
                 "point", "generation", "cut (unix ms)", "consistency", "changed bytes"
             );
-            for p in points {
+            for p in &points {
                 let tags: Vec<String> = p.tags.iter().map(|(t, at)| format!("{t}@{at}")).collect();
                 println!(
                     "{:>6} {:>10} {:>14} {:>13} {:>14}  {}",
@@ -71,6 +78,14 @@ pub fn points(args: PointsArgs) -> Result<()> {
                     p.changed_bytes,
                     tags.join(",")
                 );
+            }
+            if let (Some(last), Some(at)) = (points.last(), current) {
+                if at > last.cut_unix_ms {
+                    println!(
+                        "point {} still equals the disk as of {at} (unix ms): nothing was written since",
+                        last.id
+                    );
+                }
             }
         }
         PointsAction::Tag { point, tag } => {

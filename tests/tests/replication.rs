@@ -1858,8 +1858,11 @@ fn server_rejects_bad_input() {
         assert!(!store2.join("disks/beta").exists(), "{what}: disk beta was registered");
         nothing_stored(&mut fails, &store2, &before, what);
     }
+    // The raw client above registered alpha with a made-up source identity, which bound the
+    // disk to it: the real shim is another source, so this agent re-enrolls (docs/wire.md §6.2).
     let summary = AgentCmd::new(shim.socket(), server2.addr(), "alpha", &enrolled)
         .tls(&alpha_cert, &alpha_key, &enrolled.ca())
+        .args(["--reenroll"])
         .once();
     assert_eq!(summary.get("kind").as_str(), "initial", "alpha-agent replicates its own disk");
     server2.stop();
