@@ -1187,7 +1187,8 @@ fn store_files(store: &Path) -> BTreeSet<PathBuf> {
 }
 
 /// Records in `fails` any file the store holds that it did not hold before, other than a
-/// disk's registration (`disks/<name>/disk.json`) and unsynced staging (`incoming/`,
+/// disk's registration (`disks/<name>/disk.json`, and `source.json`, the source identity it is
+/// bound to) and unsynced staging (`incoming/`,
 /// discarded on open and by every sweep).
 fn nothing_stored(fails: &mut Vec<String>, store: &Path, before: &BTreeSet<PathBuf>, what: &str) {
     let new = stored_since(store, before);
@@ -1200,7 +1201,7 @@ fn nothing_stored(fails: &mut Vec<String>, store: &Path, before: &BTreeSet<PathB
 fn stored_since(store: &Path, before: &BTreeSet<PathBuf>) -> Vec<PathBuf> {
     store_files(store)
         .difference(before)
-        .filter(|p| !p.ends_with("disk.json") && !p.starts_with("incoming"))
+        .filter(|p| !p.ends_with("disk.json") && !p.ends_with("source.json") && !p.starts_with("incoming"))
         .cloned()
         .collect()
 }

@@ -1,6 +1,7 @@
 //! Resync end to end: a recovery server holds image A as its latest point; the shim then serves
 //! image B, which differs in a few 4 KiB blocks, with a fresh state directory (its tracking was
-//! lost: resync required). `siterep agent` compares hashes and must send only the differing
+//! lost: resync required; a new source identity, so the agent re-enrolls the disk with
+//! `--reenroll`). `siterep agent` compares hashes and must send only the differing
 //! blocks; the restored latest point must equal B byte for byte. The same pair goes through
 //! `rsync --inplace --no-whole-file` for comparison (reported, not asserted). The agent reads B
 //! itself, as the shim's control socket names it; another test replaces the file at that name
@@ -230,7 +231,9 @@ fn resync_sends_only_the_blocks_that_differ() {
 
     // Automatic: the shim requires a resync and the server has a point to compare with. The
     // agent reads B itself (the shim names it on the control socket), not through the socket.
-    let (s, took, log) = server.run_agent_logged(shim.socket(), &[]);
+    // A fresh state directory is a new source identity: the agent re-enrolls the disk
+    // (docs/wire.md §6.2), which requires the resync anyway.
+    let (s, took, log) = server.run_agent_logged(shim.socket(), &["--reenroll"]);
     assert_eq!(s.get("kind").as_str(), "resync", "{s:?}");
     assert!(!log.contains(THROUGH_SOCKET), "the agent did not read the image directly:\n{log}");
     let (matched, transferred) = (u64_of(&s, "bytes_matched"), u64_of(&s, "bytes_transferred"));
@@ -334,7 +337,7 @@ fn a_replaced_image_file_is_read_through_the_socket() {
     std::fs::copy(&a, &impostor).expect("copy A");
     std::fs::rename(&impostor, &b).expect("replace B's name");
 
-    let (s, _, log) = server.run_agent_logged(shim.socket(), &[]);
+    let (s, _, log) = server.run_agent_logged(shim.socket(), &["--reenroll"]);
     assert_eq!(s.get("kind").as_str(), "resync", "{s:?}");
     assert!(
         log.contains(THROUGH_SOCKET) && log.contains("is not the file the shim serves"),
@@ -372,7 +375,7 @@ fn an_interrupted_resync_resumes_and_ends_equal() {
     // A slow resync (rate-limited), killed once the server has a checkpoint of it.
     let checkpoint = server.store.join("disks").join(DISK).join("initial.bin");
     let mut agent = server
-        .agent(shim.socket(), &["--resync", "--resync-rate", "40M"])
+        .agent(shim.socket(), &["--resync", "--resync-rate", "40M", "--reenroll"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
