@@ -303,9 +303,10 @@ fn open_tracker(image: &Path, args: &ServeArgs, backend: Arc<Backend>) -> Result
     let (tracker, recovery) =
         Tracker::open(backend_size, &opts, backend, media, preserve).map_err(|e| match e {
             TrackError::Shrank { was, now } => anyhow::anyhow!(
-                "refusing to serve {}: {e}. Restore the image to its {was} bytes and start again, or, \
-                 if the disk is meant to be {now} bytes now, start protection over: move {} aside, \
-                 give a fresh --state-dir, and let the agent resync the whole disk",
+                "refusing to serve {}: {e}. Restore the image (all {was} bytes, e.g. from a recovery \
+                 point) and start again, or, if the disk is meant to be {now} bytes now, start \
+                 protection over: move {} aside, give a fresh --state-dir, and let the agent resync \
+                 the whole disk",
                 image.display(),
                 args.state_dir.as_deref().unwrap_or(Path::new("the state directory")).display(),
             ),
