@@ -14,7 +14,7 @@ use siterep_tests::json::Json;
 use siterep_tests::nbdinfo::{self, Extent};
 use siterep_tests::{
     nbdsh, require_tool, run, run_expect_failure, run_unchecked, scratch_dir, show_output, siterep, tool,
-    Serve, Server, COMMAND_TIMEOUT,
+    Serve, Server, COMMAND_TIMEOUT, SERVER_TIMEOUT,
 };
 
 const SIZE: u64 = 64 * MIB;
@@ -283,9 +283,11 @@ fn a_shrunk_image_is_refused_at_restart() {
 
     let cut = 32 * MIB;
     std::fs::OpenOptions::new().write(true).open(&img).unwrap().set_len(cut).unwrap();
-    let out = run_expect_failure(
+    let out = run_unchecked(
         siterep().arg("serve").arg(&img).arg("--socket").arg(&socket).arg("--state-dir").arg(&state),
+        SERVER_TIMEOUT,
     );
+    assert_eq!(out.status.code(), Some(1), "a shrunk image must be refused: {}", show_output(&out));
     let stderr = String::from_utf8_lossy(&out.stderr).to_lowercase();
     for needle in ["shrank", &SIZE.to_string(), &cut.to_string(), "restore", "--state-dir", "resync"] {
         assert!(stderr.contains(needle), "the refusal should mention {needle:?}: {}", show_output(&out));
