@@ -1,5 +1,6 @@
 //! The image behind an export: a regular file or a block device, and its synchronous
-//! operations (the engines run READ, WRITE and FLUSH themselves; the rest runs here).
+//! operations (the engines run READ, WRITE and FLUSH themselves; the rest runs here), and the
+//! [`Watch`] that fails requests touching a range the image lost under the shim.
 #![forbid(unsafe_code)]
 
 use std::fs::{File, OpenOptions};
@@ -7,13 +8,18 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use nix::fcntl::{fallocate, posix_fadvise, FallocateFlags, PosixFadviseAdvice};
 use nix::unistd::{lseek, Whence};
 
+use tracker::ImageChangeKind;
+
 use crate::buf::AlignedBuf;
 use crate::proto::Errno;
 use crate::sys;
+use crate::watch::Watch;
 
 /// Why an image could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +66,7 @@ pub struct Backend {
     direct: bool,
     /// Smallest request granularity the image can honour (1 for buffered files).
     min_block: u32,
+    watch: Watch,
 }
 
 /// Chunk size of the zero-writing fallback.
@@ -88,18 +95,23 @@ impl Backend {
         } else {
             return Err(OpenError::NotAnImage { path: path.into() });
         };
-        Ok(Self { file: Some(file), virt: None, size, kind, direct, min_block })
+        // The path as given (not resolved): if it comes to name another file, that is a change.
+        let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let watch = Watch::new(Some(path), size);
+        Ok(Self { file: Some(file), virt: None, size, kind, direct, min_block, watch })
     }
 
     /// Serves a virtual image (byte-granular, never O_DIRECT).
     pub fn virtual_image(image: std::sync::Arc<dyn VirtualImage>) -> Self {
+        let size = image.size();
         Self {
             file: None,
-            size: image.size(),
+            size,
             virt: Some(image),
             kind: ImageKind::Virtual,
             direct: false,
             min_block: 1,
+            watch: Watch::new(None, size),
         }
     }
 
@@ -134,12 +146,98 @@ impl Backend {
         self.file().as_raw_fd()
     }
 
-    /// Reads exactly `buf.len()` bytes at `offset`.
+    /// What the shim knows of changes to the image under it.
+    pub fn watch(&self) -> &Watch {
+        &self.watch
+    }
+
+    /// EIO if `[offset, offset+len)` reaches into a range the image lost (one atomic load;
+    /// see [`Watch`]). Every READ and every modifying command passes it first.
+    #[inline]
+    pub fn check(&self, offset: u64, len: u64) -> Result<(), Errno> {
+        self.watch.check(offset, len)
+    }
+
+    /// The image's size now: its length (fstat) or the block device's size; `None` for a
+    /// virtual image.
+    fn current_size(&self) -> io::Result<Option<u64>> {
+        match self.kind {
+            ImageKind::File => Ok(Some(self.file().metadata()?.len())),
+            ImageKind::BlockDevice => sys::block_device_size(self.file().as_fd()).map(Some),
+            ImageKind::Virtual => Ok(None),
+        }
+    }
+
+    /// [`Backend::check`], then the image's size now: EIO, and the loss recorded, if the range
+    /// reaches past it. For the commands that are not on the hot path (TRIM, WRITE_ZEROES,
+    /// CACHE, BLOCK_STATUS).
+    pub fn check_size(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check(offset, len).map_err(errno_io)?;
+        match self.current_size()? {
+            Some(now) if now < offset + len => {
+                self.watch.lose(ImageChangeKind::Shrank, Some(now), now);
+                Err(errno_io(Errno::Io))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Looks at the image again: whether it shrank, and whether its path still names the
+    /// file or device open (same device and inode; for a block device, the same device
+    /// number). A change found is recorded in the [`Watch`].
+    pub fn recheck(&self) {
+        let Some(path) = self.watch.path() else { return };
+        if let Ok(Some(now)) = self.current_size() {
+            if now < self.watch.valid_end() {
+                self.watch.lose(ImageChangeKind::Shrank, Some(now), now);
+            }
+        }
+        let Ok(open) = nix::sys::stat::fstat(self.raw_fd()) else { return };
+        match nix::sys::stat::stat(path) {
+            Err(nix::errno::Errno::ENOENT | nix::errno::Errno::ENOTDIR) => {
+                self.watch.lose(ImageChangeKind::Removed, None, 0)
+            }
+            Err(e) => self.watch.stat_failed(&e.into()),
+            Ok(st) => {
+                let is_block = st.st_mode & libc::S_IFMT == libc::S_IFBLK;
+                let same = match self.kind {
+                    ImageKind::BlockDevice => is_block && st.st_rdev == open.st_rdev,
+                    _ => (st.st_dev, st.st_ino) == (open.st_dev, open.st_ino),
+                };
+                if !same {
+                    let now = (!is_block).then_some(st.st_size as u64);
+                    self.watch.lose(ImageChangeKind::Replaced, now, 0);
+                }
+            }
+        }
+    }
+
+    /// Rechecks the image every `period` on a thread of its own, while the backend lives and
+    /// some of it is still served.
+    pub fn spawn_watcher(self: &Arc<Self>, period: Duration) -> io::Result<()> {
+        let weak: Weak<Self> = Arc::downgrade(self);
+        std::thread::Builder::new().name("image-watch".into()).spawn(move || loop {
+            std::thread::sleep(period);
+            match weak.upgrade() {
+                Some(b) if b.watch.valid_end() > 0 => b.recheck(),
+                _ => return,
+            }
+        })?;
+        Ok(())
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`. A read that finds the end of the file
+    /// early is an error (EIO) and makes the image be looked at again at once.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         if let Some(v) = &self.virt {
             return v.read_at(buf, offset);
         }
-        self.file().read_exact_at(buf, offset)
+        self.check(offset, buf.len() as u64).map_err(errno_io)?;
+        self.file().read_exact_at(buf, offset).inspect_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                self.recheck();
+            }
+        })
     }
 
     /// Writes all of `buf` at `offset`; with `fua`, durably before returning.
@@ -171,6 +269,7 @@ impl Backend {
             v.zero(offset, len)?;
             return Ok(true);
         }
+        self.check_size(offset, len)?;
         let r = match self.kind {
             ImageKind::File => fallocate(
                 self.file().as_raw_fd(),
@@ -206,10 +305,11 @@ impl Backend {
         if let Some(v) = &self.virt {
             return v.zero(offset, len).map_err(|e| Errno::from_io(&e));
         }
+        let io_err = |e: io::Error| Errno::from_io(&e);
+        self.check_size(offset, len).map_err(io_err)?;
         let fd = self.file().as_raw_fd();
         let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
         let zero = FallocateFlags::FALLOC_FL_ZERO_RANGE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
-        let io_err = |e: io::Error| Errno::from_io(&e);
         let done = match self.kind {
             ImageKind::Virtual => unreachable!("virtual images return above"),
             ImageKind::File => {
@@ -272,6 +372,7 @@ impl Backend {
         if self.virt.is_some() {
             return Ok(());
         }
+        self.check_size(offset, len)?;
         posix_fadvise(
             self.file().as_raw_fd(),
             offset as i64,
@@ -282,15 +383,19 @@ impl Backend {
     }
 
     /// The allocation of `[offset, offset+len)` as (length, is_hole) runs, at most `max` runs.
-    /// Holes read as zeroes. A block device reports one data run.
+    /// Holes read as zeroes. A block device reports one data run. A range the image does not
+    /// reach (any more) is an error, never a hole: SEEK_DATA past the end of a file answers as
+    /// it does for a hole at the end, so the size is checked after looking.
     pub fn allocation(&self, offset: u64, len: u64, max: usize) -> io::Result<Vec<(u64, bool)>> {
         if let Some(v) = &self.virt {
             return v.allocation(offset, len, max);
         }
         let end = offset + len;
         if self.kind == ImageKind::BlockDevice {
+            self.check_size(offset, len)?;
             return Ok(vec![(len, false)]);
         }
+        self.check(offset, len).map_err(errno_io)?;
         let fd = self.file().as_raw_fd();
         let mut runs = Vec::new();
         let mut pos = offset;
@@ -319,8 +424,14 @@ impl Backend {
             runs.push((stop - pos, false));
             pos = stop;
         }
+        self.check_size(offset, len)?;
         Ok(runs)
     }
+}
+
+/// `e` as an `io::Error` with the same errno.
+fn errno_io(e: Errno) -> io::Error {
+    io::Error::from_raw_os_error(e as i32)
 }
 
 impl tracker::ImageRead for Backend {
@@ -382,6 +493,62 @@ mod tests {
         assert_eq!(got[99], 1);
         assert_eq!(got[5100], 1);
         assert!(got[1 << 20..2 << 20].iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn a_shrunk_image_fails_the_lost_range_never_a_hole() {
+        let (_d, p) = image(8 << 20);
+        let b = Backend::open(&p, false, false).unwrap();
+        b.write_at(&vec![7u8; 8 << 20], 0, false).unwrap();
+        File::options().write(true).open(&p).unwrap().set_len(4 << 20).unwrap();
+        // Found by the range being looked at, before any recheck.
+        assert!(b.allocation(0, 8 << 20, 100).is_err(), "a lost range must not be called a hole");
+        let c = b.watch().change().expect("the shrink is recorded");
+        assert_eq!(
+            (c.kind, c.served_bytes, c.now_bytes, c.valid_bytes),
+            (ImageChangeKind::Shrank, 8 << 20, Some(4 << 20), 4 << 20)
+        );
+        assert_eq!(b.check((4 << 20) - 1, 2), Err(Errno::Io));
+        assert!(b.read_at(&mut [0u8; 4096], 6 << 20).is_err());
+        assert!(b.trim(5 << 20, 4096, false).is_err());
+        assert_eq!(b.write_zeroes(5 << 20, 4096, false, false, false), Err(Errno::Io));
+        assert!(b.cache(5 << 20, 4096).is_err());
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 4 << 20, "nothing extended the file");
+        // What is left is still served.
+        let mut got = vec![0u8; 4096];
+        b.read_at(&mut got, 0).unwrap();
+        assert_eq!(got, vec![7u8; 4096]);
+        assert_eq!(b.allocation(0, 4 << 20, 100).unwrap(), vec![(4 << 20, false)]);
+    }
+
+    #[test]
+    fn a_short_read_makes_the_image_be_looked_at() {
+        let (_d, p) = image(1 << 20);
+        let b = Backend::open(&p, false, false).unwrap();
+        File::options().write(true).open(&p).unwrap().set_len(4096).unwrap();
+        assert!(b.read_at(&mut [0u8; 4096], 8192).is_err());
+        assert_eq!(b.watch().valid_end(), 4096);
+    }
+
+    #[test]
+    fn a_replaced_or_removed_image_fails_everything() {
+        let (d, p) = image(1 << 20);
+        let b = Backend::open(&p, false, false).unwrap();
+        b.recheck();
+        assert!(b.watch().change().is_none(), "an unchanged image is not a change");
+        let other = d.path().join("other");
+        File::create(&other).unwrap().set_len(2 << 20).unwrap();
+        std::fs::rename(&other, &p).unwrap();
+        b.recheck();
+        let c = b.watch().change().expect("the replacement is recorded");
+        assert_eq!((c.kind, c.now_bytes, c.valid_bytes), (ImageChangeKind::Replaced, Some(2 << 20), 0));
+        assert_eq!(b.check(0, 1), Err(Errno::Io));
+
+        let (_d, p) = image(1 << 20);
+        let b = Backend::open(&p, true, false).unwrap();
+        std::fs::remove_file(&p).unwrap();
+        b.recheck();
+        assert_eq!(b.watch().change().map(|c| c.kind), Some(ImageChangeKind::Removed));
     }
 
     #[test]

@@ -89,8 +89,11 @@ impl Export {
     }
 
     /// Records a change before the image is touched (invariant 1); pair with `end_write`.
-    /// A quiesced disk (planned failover) refuses the write with EPERM.
+    /// A quiesced disk (planned failover) refuses the write with EPERM; a range the image lost
+    /// under the shim ([`crate::watch`]) with EIO, so a write never extends a shrunk file once
+    /// the shrink is known.
     pub fn begin_write(&self, offset: u64, len: u64) -> Result<Option<WriteTicket>, Errno> {
+        self.backend.check(offset, len)?;
         match &self.kind {
             ExportKind::Live { tracker: Some(t) } => match t.begin_write(offset, len) {
                 Ok(ticket) => Ok(Some(ticket)),
@@ -258,6 +261,8 @@ impl Conn {
         req_one: bool,
         out: &mut Vec<u8>,
     ) -> Result<(), Errno> {
+        // No context describes a range the image lost: the request fails whole.
+        self.export.backend.check(offset, len.into())?;
         let max = if req_one { 1 } else { MAX_EXTENTS };
         let mut chunks = Vec::with_capacity(self.contexts.len());
         for &(id, idx) in &self.contexts {

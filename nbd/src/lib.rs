@@ -2,7 +2,8 @@
 //!
 //! - [`proto`] is the protocol, sans-IO: the fixed-newstyle handshake as a state machine, request
 //!   parsing and validation into typed commands, reply encoding.
-//! - [`backend`] is the image (a regular file or a block device) and its synchronous operations.
+//! - [`backend`] is the image (a regular file or a block device) and its synchronous operations;
+//!   [`watch`] fails requests touching a range the image lost under the shim (shrunk, replaced).
 //! - [`engine`] runs a connection's transmission phase: [`engine::uring`] on io_uring (the
 //!   default), [`engine::sync`] on plain pread/pwrite where io_uring is unavailable.
 //! - [`server`] accepts connections on Unix and TCP sockets (or systemd-activated ones), does the
@@ -23,6 +24,7 @@ pub mod proto;
 pub mod server;
 pub mod sys;
 pub mod ublk;
+pub mod watch;
 
 pub use backend::{Backend, ImageKind, OpenError, VirtualImage};
 pub use engine::EngineKind;

@@ -641,6 +641,9 @@ fn start_request(
     match desc.op {
         UBLK_IO_OP_READ | UBLK_IO_OP_WRITE if len == 0 => q.commit(tag, 0),
         UBLK_IO_OP_READ => {
+            if let Err(e) = backend.check(offset, len as u64) {
+                return q.commit(tag, -(e as i32));
+            }
             pending[usize::from(tag)] = Some(Pending::Read { offset, len, done: 0 });
             q.read(tag, fd, offset, len, 0)
         }
@@ -709,7 +712,11 @@ fn image_done(
             *slot = None;
             let result = match res {
                 r if r < 0 => r,
-                0 => -libc::EIO, // the image ended early
+                0 => {
+                    // The image ended early: it shrank under us; look at it now.
+                    export.backend.recheck();
+                    -libc::EIO
+                }
                 _ => match export.after_read(q.buffer(tag, len), offset) {
                     Ok(()) => len as i32,
                     Err(e) => neg_errno(&e),

@@ -9,7 +9,7 @@ use nbd::kernel::KernelDevice;
 use nbd::ublk::{UblkConfig, UblkDevice};
 use nbd::{Backend, Catalog, EngineKind, Export, Listener, Server, StaticCatalog, TrackedCatalog};
 use nix::sys::signal::{SigSet, Signal};
-use tracker::{DirMedia, Media, Options, Tracker};
+use tracker::{DirMedia, Media, Options, TrackError, Tracker};
 
 use crate::size::parse_size;
 use tracker::control;
@@ -152,6 +152,17 @@ pub fn run(image: PathBuf, args: ServeArgs) -> Result<()> {
     } else {
         Some(open_tracker(&image, &args, backend.clone())?)
     };
+    // The image shrinking or being replaced under us is logged by the watch, fails the lost
+    // range with EIO, and (through the tracker) requires a resync and shows in `status`.
+    if let Some(t) = &tracker {
+        let weak = Arc::downgrade(t);
+        backend.watch().set_listener(Box::new(move |change| {
+            if let Some(t) = weak.upgrade() {
+                t.image_changed(change.clone());
+            }
+        }));
+    }
+    backend.spawn_watcher(nbd::watch::PERIOD).context("starting the image watch")?;
     let control = match (&tracker, &args.socket, &args.control) {
         (None, _, _) => None,
         (Some(_), Some(sock), c) => Some(control::control_path(sock, c.as_deref())),
@@ -265,6 +276,7 @@ impl Drop for SocketFiles {
 fn open_tracker(image: &Path, args: &ServeArgs, backend: Arc<Backend>) -> Result<Arc<Tracker>> {
     let opts =
         Options { granularity: args.granularity, preserve_limit: args.preserve_limit, ..Options::default() };
+    let backend_size = backend.size();
     let (media, preserve): (Option<Box<dyn Media>>, std::fs::File) = match &args.state_dir {
         Some(dir) => {
             let media = DirMedia::open(dir)
@@ -288,7 +300,26 @@ fn open_tracker(image: &Path, args: &ServeArgs, backend: Arc<Backend>) -> Result
             (None, file)
         }
     };
-    let (tracker, recovery) = Tracker::open(backend.size(), &opts, backend, media, preserve)?;
+    let (tracker, recovery) =
+        Tracker::open(backend_size, &opts, backend, media, preserve).map_err(|e| match e {
+            TrackError::Shrank { was, now } => anyhow::anyhow!(
+                "refusing to serve {}: {e}. Restore the image (all {was} bytes, e.g. from a recovery \
+                 point) and start again, or, if the disk is meant to be {now} bytes now, start \
+                 protection over: move {} aside, give a fresh --state-dir, and let the agent resync \
+                 the whole disk",
+                image.display(),
+                args.state_dir.as_deref().unwrap_or(Path::new("the state directory")).display(),
+            ),
+            e => e.into(),
+        })?;
+    if let Some(old) = recovery.grown_from {
+        tracing::warn!(
+            image = %image.display(),
+            old_size = old,
+            new_size = backend_size,
+            "the disk grew since the last run: its new range is marked dirty, so the next generation ships it"
+        );
+    }
     if let Some(origin) = &args.materialized_from {
         tracing::info!("tracking every write since {origin}");
         tracker.clear_resync();

@@ -81,6 +81,10 @@ pub fn status(args: &ControlArgs) -> Result<()> {
         }
     );
     println!("resync required:   {}", s.resync_required.as_deref().unwrap_or("no"));
+    match &s.image_changed {
+        Some(c) => println!("IMAGE CHANGED:     {c}"),
+        None => println!("image changed:     no"),
+    }
     println!("next generation:   {}", s.next_generation);
     println!("backlog:           {} bytes ({})", s.backlog_bytes, mib(s.backlog_bytes));
     match (&s.last_replicated, s.rpo_ms) {

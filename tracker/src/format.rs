@@ -238,7 +238,8 @@ fn leaves<'a>(
     what: &'static str,
 ) -> Result<Vec<(u32, LeafData<'a>)>, FormatError> {
     let n = r.u32()?;
-    if n > max_leaf {
+    // Each leaf takes at least its 4-byte index: the remaining length bounds the allocation.
+    if n > max_leaf || n as usize > (r.b.len() - r.pos) / 4 {
         return Err(FormatError::Range(what));
     }
     let mut out = Vec::with_capacity(n as usize);
@@ -255,9 +256,10 @@ fn leaves<'a>(
 }
 
 impl<'a> StateRecord<'a> {
-    /// Decodes and checks a state file written for a disk of `size` bytes at `granularity`.
-    /// Reads version 1 (bitmaps only) and version 2 (full leaves stored as a flag).
-    pub fn decode(bytes: &'a [u8], size: u64, granularity: u64) -> Result<Self, FormatError> {
+    /// Decodes and checks a state file written at `granularity`, for a disk of the size it
+    /// states (the caller compares it with the disk's). Reads version 1 (bitmaps only) and
+    /// version 2 (full leaves stored as a flag).
+    pub fn decode(bytes: &'a [u8], granularity: u64) -> Result<Self, FormatError> {
         let mut r = Reader { b: bytes, pos: 0 };
         if r.take(8).map_err(|_| FormatError::Truncated)? != STATE_MAGIC {
             return Err(FormatError::BadMagic);
@@ -269,9 +271,9 @@ impl<'a> StateRecord<'a> {
         let body = verified(bytes)?;
         let mut r = Reader { b: body, pos: 12 };
         let flags = r.u32()?;
-        let (s, g) = (r.u64()?, r.u64()?);
-        if (s, g) != (size, granularity) {
-            return Err(FormatError::Geometry { size: s, granularity: g });
+        let (size, g) = (r.u64()?, r.u64()?);
+        if g != granularity {
+            return Err(FormatError::Geometry { size, granularity: g });
         }
         let blocks = size.div_ceil(granularity);
         let max_leaf = u32::try_from(blocks.div_ceil(LEAF_BITS))
@@ -434,20 +436,20 @@ mod tests {
         let leaf = vec![1; LEAF_BYTES];
         let s = sample(&leaf);
         let b = encode(&s);
-        assert_eq!(StateRecord::decode(&b, 1 << 30, 4096), Ok(s));
-        assert!(matches!(StateRecord::decode(&b, 1 << 31, 4096), Err(FormatError::Geometry { .. })));
+        assert_eq!(StateRecord::decode(&b, 4096), Ok(s));
+        assert!(matches!(StateRecord::decode(&b, 8192), Err(FormatError::Geometry { .. })));
         for cut in [0, 5, 20, b.len() - 1] {
-            assert!(StateRecord::decode(&b[..cut], 1 << 30, 4096).is_err(), "truncated at {cut}");
+            assert!(StateRecord::decode(&b[..cut], 4096).is_err(), "truncated at {cut}");
         }
         let mut bad = b.clone();
         bad[100] ^= 1;
-        assert_eq!(StateRecord::decode(&bad, 1 << 30, 4096), Err(FormatError::Checksum));
+        assert_eq!(StateRecord::decode(&bad, 4096), Err(FormatError::Checksum));
         let mut bad = b.clone();
         bad[0] = b'X';
-        assert_eq!(StateRecord::decode(&bad, 1 << 30, 4096), Err(FormatError::BadMagic));
+        assert_eq!(StateRecord::decode(&bad, 4096), Err(FormatError::BadMagic));
         let mut bad = b;
         bad[8] = 9;
-        assert_eq!(StateRecord::decode(&bad, 1 << 30, 4096), Err(FormatError::Version(9)));
+        assert_eq!(StateRecord::decode(&bad, 4096), Err(FormatError::Version(9)));
     }
 
     #[test]
@@ -460,7 +462,7 @@ mod tests {
         let body = b.len() - CHECKSUM;
         let sum = blake3::hash(&b[..body]);
         b[body..].copy_from_slice(sum.as_bytes());
-        assert_eq!(StateRecord::decode(&b, 1 << 30, 4096), Ok(s));
+        assert_eq!(StateRecord::decode(&b, 4096), Ok(s));
     }
 
     #[test]
@@ -479,7 +481,7 @@ mod tests {
     proptest! {
         #[test]
         fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..5000)) {
-            let _ = StateRecord::decode(&data, 1 << 30, 4096);
+            let _ = StateRecord::decode(&data, 4096);
             let _ = AlRecord::decode(&data);
         }
 

@@ -99,6 +99,11 @@ pub enum TrackError {
          and re-enroll the disk with `siterep agent --reenroll` (which resyncs)"
     )]
     BadSource(String),
+    #[error(
+        "the disk is {now} bytes but its tracking state is for {was} bytes: it shrank, and what \
+         was past its new end is gone from it but not from the replica"
+    )]
+    Shrank { was: u64, now: u64 },
 }
 
 /// A frozen dirty set and what is needed to read the disk as it was at its cut.
@@ -225,6 +230,60 @@ pub struct Status {
     /// Whether `source_id` survives a restart (it is kept in a state directory).
     #[serde(default)]
     pub source_persistent: bool,
+    /// The image shrank or was replaced under the running shim (also a resync reason).
+    pub image_changed: Option<ImageChange>,
+}
+
+/// How the served image changed under the running shim.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ImageChangeKind {
+    /// The file or block device became smaller than the size served.
+    Shrank,
+    /// The image's path now names another file or device than the one open.
+    Replaced,
+    /// The image's path names nothing any more.
+    Removed,
+}
+
+/// A change of the served image that lost data: requests touching `valid_bytes..served_bytes`
+/// fail with EIO from then on.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ImageChange {
+    pub kind: ImageChangeKind,
+    /// The image's path as the shim was given it.
+    pub path: String,
+    /// The size the shim serves: the image's size when it was opened.
+    pub served_bytes: u64,
+    /// The size of what the path names now (the shrunk image, or the file that replaced it).
+    pub now_bytes: Option<u64>,
+    /// Where the range still served ends.
+    pub valid_bytes: u64,
+    pub detected_unix_ms: u64,
+}
+
+impl std::fmt::Display for ImageChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (path, served) = (&self.path, self.served_bytes);
+        match (self.kind, self.now_bytes) {
+            (ImageChangeKind::Shrank, now) => write!(
+                f,
+                "the image {path} shrank from {served} to {} bytes under the shim",
+                now.unwrap_or(self.valid_bytes)
+            )?,
+            (ImageChangeKind::Replaced, Some(now)) => write!(
+                f,
+                "the image {path} ({served} bytes) was replaced under the shim by another file or device of {now} bytes"
+            )?,
+            (ImageChangeKind::Replaced, None) => {
+                write!(f, "the image {path} ({served} bytes) was replaced under the shim")?
+            }
+            (ImageChangeKind::Removed, _) => {
+                write!(f, "the image {path} ({served} bytes) was removed under the shim")?
+            }
+        }
+        write!(f, "; bytes {}..{served} fail with EIO", self.valid_bytes)
+    }
 }
 
 /// What recovery found when the tracker was opened.
@@ -237,6 +296,8 @@ pub struct Recovery {
     /// Regions added whole from the activity log.
     pub hot_regions: usize,
     pub generations: usize,
+    /// The disk grew since the state was written, from this size: the grown range is dirty.
+    pub grown_from: Option<u64>,
 }
 
 /// Token from `begin_write` for `end_write`.
@@ -290,6 +351,7 @@ pub struct Tracker {
     bg: Arc<Background>,
     interval: Duration,
     replicated: Mutex<Option<ReplicatedPoint>>,
+    image_changed: Mutex<Option<ImageChange>>,
     /// Writes are refused (planned failover).
     quiesced: AtomicBool,
     /// Writes between `begin_write` and `end_write`.
@@ -396,6 +458,7 @@ impl Tracker {
             bg: Arc::new(Background { wake: Mutex::new((false, false)), cond: Condvar::new() }),
             interval: opts.checkpoint_interval,
             replicated: Mutex::new(None),
+            image_changed: Mutex::new(None),
             quiesced: AtomicBool::new(false),
             inflight: AtomicU64::new(0),
             source: [0; 16],
@@ -410,6 +473,7 @@ impl Tracker {
                 after_crash: false,
                 hot_regions: 0,
                 generations: 0,
+                grown_from: None,
             },
             Some(p) => t.recover(p)?,
         };
@@ -432,7 +496,13 @@ impl Tracker {
         let media = &*p.media;
         let state = media.read(STATE_FILE).map_err(TrackError::State)?;
         let al = media.read(AL_FILE).map_err(TrackError::State)?;
-        let mut rec = Recovery { resync_required: None, after_crash: false, hot_regions: 0, generations: 0 };
+        let mut rec = Recovery {
+            resync_required: None,
+            after_crash: false,
+            hot_regions: 0,
+            generations: 0,
+            grown_from: None,
+        };
         let Some(state) = state else {
             rec.resync_required = Some(if al.is_some() {
                 "state.bin is missing but an activity log exists: the tracking state was lost".into()
@@ -441,13 +511,19 @@ impl Tracker {
             });
             return Ok(rec);
         };
-        let st = match StateRecord::decode(&state, self.size, self.granularity) {
+        let st = match StateRecord::decode(&state, self.granularity) {
             Ok(s) => s,
             Err(e) => {
                 rec.resync_required = Some(format!("state.bin is unusable: {e}"));
                 return Ok(rec);
             }
         };
+        // A smaller disk lost data the replica still holds: refused, never adopted. A larger
+        // one is adopted (the next checkpoint records the new size) with its new range dirty.
+        if st.size > self.size {
+            return Err(TrackError::Shrank { was: st.size, now: self.size });
+        }
+        rec.grown_from = (st.size < self.size).then_some(st.size);
         let clean = st.flags & FLAG_CLEAN != 0;
         rec.after_crash = !clean;
         rec.resync_required = st.resync.clone();
@@ -518,6 +594,9 @@ impl Tracker {
         }
         for (offset, len) in &hot {
             live.map.mark(*offset, *len);
+        }
+        if let Some(old) = rec.grown_from {
+            live.map.mark(old, self.size - old);
         }
         rec.hot_regions = hot.len();
         rec.generations = live.gens.len();
@@ -765,6 +844,13 @@ impl Tracker {
         self.request_checkpoint();
     }
 
+    /// Records that the image lost data under the shim: reported by `status`, and a resync
+    /// is required (persisted).
+    pub fn image_changed(&self, change: ImageChange) {
+        self.require_resync(change.to_string());
+        *lock(&self.image_changed) = Some(change);
+    }
+
     /// Records the newest recovery point the agent committed (for the RPO).
     pub fn set_replicated(&self, point: ReplicatedPoint) {
         let mut r = lock(&self.replicated);
@@ -819,6 +905,7 @@ impl Tracker {
             memory_bytes: memory as u64,
             source_id: hex(&self.source),
             source_persistent: self.persist.is_some(),
+            image_changed: lock(&self.image_changed).clone(),
         }
     }
 
@@ -1352,9 +1439,42 @@ mod tests {
         assert!(rec.resync_required.unwrap().contains("checksum"));
         write(&t2, &img2, 3 * G, &[1; 10]);
         assert_eq!(blocks(&t2, t2.live_runs(0, SIZE, 100)), BTreeSet::from([3]));
-        // A different disk size is detected too.
-        let (_, _, rec) = open_mem(SIZE as usize + 4096, Some(Box::new(SharedSim(sim))), &o);
+        // A different granularity is detected too.
+        let o2 = Options { granularity: 2 * G, ..o };
+        let (_, _, rec) = open_mem(SIZE as usize, Some(Box::new(SharedSim(sim))), &o2);
         assert!(rec.resync_required.unwrap().contains("written for a disk"));
+    }
+
+    #[test]
+    fn a_grown_disk_is_adopted_dirty_and_a_shrunk_one_refused() {
+        let sim = Arc::new(SimMedia::new());
+        let o = opts();
+        let state = || -> Option<Box<dyn Media>> { Some(Box::new(SharedSim(sim.clone()))) };
+        let (t, img, _) = open_mem(SIZE as usize, state(), &o);
+        t.clear_resync();
+        write(&t, &img, 3 * G, &[1; 10]);
+        t.close().unwrap();
+        drop(t);
+        // Larger: the state is kept, everything past the old end is dirty, no resync.
+        let big = SIZE + 5 * G;
+        let (t, _, rec) = open_mem(big as usize, state(), &o);
+        assert_eq!(rec.grown_from, Some(SIZE));
+        assert!(rec.resync_required.is_none(), "{rec:?}");
+        let want: BTreeSet<u64> = [3].into_iter().chain(SIZE / G..big.div_ceil(G)).collect();
+        assert_eq!(blocks(&t, t.live_runs(0, big, usize::MAX)), want);
+        t.close().unwrap();
+        drop(t);
+        // The state holds the new size from then on.
+        let (t, _, rec) = open_mem(big as usize, state(), &o);
+        assert_eq!(rec.grown_from, None);
+        t.close().unwrap();
+        drop(t);
+        // Smaller than the state: refused, and the state is left as it was.
+        let before = sim.read(STATE_FILE).unwrap();
+        let img = Arc::new(MemImage(Mutex::new(vec![0u8; SIZE as usize])));
+        let err = Tracker::open(SIZE, &o, img, state(), tempfile::tempfile().unwrap()).unwrap_err();
+        assert!(matches!(err, TrackError::Shrank { was, now } if was == big && now == SIZE), "{err}");
+        assert_eq!(sim.read(STATE_FILE).unwrap(), before);
     }
 
     #[test]

@@ -673,8 +673,11 @@ impl Engine<'_> {
         self.n_ops -= 1;
         let errno = match res {
             r if r < 0 => Some(Errno::from_io(&io::Error::from_raw_os_error(-r))),
-            // A read that hits the end of a file that shrank under us.
-            0 if matches!(op.kind, OpKind::Read { .. }) => Some(Errno::Io),
+            // A read that hits the end of a file that shrank under us: look at it now.
+            0 if matches!(op.kind, OpKind::Read { .. }) => {
+                self.conn.export.backend.recheck();
+                Some(Errno::Io)
+            }
             _ => None,
         };
         let mut op = op;
@@ -835,7 +838,13 @@ impl Engine<'_> {
 
     fn request(&mut self, raw: RawRequest) {
         let structured = self.conn.structured();
-        match self.conn.session.validate(&raw) {
+        let valid = self.conn.session.validate(&raw).and_then(|cmd| match cmd {
+            Command::Read { offset, len, .. } => {
+                self.conn.export.backend.check(offset, len.into()).map(|()| cmd)
+            }
+            _ => Ok(cmd),
+        });
+        match valid {
             Err(error) => {
                 let discard = u64::from(raw.payload_len());
                 if discard > 0 {
