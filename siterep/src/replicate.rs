@@ -213,9 +213,23 @@ pub struct ServerArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, value_name = "HOST:PORT")]
     metrics: Option<String>,
+    /// Most connections in their handshake (TLS and Hello) at once; one beyond them is closed
+    /// at once.
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    max_handshakes: u32,
+    /// Time a connection has to complete its TLS handshake and send Hello (e.g. 10s).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    handshake_timeout: Duration,
 }
 
 pub fn server(args: ServerArgs) -> Result<()> {
+    if args.handshake_timeout < Duration::from_millis(100) {
+        bail!("--handshake-timeout must be at least 100ms");
+    }
+    let limits = server::net::Limits {
+        max_handshakes: args.max_handshakes as usize,
+        handshake_timeout: args.handshake_timeout,
+    };
     let tls = args.tls.files(&args.listen)?.map(|f| agent::tls::server_config(&f)).transpose()?;
     let enrollment = match &args.enrollment {
         Some(path) => server::net::Enrollment::load(path).map_err(anyhow::Error::msg)?,
@@ -275,7 +289,7 @@ pub fn server(args: ServerArgs) -> Result<()> {
         let m = metrics.clone();
         crate::metrics::serve(addr, move || server_samples(&m))?;
     }
-    server::net::serve(listener, access, store, name, stop)?;
+    server::net::serve(listener, access, store, name, limits, stop)?;
     Ok(())
 }
 
@@ -317,7 +331,25 @@ fn agent_samples(m: &agent::Metrics) -> Vec<crate::metrics::Sample> {
 fn server_samples(m: &server::net::Metrics) -> Vec<crate::metrics::Sample> {
     let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
     vec![
-        ("siterep_server_connections", "gauge", "Connected agents.", get(&m.connections)),
+        ("siterep_server_connections", "gauge", "Open agent connections.", get(&m.connections)),
+        (
+            "siterep_server_handshakes",
+            "gauge",
+            "Connections in their handshake (TLS and Hello).",
+            get(&m.handshakes),
+        ),
+        (
+            "siterep_server_handshakes_refused_total",
+            "counter",
+            "Connections closed at once: --max-handshakes were in their handshake.",
+            get(&m.handshakes_refused_total),
+        ),
+        (
+            "siterep_server_handshakes_failed_total",
+            "counter",
+            "Handshakes that failed or timed out (--handshake-timeout).",
+            get(&m.handshakes_failed_total),
+        ),
         ("siterep_points_total", "counter", "Recovery points committed.", get(&m.points_total)),
         (
             "siterep_chunks_received_total",
