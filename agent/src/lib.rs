@@ -50,6 +50,21 @@ pub enum AgentError {
     Tls(#[source] rustls::Error),
     #[error("connection to the server failed")]
     Io(#[source] io::Error),
+    /// A read or write on the connection timed out.
+    #[error("no answer from the server at {addr} within {after:?}")]
+    NoAnswer { addr: String, after: std::time::Duration },
+    /// A plaintext (`--insecure`) agent reached a server that speaks TLS.
+    #[error(
+        "the server at {addr} speaks TLS, but this agent runs with --insecure (plaintext): give \
+         --tls-cert, --tls-key and --tls-ca instead"
+    )]
+    ServerSpeaksTls { addr: String },
+    /// A TLS agent reached a server that speaks plaintext.
+    #[error(
+        "the server at {addr} answered in plaintext, not TLS: it runs with --insecure (run it with \
+         TLS, or give the agent --insecure too, on loopback only)"
+    )]
+    ServerSpeaksPlaintext { addr: String },
     #[error("the server sent a malformed frame")]
     Wire(#[source] wire::WireError),
     #[error("protocol error: {0}")]
@@ -78,7 +93,11 @@ impl AgentError {
     pub fn is_fatal(&self) -> bool {
         match self {
             AgentError::Tls(e) => tls_is_fatal(e),
-            AgentError::Version(_) | AgentError::Config(_) | AgentError::GaveUp { .. } => true,
+            AgentError::Version(_)
+            | AgentError::Config(_)
+            | AgentError::GaveUp { .. }
+            | AgentError::ServerSpeaksTls { .. }
+            | AgentError::ServerSpeaksPlaintext { .. } => true,
             AgentError::Server { fatal, .. } => *fatal,
             _ => false,
         }

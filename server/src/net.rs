@@ -663,18 +663,15 @@ fn tls_handshake(
 ) -> io::Result<StreamOwned<ServerConnection, TcpStream>> {
     let conn = ServerConnection::new(tls.clone()).map_err(io::Error::other)?;
     let mut stream = StreamOwned::new(conn, tcp);
-    let mut first = true;
+    // Whether the agent's first bytes were not a TLS record (an agent run with --insecure):
+    // rustls answers them with an alert, which that agent reports.
+    let mut plaintext = None;
     while stream.conn.is_handshaking() {
         stream.sock.set_timeouts(gate.left("TLS handshake")?);
-        if first {
-            // An agent run with --insecure sends a frame, not a TLS record.
+        if plaintext.is_none() {
             let mut head = [0u8; 2];
             match stream.sock.peek(&mut head) {
-                Ok(2) if !tls_record(&head) => {
-                    let e = "the agent sent plaintext, not TLS (is it running with --insecure?)";
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, e));
-                }
-                Ok(2) => first = false,
+                Ok(2) => plaintext = Some(!tls_record(&head)),
                 Ok(_) => {}
                 Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
                     return Err(gate.expired("TLS handshake"))
@@ -686,6 +683,10 @@ fn tls_handshake(
             Ok(_) => {}
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
                 return Err(gate.expired("TLS handshake"))
+            }
+            Err(_) if plaintext == Some(true) => {
+                let e = "the agent sent plaintext, not TLS (is it running with --insecure?)";
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
             }
             Err(e) => return Err(e),
         }
