@@ -34,6 +34,9 @@ pub struct Metrics {
     pub bytes_zero_total: AtomicU64,
     pub points_total: AtomicU64,
     pub errors_total: AtomicU64,
+    /// Progress the server acknowledged short of a commit: initial-copy checkpoints and
+    /// resync regions. A failure after progress starts the retry schedule over.
+    pub progress_total: AtomicU64,
     /// Cut time of the newest committed point (ms since the epoch; 0: none yet).
     pub last_cut_unix_ms: AtomicU64,
     /// Bytes waiting: the shim's live set plus unreleased generations, when last seen.

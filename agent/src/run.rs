@@ -125,6 +125,40 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// When to try again after a failure: [`RETRY_DELAYS`] in turn, then [`RETRY_STEADY`]. The
+/// schedule starts over after progress: a commit (the session resets `failures`), or a
+/// checkpoint or resync region the server acknowledged (`Metrics::progress_total` moved).
+#[derive(Debug, Default)]
+pub(crate) struct Retry {
+    /// Failed attempts in a row, since the last progress.
+    pub(crate) failures: usize,
+    /// `progress_total` when last looked at.
+    progress: u64,
+}
+
+impl Retry {
+    /// After a failed attempt, with the agent's `progress` count now: the delay before the
+    /// next attempt, or `Err(attempts in a row)` when `max` failures in a row were allowed and
+    /// this one is beyond them.
+    pub(crate) fn after_failure(
+        &mut self,
+        progress: u64,
+        max: Option<usize>,
+        scale: f64,
+    ) -> Result<Duration, usize> {
+        if progress != self.progress {
+            self.progress = progress;
+            self.failures = 0;
+        }
+        if max.is_some_and(|max| self.failures >= max) {
+            return Err(self.failures + 1);
+        }
+        let delay = RETRY_DELAYS.get(self.failures).copied().unwrap_or(RETRY_STEADY).mul_f64(scale);
+        self.failures += 1;
+        Ok(delay)
+    }
+}
+
 /// Runs until a fatal error (or, with `once`, one successful cycle).
 pub fn run(cfg: &AgentConfig) -> Result<Option<Summary>, AgentError> {
     let mut agent = Agent {
@@ -135,19 +169,18 @@ pub fn run(cfg: &AgentConfig) -> Result<Option<Summary>, AgentError> {
         last_cut: None,
         force_resync: cfg.resync.force,
     };
-    let mut failures = 0usize;
+    let mut retry = Retry { failures: 0, progress: cfg.metrics.progress_total.load(Ordering::Relaxed) };
     loop {
-        match agent.session(&mut failures) {
+        match agent.session(&mut retry.failures) {
             Ok(summary) => return Ok(summary),
             Err(e) if e.is_fatal() => return Err(e),
             Err(e) => {
                 cfg.metrics.errors_total.fetch_add(1, Ordering::Relaxed);
-                if cfg.max_retries.is_some_and(|max| failures >= max) {
-                    return Err(AgentError::GaveUp { attempts: failures + 1, last: Box::new(e) });
-                }
-                let delay =
-                    RETRY_DELAYS.get(failures).copied().unwrap_or(RETRY_STEADY).mul_f64(cfg.retry_scale);
-                failures += 1;
+                let progress = cfg.metrics.progress_total.load(Ordering::Relaxed);
+                let delay = match retry.after_failure(progress, cfg.max_retries, cfg.retry_scale) {
+                    Ok(delay) => delay,
+                    Err(attempts) => return Err(AgentError::GaveUp { attempts, last: Box::new(e) }),
+                };
                 tracing::warn!("replication failed ({}); retrying in {delay:?}", chain(&e));
                 // The server may lack chunks we believed it had: ones sent in a session that
                 // ended before its commit, or ones it refused in a reply this failure cut off.
@@ -495,7 +528,9 @@ impl Agent<'_> {
             )?;
             link.send(&Frame::Progress { next_offset: slice_end })?;
             match link.recv()? {
-                Frame::ProgressAck { next_offset } if next_offset == slice_end => {}
+                Frame::ProgressAck { next_offset } if next_offset == slice_end => {
+                    cfg.metrics.progress_total.fetch_add(1, Ordering::Relaxed);
+                }
                 other => {
                     return Err(AgentError::Protocol(format!(
                         "expected ProgressAck, got {}",
@@ -603,6 +638,31 @@ fn run_hook(what: &str, cmd: &str, timeout: Duration) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retries_follow_the_schedule_and_start_over_after_progress() {
+        let m = |s| Duration::from_secs(s);
+        let mut r = Retry::default();
+        let delays: Vec<_> = (0..7).map(|_| r.after_failure(0, None, 1.0).unwrap()).collect();
+        assert_eq!(delays, [m(60), m(120), m(240), m(480), m(600), m(1800), m(1800)]);
+        // A checkpoint or resync region acknowledged: the schedule starts over.
+        assert_eq!(r.after_failure(1, None, 1.0), Ok(m(60)));
+        assert_eq!(r.after_failure(1, None, 1.0), Ok(m(120)));
+        assert_eq!(r.after_failure(3, None, 1.0), Ok(m(60)));
+        // A commit: the session resets `failures`.
+        r.failures = 0;
+        assert_eq!(r.after_failure(3, None, 0.5), Ok(m(30)));
+        // `max` failures in a row are retried; the next one gives up, unless progress came
+        // in between.
+        let mut r = Retry::default();
+        assert_eq!(r.after_failure(0, Some(2), 1.0), Ok(m(60)));
+        assert_eq!(r.after_failure(0, Some(2), 1.0), Ok(m(120)));
+        assert_eq!(r.after_failure(0, Some(2), 1.0), Err(3));
+        let mut r = Retry::default();
+        r.after_failure(0, Some(2), 1.0).unwrap();
+        r.after_failure(0, Some(2), 1.0).unwrap();
+        assert_eq!(r.after_failure(5, Some(2), 1.0), Ok(m(60)));
+    }
 
     #[test]
     fn durations() {

@@ -135,6 +135,19 @@ pub fn agent(args: AgentArgs) -> Result<()> {
     if (args.pre_hook.is_some() || args.post_hook.is_some()) && args.app_consistent_every.is_none() {
         bail!("--pre-hook/--post-hook need --app-consistent-every");
     }
+    // Before any other thread starts, so that every thread inherits the blocked mask and only
+    // the waiting thread takes these signals. The agent's state is safe at any moment: the
+    // shim keeps every generation until the server has committed it.
+    let mut signals = nix::sys::signal::SigSet::empty();
+    signals.add(nix::sys::signal::Signal::SIGTERM);
+    signals.add(nix::sys::signal::Signal::SIGINT);
+    signals.thread_block()?;
+    std::thread::spawn(move || {
+        if let Ok(sig) = signals.wait() {
+            tracing::info!("agent stopping on {sig:?}");
+            std::process::exit(0);
+        }
+    });
     let tls = args.tls.files(&args.server)?.map(|f| agent::tls::client_config(&f)).transpose()?;
     let metrics = std::sync::Arc::new(agent::Metrics::default());
     if let Some(addr) = &args.metrics {
