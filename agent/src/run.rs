@@ -193,13 +193,21 @@ pub fn run(cfg: &AgentConfig) -> Result<Option<Summary>, AgentError> {
     }
 }
 
-/// An error and its causes on one line.
+/// An error and its causes on one line, each said once.
+///
+/// Some errors print their cause in their own message and also return it as their
+/// `source()` (the store's `StoreError::Io`, "open PATH: No such file or directory (os error
+/// 2)", and `StoreError::Format`): a cause whose text the line already ends with is not
+/// repeated.
 pub fn chain(err: &dyn std::error::Error) -> String {
     let mut s = err.to_string();
     let mut cur = err.source();
     while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        let text = c.to_string();
+        if !s.ends_with(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
         cur = c.source();
     }
     s
@@ -662,6 +670,30 @@ mod tests {
         r.after_failure(0, Some(2), 1.0).unwrap();
         r.after_failure(0, Some(2), 1.0).unwrap();
         assert_eq!(r.after_failure(5, Some(2), 1.0), Ok(m(60)));
+    }
+
+    #[test]
+    fn a_cause_in_the_message_is_said_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("open /x: {source}")]
+        struct Inline {
+            source: std::io::Error,
+        }
+        #[derive(Debug, thiserror::Error)]
+        #[error("opening store /x")]
+        struct Outer(#[source] Inline);
+        let os = || std::io::Error::from_raw_os_error(libc::ENOENT);
+        let e = Outer(Inline { source: os() });
+        assert_eq!(chain(&e), format!("opening store /x: open /x: {}", os()));
+        // A cause not in the message is said.
+        let e = AgentError::Connect(std::io::Error::from_raw_os_error(libc::ECONNREFUSED));
+        assert_eq!(
+            chain(&e),
+            format!(
+                "cannot connect to the server: {}",
+                std::io::Error::from_raw_os_error(libc::ECONNREFUSED)
+            )
+        );
     }
 
     #[test]
