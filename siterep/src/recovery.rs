@@ -208,7 +208,7 @@ mod tests {
         let got = std::fs::read(&out).unwrap();
         assert_eq!(got.len(), 1 << 20);
         assert!(got[256 << 10..512 << 10] == data[..]);
-        assert_eq!(walk(&out_dir), [out.clone()]);
+        assert_eq!(walk(&out_dir), std::slice::from_ref(&out));
 
         // A corrupt chunk: the restore fails, the earlier image is untouched, no temporary
         // is left behind.
@@ -220,7 +220,7 @@ mod tests {
         let reader = store.open_point("d", PointSel::Latest).unwrap();
         assert!(restore_file(&reader, &out, &mut |_, _| {}).is_err());
         assert!(std::fs::read(&out).unwrap() == b"before", "a failed restore replaced the image");
-        assert_eq!(walk(&out_dir), [out.clone()]);
+        assert_eq!(walk(&out_dir), std::slice::from_ref(&out));
         // No image at all before: none after.
         std::fs::remove_file(&out).unwrap();
         assert!(restore_file(&reader, &out, &mut |_, _| {}).is_err());
