@@ -34,6 +34,9 @@ pub struct Metrics {
     pub bytes_zero_total: AtomicU64,
     pub points_total: AtomicU64,
     pub errors_total: AtomicU64,
+    /// Progress the server acknowledged short of a commit: initial-copy checkpoints and
+    /// resync regions. A failure after progress starts the retry schedule over.
+    pub progress_total: AtomicU64,
     /// Cut time of the newest committed point (ms since the epoch; 0: none yet).
     pub last_cut_unix_ms: AtomicU64,
     /// Bytes waiting: the shim's live set plus unreleased generations, when last seen.
@@ -50,6 +53,21 @@ pub enum AgentError {
     Tls(#[source] rustls::Error),
     #[error("connection to the server failed")]
     Io(#[source] io::Error),
+    /// A read or write on the connection timed out.
+    #[error("no answer from the server at {addr} within {after:?}")]
+    NoAnswer { addr: String, after: std::time::Duration },
+    /// A plaintext (`--insecure`) agent reached a server that speaks TLS.
+    #[error(
+        "the server at {addr} speaks TLS, but this agent runs with --insecure (plaintext): give \
+         --tls-cert, --tls-key and --tls-ca instead"
+    )]
+    ServerSpeaksTls { addr: String },
+    /// A TLS agent reached a server that speaks plaintext.
+    #[error(
+        "the server at {addr} answered in plaintext, not TLS: it runs with --insecure (run it with \
+         TLS, or give the agent --insecure too, on loopback only)"
+    )]
+    ServerSpeaksPlaintext { addr: String },
     #[error("the server sent a malformed frame")]
     Wire(#[source] wire::WireError),
     #[error("protocol error: {0}")]
@@ -84,7 +102,9 @@ impl AgentError {
             AgentError::Version(_)
             | AgentError::Config(_)
             | AgentError::Diverged(_)
-            | AgentError::GaveUp { .. } => true,
+            | AgentError::GaveUp { .. }
+            | AgentError::ServerSpeaksTls { .. }
+            | AgentError::ServerSpeaksPlaintext { .. } => true,
             AgentError::Server { fatal, .. } => *fatal,
             _ => false,
         }

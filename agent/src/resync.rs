@@ -117,8 +117,10 @@ pub(crate) fn resync_reason(
     }
     if st.backlog_bytes > st.size / 2 {
         return Some(format!(
-            "the backlog ({} bytes) exceeds half the disk ({} bytes)",
-            st.backlog_bytes, st.size
+            "the backlog ({} bytes) exceeds half the disk ({} bytes of {})",
+            st.backlog_bytes,
+            st.size / 2,
+            st.size
         ));
     }
     None
@@ -713,6 +715,7 @@ impl Agent<'_> {
                 }
                 link.send(&Frame::Progress { next_offset: compared })?;
                 expect_progress_ack(link, compared)?;
+                cfg.metrics.progress_total.fetch_add(1, Ordering::Relaxed);
                 last_progress = (Instant::now(), compared);
                 draining = false;
                 continue;
@@ -1037,6 +1040,9 @@ mod tests {
         assert_eq!(resync_reason(&st2, &latest, None, false), None);
         let st2 = Status { backlog_bytes: (1 << 29) + 4096, ..st };
         assert!(resync_reason(&st2, &latest, None, false).unwrap().contains("backlog"));
+        assert!(resync_reason(&st2, &latest, None, false)
+            .unwrap()
+            .contains("(536870912 bytes of 1073741824)"));
     }
 
     #[test]

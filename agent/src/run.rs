@@ -128,6 +128,40 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// When to try again after a failure: [`RETRY_DELAYS`] in turn, then [`RETRY_STEADY`]. The
+/// schedule starts over after progress: a commit (the session resets `failures`), or a
+/// checkpoint or resync region the server acknowledged (`Metrics::progress_total` moved).
+#[derive(Debug, Default)]
+pub(crate) struct Retry {
+    /// Failed attempts in a row, since the last progress.
+    pub(crate) failures: usize,
+    /// `progress_total` when last looked at.
+    progress: u64,
+}
+
+impl Retry {
+    /// After a failed attempt, with the agent's `progress` count now: the delay before the
+    /// next attempt, or `Err(attempts in a row)` when `max` failures in a row were allowed and
+    /// this one is beyond them.
+    pub(crate) fn after_failure(
+        &mut self,
+        progress: u64,
+        max: Option<usize>,
+        scale: f64,
+    ) -> Result<Duration, usize> {
+        if progress != self.progress {
+            self.progress = progress;
+            self.failures = 0;
+        }
+        if max.is_some_and(|max| self.failures >= max) {
+            return Err(self.failures + 1);
+        }
+        let delay = RETRY_DELAYS.get(self.failures).copied().unwrap_or(RETRY_STEADY).mul_f64(scale);
+        self.failures += 1;
+        Ok(delay)
+    }
+}
+
 /// Runs until a fatal error (or, with `once`, one successful cycle).
 pub fn run(cfg: &AgentConfig) -> Result<Option<Summary>, AgentError> {
     let mut agent = Agent {
@@ -139,19 +173,18 @@ pub fn run(cfg: &AgentConfig) -> Result<Option<Summary>, AgentError> {
         force_resync: cfg.resync.force,
         reenroll: cfg.reenroll,
     };
-    let mut failures = 0usize;
+    let mut retry = Retry { failures: 0, progress: cfg.metrics.progress_total.load(Ordering::Relaxed) };
     loop {
-        match agent.session(&mut failures) {
+        match agent.session(&mut retry.failures) {
             Ok(summary) => return Ok(summary),
             Err(e) if e.is_fatal() => return Err(e),
             Err(e) => {
                 cfg.metrics.errors_total.fetch_add(1, Ordering::Relaxed);
-                if cfg.max_retries.is_some_and(|max| failures >= max) {
-                    return Err(AgentError::GaveUp { attempts: failures + 1, last: Box::new(e) });
-                }
-                let delay =
-                    RETRY_DELAYS.get(failures).copied().unwrap_or(RETRY_STEADY).mul_f64(cfg.retry_scale);
-                failures += 1;
+                let progress = cfg.metrics.progress_total.load(Ordering::Relaxed);
+                let delay = match retry.after_failure(progress, cfg.max_retries, cfg.retry_scale) {
+                    Ok(delay) => delay,
+                    Err(attempts) => return Err(AgentError::GaveUp { attempts, last: Box::new(e) }),
+                };
                 tracing::warn!("replication failed ({}); retrying in {delay:?}", chain(&e));
                 // The server may lack chunks we believed it had: ones sent in a session that
                 // ended before its commit, or ones it refused in a reply this failure cut off.
@@ -164,13 +197,21 @@ pub fn run(cfg: &AgentConfig) -> Result<Option<Summary>, AgentError> {
     }
 }
 
-/// An error and its causes on one line.
+/// An error and its causes on one line, each said once.
+///
+/// Some errors print their cause in their own message and also return it as their
+/// `source()` (the store's `StoreError::Io`, "open PATH: No such file or directory (os error
+/// 2)", and `StoreError::Format`): a cause whose text the line already ends with is not
+/// repeated.
 pub fn chain(err: &dyn std::error::Error) -> String {
     let mut s = err.to_string();
     let mut cur = err.source();
     while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        let text = c.to_string();
+        if !s.ends_with(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
         cur = c.source();
     }
     s
@@ -614,7 +655,9 @@ impl Agent<'_> {
             )?;
             link.send(&Frame::Progress { next_offset: slice_end })?;
             match link.recv()? {
-                Frame::ProgressAck { next_offset } if next_offset == slice_end => {}
+                Frame::ProgressAck { next_offset } if next_offset == slice_end => {
+                    cfg.metrics.progress_total.fetch_add(1, Ordering::Relaxed);
+                }
                 other => {
                     return Err(AgentError::Protocol(format!(
                         "expected ProgressAck, got {}",
@@ -722,6 +765,55 @@ fn run_hook(what: &str, cmd: &str, timeout: Duration) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retries_follow_the_schedule_and_start_over_after_progress() {
+        let m = |s| Duration::from_secs(s);
+        let mut r = Retry::default();
+        let delays: Vec<_> = (0..7).map(|_| r.after_failure(0, None, 1.0).unwrap()).collect();
+        assert_eq!(delays, [m(60), m(120), m(240), m(480), m(600), m(1800), m(1800)]);
+        // A checkpoint or resync region acknowledged: the schedule starts over.
+        assert_eq!(r.after_failure(1, None, 1.0), Ok(m(60)));
+        assert_eq!(r.after_failure(1, None, 1.0), Ok(m(120)));
+        assert_eq!(r.after_failure(3, None, 1.0), Ok(m(60)));
+        // A commit: the session resets `failures`.
+        r.failures = 0;
+        assert_eq!(r.after_failure(3, None, 0.5), Ok(m(30)));
+        // `max` failures in a row are retried; the next one gives up, unless progress came
+        // in between.
+        let mut r = Retry::default();
+        assert_eq!(r.after_failure(0, Some(2), 1.0), Ok(m(60)));
+        assert_eq!(r.after_failure(0, Some(2), 1.0), Ok(m(120)));
+        assert_eq!(r.after_failure(0, Some(2), 1.0), Err(3));
+        let mut r = Retry::default();
+        r.after_failure(0, Some(2), 1.0).unwrap();
+        r.after_failure(0, Some(2), 1.0).unwrap();
+        assert_eq!(r.after_failure(5, Some(2), 1.0), Ok(m(60)));
+    }
+
+    #[test]
+    fn a_cause_in_the_message_is_said_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("open /x: {source}")]
+        struct Inline {
+            source: std::io::Error,
+        }
+        #[derive(Debug, thiserror::Error)]
+        #[error("opening store /x")]
+        struct Outer(#[source] Inline);
+        let os = || std::io::Error::from_raw_os_error(libc::ENOENT);
+        let e = Outer(Inline { source: os() });
+        assert_eq!(chain(&e), format!("opening store /x: open /x: {}", os()));
+        // A cause not in the message is said.
+        let e = AgentError::Connect(std::io::Error::from_raw_os_error(libc::ECONNREFUSED));
+        assert_eq!(
+            chain(&e),
+            format!(
+                "cannot connect to the server: {}",
+                std::io::Error::from_raw_os_error(libc::ECONNREFUSED)
+            )
+        );
+    }
 
     #[test]
     fn durations() {

@@ -56,6 +56,11 @@ pub enum StoreError {
     /// The directory holds something that is not a store.
     #[error("{0} is not empty and has no store marker")]
     NotAStore(PathBuf),
+    /// A reader found no store: the directory does not exist or is empty.
+    #[error(
+        "no store at {0} (the directory does not exist or is empty; give the --store DIR of siterep server)"
+    )]
+    NoStore(PathBuf),
     #[error("invalid {what} name {name:?}: {reason}")]
     InvalidName { what: &'static str, name: String, reason: &'static str },
     #[error("unknown disk {0:?}")]
@@ -141,6 +146,7 @@ impl StoreError {
             StoreError::Io { .. }
             | StoreError::Format { .. }
             | StoreError::NotAStore(_)
+            | StoreError::NoStore(_)
             | StoreError::Locked(_)
             | StoreError::ReadOnly(_)
             | StoreError::Poisoned => false,

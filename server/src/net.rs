@@ -14,18 +14,27 @@
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use rustls::pki_types::CertificateDer;
 use rustls::{ServerConfig, ServerConnection, StreamOwned};
 use wire::{ChunkData, Decoder, ErrorClass, Frame, Hash, InitialSync, PointRef};
 
 use crate::info::{Consistency, GenerationKind, PointSel};
 use crate::{PendingPoint, PointInfo, PointReader, Store, StoreError};
 
-/// How long a connection may stay silent before the server drops it.
+/// How long an authenticated connection may stay silent before the server drops it.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// The read buffer of a connection before it is authenticated: the largest `Hello` (1039
+/// bytes plus its length) fits, and a peer that has not authenticated costs no more.
+const HELLO_BUF: usize = 4 << 10;
+/// The read buffer of an authenticated connection.
+const SESSION_BUF: usize = 256 << 10;
+/// At most one warning of each kind about unauthenticated connections per this interval
+/// (the others are counted and the count is logged with the next one).
+const WARN_EVERY: Duration = Duration::from_secs(10);
 /// After its last frame (an `Error`), how long the server keeps reading what the agent had
 /// already sent, and how much of it: closing a socket with unread data makes the kernel answer
 /// with a reset, which can destroy the `Error` before the agent reads it.
@@ -94,6 +103,12 @@ impl Enrollment {
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub connections: AtomicU64,
+    /// Connections in their handshake now (TLS and `Hello` not yet complete).
+    pub handshakes: AtomicU64,
+    /// Connections closed at once because `max_handshakes` were already in their handshake.
+    pub handshakes_refused_total: AtomicU64,
+    /// Handshakes that failed or did not complete within `handshake_timeout`.
+    pub handshakes_failed_total: AtomicU64,
     pub points_total: AtomicU64,
     pub chunks_stored_total: AtomicU64,
     pub bytes_received_total: AtomicU64,
@@ -153,32 +168,197 @@ impl Sessions {
     }
 }
 
+/// What a connection may cost before it is authenticated (its TLS handshake and its `Hello`
+/// complete).
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Connections in their handshake at once; a connection beyond them is closed at once.
+    pub max_handshakes: usize,
+    /// How long the TLS handshake and the `Hello` frame may take together.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_handshakes: 64, handshake_timeout: Duration::from_secs(10) }
+    }
+}
+
+/// A warning logged at most once per [`WARN_EVERY`]; the ones held back are counted.
+#[derive(Default)]
+struct Throttled {
+    last: Option<Instant>,
+    held_back: u64,
+}
+
+impl Throttled {
+    /// `Some(number held back since the last one)` when a warning may be logged now.
+    fn ready(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self.last.is_some_and(|l| now.duration_since(l) < WARN_EVERY) {
+            self.held_back += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.held_back))
+    }
+}
+
+/// The server's gate for unauthenticated connections, shared by the accept loop and the
+/// connection threads.
+struct Admission {
+    limits: Limits,
+    metrics: Arc<Metrics>,
+    /// Connections in their handshake now.
+    pending: AtomicUsize,
+    refused: Mutex<Throttled>,
+    failed: Mutex<Throttled>,
+}
+
+impl Admission {
+    /// A handshake slot for a new connection, or `None` when every slot is taken. Only the
+    /// accept loop calls this, so the count cannot pass the limit.
+    fn admit(self: &Arc<Self>, peer: std::net::SocketAddr) -> Option<Handshake> {
+        if self.pending.load(Ordering::SeqCst) >= self.limits.max_handshakes {
+            self.metrics.handshakes_refused_total.fetch_add(1, Ordering::Relaxed);
+            if let Some(held_back) = self.refused.lock().unwrap_or_else(|e| e.into_inner()).ready() {
+                tracing::warn!(
+                    %peer,
+                    held_back,
+                    "{} connections are already in their handshake (--max-handshakes): closing this \
+                     one at once",
+                    self.limits.max_handshakes
+                );
+            }
+            return None;
+        }
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        self.metrics.handshakes.fetch_add(1, Ordering::Relaxed);
+        Some(Handshake {
+            deadline: Instant::now() + self.limits.handshake_timeout,
+            timeout: self.limits.handshake_timeout,
+            slot: Some(self.clone()),
+            authenticated: false,
+        })
+    }
+
+    /// Logs a handshake that failed (rate-limited: a flood of them must not flood the log).
+    fn failed(&self, peer: std::net::SocketAddr, e: &io::Error) {
+        self.metrics.handshakes_failed_total.fetch_add(1, Ordering::Relaxed);
+        if let Some(held_back) = self.failed.lock().unwrap_or_else(|e| e.into_inner()).ready() {
+            tracing::warn!(%peer, held_back, "handshake failed: {e}");
+        }
+    }
+}
+
+/// A connection's handshake: its deadline, and its slot among the `max_handshakes`, held
+/// until [`Handshake::done`] (or the connection's end).
+struct Handshake {
+    deadline: Instant,
+    timeout: Duration,
+    slot: Option<Arc<Admission>>,
+    authenticated: bool,
+}
+
+impl Handshake {
+    /// A handshake outside any [`Admission`] (tests).
+    #[cfg(test)]
+    fn unlimited() -> Self {
+        let timeout = Duration::from_secs(3600);
+        Self { deadline: Instant::now() + timeout, timeout, slot: None, authenticated: false }
+    }
+
+    /// The time left, or a `TimedOut` error once the deadline has passed.
+    fn left(&self, waiting_for: &str) -> io::Result<Duration> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(self.expired(waiting_for));
+        }
+        Ok(left)
+    }
+
+    fn expired(&self, waiting_for: &str) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "no {waiting_for} within the handshake timeout of {:?} (--handshake-timeout)",
+                self.timeout
+            ),
+        )
+    }
+
+    /// Whether the connection completed its handshake.
+    fn is_done(&self) -> bool {
+        self.authenticated
+    }
+
+    /// The peer is authenticated: its slot is free for another connection.
+    fn done(&mut self) {
+        self.release();
+        self.authenticated = true;
+    }
+
+    fn release(&mut self) {
+        if let Some(a) = self.slot.take() {
+            a.pending.fetch_sub(1, Ordering::SeqCst);
+            a.metrics.handshakes.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Handshake {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
 /// Serves agents on `listener` until `stop` is set (checked every 200 ms).
+///
+/// One thread per connection. Before a connection is authenticated it holds one of
+/// `limits.max_handshakes` slots (a connection beyond them is closed at once), reads with a
+/// [`HELLO_BUF`] buffer, and must complete its TLS handshake and send `Hello` within
+/// `limits.handshake_timeout`; only then does [`IDLE_TIMEOUT`] apply.
 pub fn serve(
     listener: TcpListener,
     access: Arc<Access>,
     store: Arc<Store>,
     name: String,
+    limits: Limits,
     stop: Arc<AtomicBool>,
 ) -> io::Result<()> {
     listener.set_nonblocking(true)?;
+    let admission = Arc::new(Admission {
+        limits,
+        metrics: access.metrics.clone(),
+        pending: AtomicUsize::new(0),
+        refused: Mutex::default(),
+        failed: Mutex::default(),
+    });
     let mut threads = Vec::new();
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
             Ok((tcp, peer)) => {
-                let (access, store, name) = (access.clone(), store.clone(), name.clone());
-                threads.push(std::thread::spawn(move || {
+                // Closing at once (dropping the socket) costs the server nothing more.
+                let Some(mut gate) = admission.admit(peer) else { continue };
+                let (access, store, name, admission) =
+                    (access.clone(), store.clone(), name.clone(), admission.clone());
+                let spawned = std::thread::Builder::new().name("siterep-conn".into()).spawn(move || {
                     access.metrics.connections.fetch_add(1, Ordering::Relaxed);
-                    let r = connection(tcp, &access, &store, &name);
+                    let r = connection(tcp, peer, &access, &store, &name, &mut gate);
                     access.metrics.connections.fetch_sub(1, Ordering::Relaxed);
                     match r {
+                        Err(e) if !gate.is_done() => admission.failed(peer, &e),
                         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                             tracing::debug!(%peer, "agent disconnected")
                         }
                         Err(e) => tracing::info!(%peer, "agent connection ended: {e}"),
                         Ok(()) => {}
                     }
-                }));
+                });
+                match spawned {
+                    Ok(t) => threads.push(t),
+                    Err(e) => tracing::warn!(%peer, "cannot start a thread for a connection: {e}"),
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(200)),
             Err(e) => {
@@ -196,6 +376,8 @@ trait Stream: Read + Write {
     /// Tells the agent that no more frames follow (TLS close_notify, then TCP FIN).
     fn close_write(&mut self);
     fn set_read_timeout(&mut self, t: Duration);
+    /// Sets the read and the write timeout.
+    fn set_timeouts(&mut self, t: Duration);
     /// Whether a read would return without waiting (data, the end, or an error), waiting up
     /// to `ms` milliseconds for it.
     fn readable(&mut self, ms: u8) -> bool;
@@ -214,6 +396,10 @@ impl Stream for TcpStream {
     fn set_read_timeout(&mut self, t: Duration) {
         let _ = TcpStream::set_read_timeout(self, Some(t));
     }
+    fn set_timeouts(&mut self, t: Duration) {
+        let _ = TcpStream::set_read_timeout(self, Some(t));
+        let _ = TcpStream::set_write_timeout(self, Some(t));
+    }
     fn readable(&mut self, ms: u8) -> bool {
         fd_readable(std::os::fd::AsFd::as_fd(self), ms)
     }
@@ -226,6 +412,10 @@ impl Stream for std::os::unix::net::UnixStream {
     }
     fn set_read_timeout(&mut self, t: Duration) {
         let _ = std::os::unix::net::UnixStream::set_read_timeout(self, Some(t));
+    }
+    fn set_timeouts(&mut self, t: Duration) {
+        let _ = std::os::unix::net::UnixStream::set_read_timeout(self, Some(t));
+        let _ = std::os::unix::net::UnixStream::set_write_timeout(self, Some(t));
     }
     fn readable(&mut self, ms: u8) -> bool {
         fd_readable(std::os::fd::AsFd::as_fd(self), ms)
@@ -240,6 +430,9 @@ impl Stream for StreamOwned<ServerConnection, TcpStream> {
     }
     fn set_read_timeout(&mut self, t: Duration) {
         let _ = self.sock.set_read_timeout(Some(t));
+    }
+    fn set_timeouts(&mut self, t: Duration) {
+        self.sock.set_timeouts(t);
     }
     fn readable(&mut self, ms: u8) -> bool {
         // Plaintext rustls already holds, or more records on the socket.
@@ -262,13 +455,10 @@ struct Conn<S: Stream> {
 }
 
 impl<S: Stream> Conn<S> {
-    /// The next frame; `None` at the end of the stream. A frame that does not decode is
-    /// answered with its `Error` (the session ends).
-    fn recv(&mut self) -> io::Result<Option<Frame>> {
-        match self.next(false)? {
-            Recv::Frame(f) => Ok(Some(f)),
-            Recv::End | Recv::Idle => Ok(None),
-        }
+    /// A connection whose peer is not authenticated yet: nothing larger than [`HELLO_BUF`] is
+    /// allocated for it until [`session`] has its `Hello`.
+    fn unauthenticated(stream: S) -> Self {
+        Conn { stream, dec: Decoder::new(), buf: vec![0u8; HELLO_BUF], out: Vec::new() }
     }
 
     /// The next frame, or with `idle` [`Recv::Idle`] when none is buffered and the agent has
@@ -292,6 +482,49 @@ impl<S: Stream> Conn<S> {
             if n == 0 {
                 return Ok(Recv::End);
             }
+            self.dec.feed(&self.buf[..n]);
+        }
+    }
+
+    /// The first frame (it should be `Hello`), within the handshake's deadline; `None` if the
+    /// peer closes first. Reads at most `buf.len()` bytes at a time, and the decoder refuses a
+    /// frame longer than the largest `Hello` as soon as its type is in, so what is buffered
+    /// stays bounded.
+    fn hello(&mut self, gate: &Handshake) -> io::Result<Option<Frame>> {
+        let mut first = true;
+        loop {
+            match self.dec.next_frame() {
+                Ok(Some(f)) => return Ok(Some(f)),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::debug!("refusing: {e}");
+                    let _ = self.send(&e.error_frame());
+                    self.finish();
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+                }
+            }
+            self.stream.set_timeouts(gate.left("Hello")?);
+            let n = match self.stream.read(&mut self.buf) {
+                Ok(0) => return Ok(None),
+                Ok(n) => n,
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                    return Err(gate.expired("Hello"))
+                }
+                Err(e) => return Err(e),
+            };
+            if first && tls_record(&self.buf[..n]) {
+                // A TLS agent at a plaintext server: it reads this frame as a plaintext answer.
+                let message = "this server speaks plaintext (it runs with --insecure), not TLS".to_string();
+                let _ = self.send(&Frame::Error {
+                    class: ErrorClass::Fatal,
+                    code: wire::ERR_BAD_REQUEST,
+                    message,
+                });
+                self.finish();
+                let e = "the agent speaks TLS, but this server runs with --insecure (plaintext)";
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+            }
+            first = false;
             self.dec.feed(&self.buf[..n]);
         }
     }
@@ -381,40 +614,146 @@ enum Receiving {
     Done(PointInfo),
 }
 
-fn connection(tcp: TcpStream, access: &Access, store: &Store, name: &str) -> io::Result<()> {
+/// Who is at the other end of a connection, as its certificate says.
+#[derive(Debug, Default)]
+struct Peer {
+    addr: Option<std::net::SocketAddr>,
+    /// blake3 of its certificate (DER), as the enrollment names it; `None` without TLS.
+    fingerprint: Option<String>,
+    /// The certificate's subject common name.
+    cn: Option<String>,
+    /// The certificate's DNS subject alternative names.
+    san: Vec<String>,
+    /// The agent's name in the enrollment, when the certificate is enrolled.
+    enrolled: Option<String>,
+}
+
+impl Peer {
+    fn of(addr: std::net::SocketAddr, cert: Option<&CertificateDer<'_>>, enrollment: &Enrollment) -> Self {
+        let mut p = Peer { addr: Some(addr), ..Peer::default() };
+        let Some(cert) = cert else { return p };
+        let fp = Enrollment::fingerprint(cert);
+        // rustls verified this certificate with the same parser: it parses.
+        if let Ok(c) = webpki::EndEntityCert::try_from(cert) {
+            p.cn = common_name(c.subject());
+            p.san = c.valid_dns_names().map(str::to_string).collect();
+        }
+        p.enrolled = enrollment.agents.as_ref().and_then(|a| a.get(&fp)).map(|a| a.name.clone());
+        p.fingerprint = Some(fp);
+        p
+    }
+}
+
+/// The first DER element of `der`: its tag, its contents, and what follows it.
+fn der_next(der: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = der.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        (rest[..n].iter().fold(0usize, |a, &b| a << 8 | usize::from(b)), &rest[n..])
+    };
+    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+}
+
+/// The common name (OID 2.5.4.3) in a certificate subject (the contents of its `Name`).
+fn common_name(subject: &[u8]) -> Option<String> {
+    const CN: &[u8] = &[0x55, 0x04, 0x03];
+    let mut rdns = subject;
+    while let Some((0x31, mut set, rest)) = der_next(rdns) {
+        rdns = rest;
+        while let Some((0x30, attribute, more)) = der_next(set) {
+            set = more;
+            if let Some((0x06, CN, value)) = der_next(attribute) {
+                let (_, text, _) = der_next(value)?;
+                return Some(String::from_utf8_lossy(text).into_owned());
+            }
+        }
+    }
+    None
+}
+
+/// Whether `b` starts like a TLS record (handshake, alert, change-cipher-spec or data, version
+/// 3.x). A frame never does: its length (below `MAX_FRAME`) starts with a zero byte.
+fn tls_record(b: &[u8]) -> bool {
+    matches!(b, [0x14..=0x17, 0x03, ..])
+}
+
+fn connection(
+    tcp: TcpStream,
+    addr: std::net::SocketAddr,
+    access: &Access,
+    store: &Store,
+    name: &str,
+    gate: &mut Handshake,
+) -> io::Result<()> {
     tcp.set_nodelay(true)?;
-    tcp.set_read_timeout(Some(IDLE_TIMEOUT))?;
-    tcp.set_write_timeout(Some(IDLE_TIMEOUT))?;
-    let buf = vec![0u8; 256 << 10];
     match &access.tls {
         Some(tls) => {
-            let conn = ServerConnection::new(tls.clone()).map_err(io::Error::other)?;
-            let mut stream = StreamOwned::new(conn, tcp);
-            while stream.conn.is_handshaking() {
-                stream.conn.complete_io(&mut stream.sock)?;
-            }
-            let fp =
-                stream.conn.peer_certificates().and_then(|c| c.first()).map(|c| Enrollment::fingerprint(c));
-            session(Conn { stream, dec: Decoder::new(), buf, out: Vec::new() }, access, fp, store, name)
+            let stream = tls_handshake(tcp, tls, gate)?;
+            let peer =
+                Peer::of(addr, stream.conn.peer_certificates().and_then(|c| c.first()), &access.enrollment);
+            session(Conn::unauthenticated(stream), access, peer, store, name, gate)
         }
-        None => session(
-            Conn { stream: tcp, dec: Decoder::new(), buf, out: Vec::new() },
-            access,
-            None,
-            store,
-            name,
-        ),
+        None => {
+            let peer = Peer { addr: Some(addr), ..Peer::default() };
+            session(Conn::unauthenticated(tcp), access, peer, store, name, gate)
+        }
     }
+}
+
+/// The server's side of the TLS handshake, within the handshake's deadline.
+fn tls_handshake(
+    tcp: TcpStream,
+    tls: &Arc<ServerConfig>,
+    gate: &Handshake,
+) -> io::Result<StreamOwned<ServerConnection, TcpStream>> {
+    let conn = ServerConnection::new(tls.clone()).map_err(io::Error::other)?;
+    let mut stream = StreamOwned::new(conn, tcp);
+    // Whether the agent's first bytes were not a TLS record (an agent run with --insecure):
+    // rustls answers them with an alert, which that agent reports.
+    let mut plaintext = None;
+    while stream.conn.is_handshaking() {
+        stream.sock.set_timeouts(gate.left("TLS handshake")?);
+        if plaintext.is_none() {
+            let mut head = [0u8; 2];
+            match stream.sock.peek(&mut head) {
+                Ok(2) => plaintext = Some(!tls_record(&head)),
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                    return Err(gate.expired("TLS handshake"))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        match stream.conn.complete_io(&mut stream.sock) {
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                return Err(gate.expired("TLS handshake"))
+            }
+            Err(_) if plaintext == Some(true) => {
+                let e = "the agent sent plaintext, not TLS (is it running with --insecure?)";
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(stream)
 }
 
 fn session<S: Stream>(
     mut c: Conn<S>,
     access: &Access,
-    fingerprint: Option<String>,
+    peer: Peer,
     store: &Store,
     name: &str,
+    gate: &mut Handshake,
 ) -> io::Result<()> {
-    let Some(Frame::Hello { min_version, max_version, agent }) = c.recv()? else {
+    let Some(Frame::Hello { min_version, max_version, agent }) = c.hello(gate)? else {
         return c.error(ErrorClass::Fatal, wire::ERR_BAD_REQUEST, "expected Hello".into());
     };
     let Some(version) = wire::negotiate(min_version, max_version, wire::MIN_VERSION, wire::VERSION) else {
@@ -425,13 +764,39 @@ fn session<S: Stream>(
         );
         return c.error(ErrorClass::Fatal, wire::ERR_VERSION, msg);
     };
+    gate.done();
+    c.stream.set_timeouts(IDLE_TIMEOUT);
+    c.buf = vec![0u8; SESSION_BUF];
     c.send(&Frame::Welcome { version, server: name.to_string() })?;
-    tracing::info!(%agent, version, "agent connected");
-    let holder = match &fingerprint {
-        Some(fp) => format!("agent {agent:?}, certificate {}", &fp[..fp.len().min(16)]),
-        None => format!("agent {agent:?}"),
+    let addr = peer.addr.map(|a| a.to_string()).unwrap_or_default();
+    match &peer.fingerprint {
+        Some(fp) => tracing::info!(
+            peer = %addr,
+            cert_cn = ?peer.cn.as_deref().unwrap_or(""),
+            cert_san = ?peer.san,
+            fingerprint = %fp,
+            enrolled_as = ?peer.enrolled.as_deref().unwrap_or("(not enrolled)"),
+            claims = ?agent,
+            version,
+            "agent connected"
+        ),
+        None => {
+            tracing::info!(peer = %addr, claims = ?agent, version, "agent connected without TLS (not authenticated)")
+        }
+    }
+    // Who holds a disk's session, as the busy refusal names it: the certificate's identity.
+    let holder = match (&peer.fingerprint, &peer.enrolled, &peer.cn) {
+        (Some(fp), Some(name), _) => {
+            format!("enrolled agent {name} at {addr}, certificate {}", &fp[..fp.len().min(16)])
+        }
+        (Some(fp), None, cn) => format!(
+            "certificate {} (CN {:?}) at {addr}",
+            &fp[..fp.len().min(16)],
+            cn.as_deref().unwrap_or("")
+        ),
+        (None, _, _) => format!("unauthenticated agent at {addr}"),
     };
-    std::thread::scope(|scope| frames(&mut c, scope, access, fingerprint, &holder, store))
+    std::thread::scope(|scope| frames(&mut c, scope, access, peer.fingerprint, &holder, store))
 }
 
 /// The session after `Welcome`: frames until the agent closes or either side fails.
@@ -1200,7 +1565,7 @@ mod tests {
             let thread = std::thread::spawn(move || {
                 let conn =
                     Conn { stream: theirs, dec: Decoder::new(), buf: vec![0; 64 << 10], out: Vec::new() };
-                session(conn, &access, None, &store, "test")
+                session(conn, &access, Peer::default(), &store, "test", &mut Handshake::unlimited())
             });
             let mut c = Client { stream: ours, dec: Decoder::new(), thread: Some(thread) };
             c.send(&Frame::Hello {

@@ -516,7 +516,12 @@ impl Store {
     pub fn open_reader(root: &Path) -> Result<Store, StoreError> {
         let marker = root.join(MARKER);
         let Some(buf) = read_bounded(&marker, max_marker_bytes(), "store marker")? else {
-            return Err(StoreError::NotAStore(root.to_path_buf()));
+            // No marker: a missing or empty directory holds no store; anything else is not one.
+            return Err(match std::fs::read_dir(root).map(|mut d| d.next().is_none()) {
+                Ok(true) => StoreError::NoStore(root.to_path_buf()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => StoreError::NoStore(root.to_path_buf()),
+                _ => StoreError::NotAStore(root.to_path_buf()),
+            });
         };
         let region_size = decode_marker(&buf).map_err(StoreError::format(&marker))?;
         let path = root.join(READERS_LOCK);

@@ -95,7 +95,7 @@ fn main() {
         Command::Failback(a) => failback::failback(a),
     };
     if let Err(e) = result {
-        eprintln!("siterep: {e:#}");
+        eprintln!("siterep: {}", agent::run::chain(e.as_ref()));
         std::process::exit(1);
     }
 }

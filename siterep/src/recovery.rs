@@ -1,6 +1,6 @@
 //! Recovery-site commands on a store: `siterep points`, `siterep restore`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
@@ -121,8 +121,7 @@ pub fn restore(args: RestoreArgs) -> Result<()> {
     } else {
         indicatif::ProgressBar::hidden()
     };
-    let report = reader
-        .restore_to(&args.output, &mut |done, _total| bar.set_position(done))
+    let report = restore_file(&reader, &args.output, &mut |done, _total| bar.set_position(done))
         .with_context(|| format!("restoring to {}", args.output.display()))?;
     bar.finish_and_clear();
     println!(
@@ -134,4 +133,112 @@ pub fn restore(args: RestoreArgs) -> Result<()> {
         })
     );
     Ok(())
+}
+
+/// Restores `reader`'s point to `output`. A block device is written in place; a file is
+/// written under a temporary name in the same directory and renamed over `output` once
+/// complete and fsynced (then the directory is fsynced), so `output` is either the whole
+/// point or untouched. The temporary is removed when the restore fails.
+fn restore_file(
+    reader: &server::PointReader,
+    output: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<server::RestoreReport> {
+    use std::os::unix::fs::FileTypeExt;
+    if std::fs::metadata(output).is_ok_and(|m| m.file_type().is_block_device()) {
+        return Ok(reader.restore_to(output, progress)?);
+    }
+    let name = output.file_name().with_context(|| format!("{} names no file", output.display()))?;
+    let dir = match output.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".restoring-{}", std::process::id()));
+    let tmp = dir.join(tmp_name);
+    let done = reader.restore_to(&tmp, progress).map_err(anyhow::Error::from).and_then(|report| {
+        std::fs::rename(&tmp, output)
+            .with_context(|| format!("cannot rename {} to {}", tmp.display(), output.display()))?;
+        Ok(report)
+    });
+    let report = match done {
+        Ok(report) => report,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot fsync the directory {}", dir.display()))?;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use server::{Consistency, GenerationKind};
+
+    /// A store with one point of a 1 MiB disk: 256 KiB of data at 256 KiB, the rest zeroes.
+    /// Returns the data and its chunk's file.
+    fn store_with_point(root: &Path) -> (Store, Vec<u8>, PathBuf) {
+        let store = Store::open(root).unwrap();
+        store.register_disk("d", 1 << 20, 4096).unwrap();
+        let data: Vec<u8> = (0..256u32 << 10).map(|i| (i * 7 % 251) as u8).collect();
+        let hash = *blake3::hash(&data).as_bytes();
+        store.put_chunk(&hash, data.len() as u32, &zstd::bulk::compress(&data, 1).unwrap()).unwrap();
+        let mut p = store.begin("d", 1, GenerationKind::InitialFull, None).unwrap();
+        p.add_chunk(256 << 10, data.len() as u32, hash).unwrap();
+        p.commit(1, Consistency::Crash).unwrap();
+        let name: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+        let chunk = walk(root).into_iter().find(|f| f.file_name().is_some_and(|n| n == name.as_str()));
+        (store, data, chunk.expect("the chunk's file"))
+    }
+
+    fn walk(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_failed_restore_leaves_the_output_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, data, chunk) = store_with_point(&dir.path().join("store"));
+        let out_dir = dir.path().join("out");
+        std::fs::create_dir(&out_dir).unwrap();
+        let out = out_dir.join("disk.img");
+
+        // A whole restore: the point, and nothing else in the directory.
+        let reader = store.open_point("d", PointSel::Latest).unwrap();
+        restore_file(&reader, &out, &mut |_, _| {}).unwrap();
+        let got = std::fs::read(&out).unwrap();
+        assert_eq!(got.len(), 1 << 20);
+        assert!(got[256 << 10..512 << 10] == data[..]);
+        assert_eq!(walk(&out_dir), std::slice::from_ref(&out));
+
+        // A corrupt chunk: the restore fails, the earlier image is untouched, no temporary
+        // is left behind.
+        std::fs::write(&out, b"before").unwrap();
+        let mut bytes = std::fs::read(&chunk).unwrap();
+        let n = bytes.len();
+        bytes[n - 10] ^= 0xff;
+        std::fs::write(&chunk, bytes).unwrap();
+        let reader = store.open_point("d", PointSel::Latest).unwrap();
+        assert!(restore_file(&reader, &out, &mut |_, _| {}).is_err());
+        assert!(std::fs::read(&out).unwrap() == b"before", "a failed restore replaced the image");
+        assert_eq!(walk(&out_dir), std::slice::from_ref(&out));
+        // No image at all before: none after.
+        std::fs::remove_file(&out).unwrap();
+        assert!(restore_file(&reader, &out, &mut |_, _| {}).is_err());
+        assert!(walk(&out_dir).is_empty());
+    }
 }

@@ -141,6 +141,19 @@ pub fn agent(args: AgentArgs) -> Result<()> {
     if (args.pre_hook.is_some() || args.post_hook.is_some()) && args.app_consistent_every.is_none() {
         bail!("--pre-hook/--post-hook need --app-consistent-every");
     }
+    // Before any other thread starts, so that every thread inherits the blocked mask and only
+    // the waiting thread takes these signals. The agent's state is safe at any moment: the
+    // shim keeps every generation until the server has committed it.
+    let mut signals = nix::sys::signal::SigSet::empty();
+    signals.add(nix::sys::signal::Signal::SIGTERM);
+    signals.add(nix::sys::signal::Signal::SIGINT);
+    signals.thread_block()?;
+    std::thread::spawn(move || {
+        if let Ok(sig) = signals.wait() {
+            tracing::info!("agent stopping on {sig:?}");
+            std::process::exit(0);
+        }
+    });
     let tls = args.tls.files(&args.server)?.map(|f| agent::tls::client_config(&f)).transpose()?;
     let metrics = std::sync::Arc::new(agent::Metrics::default());
     if let Some(addr) = &args.metrics {
@@ -220,9 +233,23 @@ pub struct ServerArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, value_name = "HOST:PORT")]
     metrics: Option<String>,
+    /// Most connections in their handshake (TLS and Hello) at once; one beyond them is closed
+    /// at once.
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    max_handshakes: u32,
+    /// Time a connection has to complete its TLS handshake and send Hello (e.g. 10s).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    handshake_timeout: Duration,
 }
 
 pub fn server(args: ServerArgs) -> Result<()> {
+    if args.handshake_timeout < Duration::from_millis(100) {
+        bail!("--handshake-timeout must be at least 100ms");
+    }
+    let limits = server::net::Limits {
+        max_handshakes: args.max_handshakes as usize,
+        handshake_timeout: args.handshake_timeout,
+    };
     let tls = args.tls.files(&args.listen)?.map(|f| agent::tls::server_config(&f)).transpose()?;
     let enrollment = match &args.enrollment {
         Some(path) => server::net::Enrollment::load(path).map_err(anyhow::Error::msg)?,
@@ -287,7 +314,7 @@ pub fn server(args: ServerArgs) -> Result<()> {
         let m = metrics.clone();
         crate::metrics::serve(addr, move || server_samples(&m))?;
     }
-    server::net::serve(listener, access, store, name, stop)?;
+    server::net::serve(listener, access, store, name, limits, stop)?;
     Ok(())
 }
 
@@ -329,7 +356,25 @@ fn agent_samples(m: &agent::Metrics) -> Vec<crate::metrics::Sample> {
 fn server_samples(m: &server::net::Metrics) -> Vec<crate::metrics::Sample> {
     let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
     vec![
-        ("siterep_server_connections", "gauge", "Connected agents.", get(&m.connections)),
+        ("siterep_server_connections", "gauge", "Open agent connections.", get(&m.connections)),
+        (
+            "siterep_server_handshakes",
+            "gauge",
+            "Connections in their handshake (TLS and Hello).",
+            get(&m.handshakes),
+        ),
+        (
+            "siterep_server_handshakes_refused_total",
+            "counter",
+            "Connections closed at once: --max-handshakes were in their handshake.",
+            get(&m.handshakes_refused_total),
+        ),
+        (
+            "siterep_server_handshakes_failed_total",
+            "counter",
+            "Handshakes that failed or timed out (--handshake-timeout).",
+            get(&m.handshakes_failed_total),
+        ),
         ("siterep_points_total", "counter", "Recovery points committed.", get(&m.points_total)),
         (
             "siterep_chunks_received_total",

@@ -792,9 +792,13 @@ fn faults_never_lose_data() {
             kills < 4 * ITERATIONS,
             "only {in_initial} of {kills} server kills landed in an initial copy"
         );
-        let pattern = format!("agent connected agent={}@", current.name);
+        // "agent connected ... claims="NAME@HOST"": the name the agent gives in its Hello.
+        let pattern = format!("claims=\"{}@", current.name);
+        let sessions = |log: String| {
+            log.lines().filter(|l| l.contains("agent connected") && l.contains(&pattern)).count()
+        };
         wait_until(&format!("{}'s agent reconnects", current.name), Duration::from_secs(60), || {
-            server.log().matches(&pattern).count() > sessions_before
+            sessions(server.log()) > sessions_before
         });
         if kills % 3 == 2 && checkpoint_offset(&store, &current.name).is_none() {
             wait_until("a checkpoint (or the end of the copy)", Duration::from_secs(120), || {
@@ -809,7 +813,7 @@ fn faults_never_lose_data() {
         server.kill();
         kills += 1;
         let landed = !has_point(&store, &current.name);
-        sessions_before = server.log().matches(&pattern).count();
+        sessions_before = sessions(server.log());
         server.restart();
         // Both agents retry by themselves; the small disk's replication resumes.
         resume_times.push(wait_new_point(small.socket(), killed, Duration::from_secs(60)));
