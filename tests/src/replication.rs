@@ -594,8 +594,14 @@ impl FioLoad {
     #[track_caller]
     pub fn start(uri: &str, size: u64, bsrange: &str, rate: &str, runtime: Duration, log: &Path) -> FioLoad {
         let file = append_log(log, "fio");
-        let mut cmd = tool("fio");
-        cmd.current_dir(log.parent().expect("log dir"))
+        let fio = require_tool("fio");
+        // Under `timeout`: a fio whose test died without stopping it (and whose NBD server
+        // vanished) would otherwise spin, appending errors to its log, until the disk is full.
+        let mut cmd = Command::new("timeout");
+        cmd.arg("--kill-after=10s")
+            .arg(format!("{}s", runtime.as_secs() + 120))
+            .arg(fio)
+            .current_dir(log.parent().expect("log dir"))
             .arg("--name=load")
             .arg("--ioengine=nbd")
             .arg(format!("--uri={uri}"))
