@@ -289,8 +289,8 @@ fn corruption_on_disk_is_detected_on_read() {
         let e = reader.read_at(&mut buf, 0).unwrap_err();
         assert!(matches!(e, StoreError::CorruptChunk { hash, stored: true, .. } if hash == h), "{e}");
         assert!(!e.caller_fault());
+        assert!(!path.exists(), "the damaged chunk is quarantined");
     }
-    fs::remove_file(&path).unwrap();
     let reader = store.open_point("d", PointSel::Latest).unwrap();
     assert!(matches!(reader.read_at(&mut buf, 4096), Err(StoreError::CorruptChunk { stored: true, .. })));
     let out = tempfile::NamedTempFile::new().unwrap();
@@ -613,7 +613,8 @@ fn gc_fixture(store: &Store) -> (Kept, HashSet<String>) {
     let mut referenced = HashSet::new();
     for disk in ["a", "b"] {
         let record = store.inner().disk_record(disk).unwrap();
-        let (_, root) = store.inner().load_point(&record, 3).unwrap();
+        let (_, sum) = store.inner().point_record(disk, 3).unwrap();
+        let root = store.inner().load_root(&record, 3, &sum).unwrap();
         for page in root.values() {
             referenced.extend(hexes(store.inner().read_page(page).unwrap().chunks()));
         }
@@ -675,11 +676,11 @@ fn an_upload_replaces_a_stored_copy_with_a_bad_header() {
     let first = p.commit(1, Consistency::Crash).unwrap();
     let path = store.inner().chunk_path(&h);
     fs::write(&path, b"garbage").unwrap();
-    // The damaged copy does not count as stored: the upload is staged, and the next commit
-    // that references it moves it over the damaged one.
+    // The damaged copy does not count as stored: it is quarantined, the upload is staged, and
+    // the next commit that references it (a resync: the latest point is damaged) heals it.
     put(&store, &data);
     assert_eq!(incoming(&store).len(), 1);
-    let mut p = store.begin("d", 2, GenerationKind::Incremental, Some(first.id)).unwrap();
+    let mut p = store.begin("d", 2, GenerationKind::InitialFull, Some(first.id)).unwrap();
     p.add_chunk(4096, 4096, h).unwrap();
     p.commit(2, Consistency::Crash).unwrap();
     assert_eq!(store.inner().read_chunk(&h).unwrap(), data);
