@@ -1430,8 +1430,9 @@ fn block_hashes_answer_damaged_for_every_piece_of_a_damaged_chunk() {
     let want: Vec<[u8; 32]> = image.chunks(4096).map(|b| *blake3::hash(b).as_bytes()).collect();
     let reader = store.open_point("d", PointSel::Latest).unwrap();
     assert_eq!(reader.block_hashes(0, 256 * KIB, 4096, zero).unwrap(), want);
-    // One bit of one block's bytes: every block of the chunk is sent again.
-    flip(&store.inner().chunk_path(&a), 1);
+    // One bit of the compressed bytes (a literal: it still decompresses, and only one block's
+    // bytes change): every block of the chunk is sent again.
+    flip(&store.inner().chunk_path(&a), 2000);
     let reader = store.open_point("d", PointSel::Latest).unwrap(); // no cached copy
     let got = reader.block_hashes(0, 256 * KIB, 4096, zero).unwrap();
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
