@@ -64,7 +64,8 @@ pub(crate) fn prune(
         let dir = inner.points_dir(&disk);
         let mut removed = false;
         for (i, &id) in ids.iter().enumerate() {
-            if id == latest || Some(id) == intact || i >= newest_kept || in_use.contains(&(disk.clone(), id)) {
+            if id == latest || Some(id) == intact || i >= newest_kept || in_use.contains(&(disk.clone(), id))
+            {
                 continue;
             }
             let (info, _) = inner.point_record(&disk, id)?;

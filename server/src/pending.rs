@@ -335,7 +335,10 @@ fn region_mut<'a>(
             Some(page) => match (store.read_page(page), on_damage) {
                 (Ok(map), _) => map,
                 (Err(e), OnDamage::StartEmpty) if e.is_damage() => {
-                    tracing::warn!(region, "the base's map page of this region is damaged ({e}): starting it empty");
+                    tracing::warn!(
+                        region,
+                        "the base's map page of this region is damaged ({e}): starting it empty"
+                    );
                     RegionMap::default()
                 }
                 (Err(e), OnDamage::Fail { disk, point }) if e.is_damage() => {

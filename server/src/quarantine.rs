@@ -183,10 +183,10 @@ pub(crate) fn list(inner: &Inner) -> Result<Quarantined, StoreError> {
 /// Why `o` was quarantined, from its record.
 pub(crate) fn reason(inner: &Inner, o: &Object) -> String {
     let path = json_path(&o.entry(inner));
-    fs::read(&path)
-        .ok()
-        .and_then(|b| serde_json::from_slice::<Record>(&b).ok())
-        .map_or_else(|| "quarantined (no record of why)".to_string(), |r| format!("quarantined: {}", r.reason))
+    fs::read(&path).ok().and_then(|b| serde_json::from_slice::<Record>(&b).ok()).map_or_else(
+        || "quarantined (no record of why)".to_string(),
+        |r| format!("quarantined: {}", r.reason),
+    )
 }
 
 fn json_path(entry: &Path) -> PathBuf {

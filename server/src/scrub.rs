@@ -138,7 +138,10 @@ struct Slot {
 enum Check<T> {
     Ok(T),
     /// Failed its checks (reason); quarantined unless `quarantined` is false (an I/O error).
-    Damaged { reason: String, quarantined: bool },
+    Damaged {
+        reason: String,
+        quarantined: bool,
+    },
     /// Gone with every point that named it (retention ran meanwhile).
     Collected,
 }
@@ -214,7 +217,9 @@ pub(crate) fn verify(inner: &Inner, opts: &VerifyOptions) -> Result<VerifyReport
                             pages.entry(page).or_default().push((slot, region));
                         }
                     }
-                    Err(reason) => damaged.push((damage(ObjectKind::Root, o.name(), path, reason, true), whole)),
+                    Err(reason) => {
+                        damaged.push((damage(ObjectKind::Root, o.name(), path, reason, true), whole))
+                    }
                 }
             }
             disks.push(record);
@@ -261,7 +266,8 @@ pub(crate) fn verify(inner: &Inner, opts: &VerifyOptions) -> Result<VerifyReport
                         (slot, start, (start + rs).min(size) - start)
                     })
                     .collect();
-                damaged.push((damage(ObjectKind::Page, o.name(), o.home(inner), reason, quarantined), ranges));
+                damaged
+                    .push((damage(ObjectKind::Page, o.name(), o.home(inner), reason, quarantined), ranges));
             }
             Some(Check::Collected) | None => {}
         }
@@ -271,9 +277,8 @@ pub(crate) fn verify(inner: &Inner, opts: &VerifyOptions) -> Result<VerifyReport
     let chunk_list: Vec<[u8; 32]> = chunks.keys().copied().collect();
     let chunk_checks = parallel(&chunk_list, threads, &stop, |hash| {
         let o = Object::Chunk(*hash);
-        let users = || {
-            chunks[hash].iter().flat_map(|&p| pages[&page_list[p as usize]].iter().map(|(slot, _)| *slot))
-        };
+        let users =
+            || chunks[hash].iter().flat_map(|&p| pages[&page_list[p as usize]].iter().map(|(slot, _)| *slot));
         check(inner, &o, &q, users, &exists, |p| {
             let len = chunk::verify(p, hash)?;
             pace.take(len);

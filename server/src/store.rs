@@ -21,11 +21,11 @@ use crate::format::{
     MAX_BLOCK_SIZE, MAX_DISK_SIZE, MAX_METADATA_BYTES, MAX_REGIONS, MAX_TAGS, MIN_BLOCK_SIZE, VERSION,
 };
 use crate::gc;
-use crate::scrub::{self, VerifyOptions, VerifyReport};
 use crate::map::RegionMap;
 use crate::pending::{PendingPoint, PendingState};
 use crate::quarantine::{self, Object, Quarantined, QUARANTINE};
 use crate::reader::PointReader;
+use crate::scrub::{self, VerifyOptions, VerifyReport};
 use crate::{
     DiskInfo, GcReport, GenerationKind, InitialProgress, PointInfo, PointSel, Retention, StoreOptions,
 };
@@ -156,9 +156,10 @@ pub(crate) struct Inner {
     /// write-back error of the file system since then, each once (Linux 5.8 and later).
     sync_handle: File,
     disk_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
-    /// Whether a point depends on a quarantined object, as last computed, with the quarantine
-    /// it was computed against (see [`Inner::point_damage`]).
-    verdicts: Mutex<HashMap<(String, u64), (Quarantined, Option<String>)>>,
+    /// The quarantine as last seen by [`Inner::root_damage`], and for each page read since, the
+    /// first quarantined chunk it names: points share pages, so checking a new point reads only
+    /// the pages no checked point had.
+    page_damage: Mutex<(Quarantined, HashMap<[u8; 32], Option<[u8; 32]>>)>,
     pub(crate) tmp: TmpNames,
     pub(crate) access: Access,
     #[cfg(test)]
@@ -366,48 +367,52 @@ impl Inner {
 
     /// Why point `id` cannot be restored whole because it depends on a damaged object (its
     /// root, or a page or chunk it names that is quarantined), or `None`. Reads the root, and
-    /// every page of the point only while some page or chunk is quarantined; the answer is
-    /// kept until the quarantine changes.
+    /// while some page or chunk is quarantined, the pages of the point not read since the
+    /// quarantine last changed.
     pub(crate) fn point_damage(&self, disk: &DiskRecord, id: u64) -> Result<Option<String>, StoreError> {
         let q = quarantine::list(self)?;
-        let key = (disk.name.clone(), id);
-        if let Some((seen, verdict)) = self.verdicts.lock().unwrap_or_else(PoisonError::into_inner).get(&key) {
-            if *seen == q {
-                return Ok(verdict.clone());
-            }
-        }
-        let verdict = self.compute_damage(disk, id, &q)?;
-        // Computing may quarantine what it found; the next look compares against that.
-        let q = quarantine::list(self)?;
-        self.verdicts.lock().unwrap_or_else(PoisonError::into_inner).insert(key, (q, verdict.clone()));
-        Ok(verdict)
-    }
-
-    fn compute_damage(&self, disk: &DiskRecord, id: u64, q: &Quarantined) -> Result<Option<String>, StoreError> {
         let root_object = Object::Root(disk.name.clone(), id);
         if q.contains(&root_object) {
             return Ok(Some(format!("its root is {}", quarantine::reason(self, &root_object))));
         }
         let (_, sum) = self.point_record(&disk.name, id)?;
-        let root = match self.load_root(disk, id, &sum) {
-            Ok(root) => root,
-            Err(e) if e.is_damage() => return Ok(Some(format!("its root is damaged: {e}"))),
-            Err(e) => return Err(e),
-        };
+        match self.load_root(disk, id, &sum) {
+            Ok(root) => self.root_damage(&root, q),
+            Err(e) if e.is_damage() => Ok(Some(format!("its root is damaged: {e}"))),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Why a point with `root` cannot be restored whole: a page it names is quarantined or
+    /// damaged, or a chunk one of them names is quarantined (`q`: the quarantine now).
+    pub(crate) fn root_damage(&self, root: &Root, q: Quarantined) -> Result<Option<String>, StoreError> {
         if !q.has_objects() {
             return Ok(None);
         }
-        for (region, page) in &root {
+        let mut cache = self.page_damage.lock().unwrap_or_else(PoisonError::into_inner);
+        if cache.0 != q {
+            *cache = (q, HashMap::new());
+        }
+        for (region, page) in root {
             let at = u64::from(*region) * self.region_size;
-            if q.pages.contains(page) {
+            if cache.0.pages.contains(page) {
                 return Ok(Some(format!("the map page of bytes {at}.. ({}) is quarantined", hex(page))));
             }
-            let map = match self.read_page(page) {
-                Ok(map) => map,
-                Err(e) if e.is_damage() => return Ok(Some(format!("the map page of bytes {at}.. is damaged: {e}"))),
-                Err(e) => return Err(e),
+            let bad = match cache.1.get(page) {
+                Some(bad) => *bad,
+                None => {
+                    let map = match self.read_page(page) {
+                        Ok(map) => map,
+                        Err(e) if e.is_damage() => {
+                            return Ok(Some(format!("the map page of bytes {at}.. is damaged: {e}")))
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    let bad = map.chunks().find(|c| cache.0.chunks.contains(*c)).copied();
+                    cache.1.insert(*page, bad);
+                    bad
+                }
             };
-            let bad = map.chunks().find(|c| q.chunks.contains(*c)).copied();
             if let Some(c) = bad {
                 return Ok(Some(format!("chunk {} (in bytes {at}..) is quarantined", hex(&c))));
             }
@@ -503,7 +508,9 @@ impl Inner {
     /// Quarantines a chunk found damaged by `e` (nothing for other errors).
     pub(crate) fn quarantine_chunk(&self, hash: &[u8; 32], e: &StoreError) {
         if e.is_damage() {
-            quarantine::quarantine(self, &Object::Chunk(*hash), &e.to_string(), |p| chunk::read(p, hash).is_ok());
+            quarantine::quarantine(self, &Object::Chunk(*hash), &e.to_string(), |p| {
+                chunk::read(p, hash).is_ok()
+            });
         }
     }
 }
@@ -622,7 +629,7 @@ impl Store {
                 promotion: Mutex::new(()),
                 sync_handle,
                 disk_locks: Mutex::new(HashMap::new()),
-                verdicts: Mutex::new(HashMap::new()),
+                page_damage: Mutex::default(),
                 tmp: TmpNames::default(),
                 access,
                 #[cfg(test)]
@@ -715,7 +722,10 @@ impl Store {
     pub fn needs_resync(&self, disk: &str) -> Result<Option<String>, StoreError> {
         let record = self.inner.disk_record(disk)?;
         let Some(&id) = self.inner.point_ids(disk)?.last() else { return Ok(None) };
-        Ok(self.inner.point_damage(&record, id)?.map(|reason| format!("recovery point {id} is damaged: {reason}")))
+        Ok(self
+            .inner
+            .point_damage(&record, id)?
+            .map(|reason| format!("recovery point {id} is damaged: {reason}")))
     }
 
     /// Whether a chunk is stored, or staged by this process. A quarantined chunk is not stored:
@@ -1003,7 +1013,7 @@ fn base_root(
     };
     if full {
         root.retain(|_, page| !q.pages.contains(page));
-    } else if let Some(reason) = inner.point_damage(record, base)? {
+    } else if let Some(reason) = inner.root_damage(&root, q)? {
         return Err(damaged(reason));
     }
     Ok(root)

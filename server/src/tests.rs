@@ -1377,7 +1377,8 @@ fn verify_names_a_damaged_chunk_with_its_points_and_ranges_and_an_upload_heals_i
     assert_eq!(r.damaged.len(), 1, "{r:?}");
     let d = &r.damaged[0];
     assert_eq!((d.kind, d.object.as_str(), d.quarantined), (ObjectKind::Chunk, hex(&a).as_str(), true));
-    let deps: Vec<(u64, Vec<(u64, u64)>)> = d.dependents.iter().map(|d| (d.point, d.ranges.clone())).collect();
+    let deps: Vec<(u64, Vec<(u64, u64)>)> =
+        d.dependents.iter().map(|d| (d.point, d.ranges.clone())).collect();
     assert_eq!(deps, [(1, vec![(0, 16384)]), (2, vec![(0, 16384)])]);
     assert!(r.points.iter().all(|p| !p.intact));
     // Quarantined: dedup never references it again, also after a restart.
@@ -1538,4 +1539,44 @@ fn retention_keeps_the_newest_intact_point_while_newer_ones_are_damaged() {
     // The quarantine of what no point names any more is swept with it.
     assert!(!store.root().join("quarantine/chunks").join(hex(&chunks[2])).exists());
     assert!(store.root().join("quarantine/chunks").join(hex(&chunks[3])).exists());
+}
+
+/// What verifying chunks costs `block_hashes` (a resync's hash queries): run with
+/// `cargo test --release -p server -- --ignored block_hashes_cost --nocapture`.
+#[test]
+#[ignore]
+fn block_hashes_cost() {
+    let (_d, store) = new_store(DEFAULT_REGION_SIZE);
+    let size = 256 << 20;
+    store.register_disk("d", size, 4096).unwrap();
+    let mut rng = Rng(5);
+    let mut p = store.begin("d", 1, GenerationKind::InitialFull, None).unwrap();
+    let mut raw = Vec::new();
+    for at in (0..size).step_by(1 << 20) {
+        let data = rng.bytes(1 << 20);
+        p.add_chunk(at, 1 << 20, put(&store, &data)).unwrap();
+        raw.push(data);
+    }
+    p.commit(1, Consistency::Crash).unwrap();
+    let zero = |_| [0u8; 32];
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let reader = store.open_point("d", PointSel::Latest).unwrap();
+        let t = std::time::Instant::now();
+        for at in (0..size).step_by(4 << 20) {
+            reader.block_hashes(at, 4 << 20, 64 << 10, zero).unwrap();
+        }
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    let t = std::time::Instant::now();
+    for data in &raw {
+        std::hint::black_box(blake3::hash(data));
+    }
+    let verify = t.elapsed().as_secs_f64();
+    println!(
+        "block_hashes of 256 MiB in 64 KiB pieces: {:.0} ms; of which verifying the chunks (one blake3 pass): {:.0} ms ({:.0}%)",
+        best * 1e3,
+        verify * 1e3,
+        verify / best * 100.0
+    );
 }

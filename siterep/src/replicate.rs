@@ -333,7 +333,10 @@ fn scrub_once(store: &server::Store, options: &server::VerifyOptions, m: &ScrubM
             if r.damaged.is_empty() {
                 tracing::info!(checked = ?r.checked, elapsed_ms = r.elapsed_ms, "scrub: no damage found");
             } else {
-                tracing::error!("scrub found damage (quarantined; the disks concerned need a resync):\n{}", r.human());
+                tracing::error!(
+                    "scrub found damage (quarantined; the disks concerned need a resync):\n{}",
+                    r.human()
+                );
             }
         }
         Err(e) => {
@@ -397,7 +400,12 @@ fn server_samples(m: &server::net::Metrics, scrub: &ScrubMetrics) -> Vec<crate::
             get(&m.bytes_received_total),
         ),
         ("siterep_rejected_total", "counter", "Requests or generations rejected.", get(&m.rejected_total)),
-        ("siterep_scrub_runs_total", "counter", "Scrubs that ran to an end.", get(&scrub.runs_total)),
+        (
+            "siterep_scrub_runs_total",
+            "counter",
+            "Scrubs run (stopped ones included).",
+            get(&scrub.runs_total),
+        ),
         ("siterep_scrub_failures_total", "counter", "Scrubs that failed.", get(&scrub.failures_total)),
         (
             "siterep_scrub_damaged_objects",

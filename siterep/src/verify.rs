@@ -41,7 +41,8 @@ pub fn verify(args: VerifyArgs) -> i32 {
             return 2;
         }
     };
-    let options = VerifyOptions { disk: args.disk, point: args.point, rate: args.rate, ..VerifyOptions::default() };
+    let options =
+        VerifyOptions { disk: args.disk, point: args.point, rate: args.rate, ..VerifyOptions::default() };
     let report = match store.verify(&options) {
         Ok(r) => r,
         Err(e) => {

@@ -28,7 +28,8 @@ fn make_store(dir: &Path) -> (PathBuf, [[u8; 32]; 3]) {
     let root = dir.join("store");
     let store = Store::open(&root).unwrap();
     store.register_disk(DISK, 1 << 20, 4096).unwrap();
-    let bytes = |seed: u8, n: usize| -> Vec<u8> { (0..n).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect() };
+    let bytes =
+        |seed: u8, n: usize| -> Vec<u8> { (0..n).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect() };
     let mut p = store.begin(DISK, 1, GenerationKind::InitialFull, None).unwrap();
     let a = put(&store, &bytes(1, 64 << 10));
     p.add_chunk(128 << 10, 64 << 10, a).unwrap();
