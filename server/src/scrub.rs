@@ -128,6 +128,9 @@ impl Pace {
     }
 }
 
+/// `(point slot, offset, length)`: a range of a checked point's disk.
+type Range = (usize, u64, u64);
+
 /// A point being checked.
 struct Slot {
     disk: usize,
@@ -164,7 +167,7 @@ pub(crate) fn verify(inner: &Inner, opts: &VerifyOptions) -> Result<VerifyReport
     let mut points: Vec<VerifiedPoint> = Vec::new();
     let mut checked = Checked::default();
     // Damaged objects, and for each the points (slot indices) and ranges depending on it.
-    let mut damaged: Vec<(Damaged, Vec<(usize, u64, u64)>)> = Vec::new();
+    let mut damaged: Vec<(Damaged, Vec<Range>)> = Vec::new();
     // Every page: the points and regions using it.
     let mut pages: BTreeMap<[u8; 32], Vec<(usize, u32)>> = BTreeMap::new();
     {
@@ -299,9 +302,8 @@ pub(crate) fn verify(inner: &Inner, opts: &VerifyOptions) -> Result<VerifyReport
         let mut ranges = Vec::new();
         for &p in &chunks[hash] {
             let addr = page_list[p as usize];
-            if !maps.contains_key(&addr) {
-                let (map, _) = inner.page_at(&inner.page_path(&addr), &addr)?;
-                maps.insert(addr, map);
+            if let std::collections::hash_map::Entry::Vacant(e) = maps.entry(addr) {
+                e.insert(inner.page_at(&inner.page_path(&addr), &addr)?.0);
             }
             for (start, d) in maps[&addr].iter().filter(|(_, d)| d.chunk == *hash) {
                 for &(slot, region) in &pages[&addr] {
@@ -377,7 +379,7 @@ fn check<T, I: Iterator<Item = usize>>(
 }
 
 /// Groups `(slot, offset, len)` by point and merges each point's ranges.
-fn dependents(mut ranges: Vec<(usize, u64, u64)>, slots: &[Slot], disks: &[DiskRecord]) -> Vec<Dependent> {
+fn dependents(mut ranges: Vec<Range>, slots: &[Slot], disks: &[DiskRecord]) -> Vec<Dependent> {
     ranges.sort_unstable();
     let mut out: Vec<(usize, Dependent)> = Vec::new();
     for (slot, at, len) in ranges {

@@ -159,12 +159,15 @@ pub(crate) struct Inner {
     /// The quarantine as last seen by [`Inner::root_damage`], and for each page read since, the
     /// first quarantined chunk it names: points share pages, so checking a new point reads only
     /// the pages no checked point had.
-    page_damage: Mutex<(Quarantined, HashMap<[u8; 32], Option<[u8; 32]>>)>,
+    page_damage: Mutex<(Quarantined, PageDamage)>,
     pub(crate) tmp: TmpNames,
     pub(crate) access: Access,
     #[cfg(test)]
     faults: Mutex<HashMap<&'static str, usize>>,
 }
+
+/// Per map page: the first quarantined chunk it names, if any.
+type PageDamage = HashMap<[u8; 32], Option<[u8; 32]>>;
 
 /// How this process holds the store (see [`Store::open`] and [`Store::open_reader`]).
 pub(crate) enum Access {
