@@ -293,3 +293,39 @@ pub(crate) fn sweep(inner: &Inner, keep: impl Fn(&Object) -> bool) -> Result<u64
     }
     Ok(bytes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_names_round_trip() {
+        for o in [Object::Chunk([7; 32]), Object::Page([0xab; 32]), Object::Root("vm.1-a".into(), 42)] {
+            assert_eq!(Object::parse(o.kind(), &o.file_name()), Some(o.clone()), "{o:?}");
+        }
+        assert_eq!(Object::parse(ObjectKind::Root, "vm.42.root"), None);
+        assert_eq!(Object::parse(ObjectKind::Chunk, "zz"), None);
+    }
+
+    #[test]
+    fn a_home_that_exists_again_means_healed_and_the_sweep_removes_the_leftovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::Store::open(&dir.path().join("s")).unwrap();
+        let inner = store.inner();
+        let o = Object::Chunk([5; 32]);
+        let home = o.home(inner);
+        fs::write(&home, b"damaged").unwrap();
+        quarantine(inner, &o, "test", |_| false);
+        assert!(!home.exists() && o.entry(inner).exists() && json_path(&o.entry(inner)).exists());
+        assert!(list(inner).unwrap().contains(&o));
+        assert!(reason(inner, &o).contains("test"));
+        // A crash after a promotion made the home durable, before the files were removed.
+        fs::write(&home, b"a good copy").unwrap();
+        assert!(!list(inner).unwrap().contains(&o), "the home wins");
+        sweep(inner, |_| true).unwrap();
+        assert!(!o.entry(inner).exists() && !json_path(&o.entry(inner)).exists());
+        // A copy that passes after the move (replaced meanwhile) is put back.
+        quarantine(inner, &o, "test", |_| true);
+        assert!(home.exists() && !o.entry(inner).exists());
+    }
+}
