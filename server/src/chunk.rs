@@ -1,5 +1,5 @@
 //! Chunks: content-addressed by the blake3 of their raw bytes, stored zstd-compressed as the
-//! agent sent them, verified on the way in and on every read (but see [`read_unverified`]).
+//! agent sent them, verified on the way in and on every read.
 //!
 //! A verified upload is *staged*: written to `incoming/` without a sync and remembered in the
 //! live registry's staged set. A commit or checkpoint *promotes* the staged chunks it
@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use crate::durable::sync_dir;
 use crate::error::StoreError;
 use crate::format::{hex, ChunkHeader, CHUNK_HEADER, MAX_CHUNK_RAW, MAX_CHUNK_STORED};
+use crate::quarantine::{self, Object};
 use crate::store::{Inner, CHUNKS};
 
 /// A promotion touching at most this many shard directories fsyncs each of them; one touching
@@ -111,12 +112,11 @@ pub(crate) fn read(path: &Path, hash: &[u8; 32]) -> Result<Vec<u8>, StoreError> 
     decode(hash, header.raw_len, &stored, true)
 }
 
-/// Reads a stored chunk without checking its blake3 (header, length and decompression are
-/// checked): for callers that hash the bytes themselves and treat a mismatch as a difference
-/// (see `PointReader::block_hashes`).
-pub(crate) fn read_unverified(path: &Path, hash: &[u8; 32]) -> Result<Vec<u8>, StoreError> {
+/// Reads and verifies a stored chunk without keeping its bytes; returns the file's size.
+pub(crate) fn verify(path: &Path, hash: &[u8; 32]) -> Result<u64, StoreError> {
     let (header, stored) = read_stored(path, hash)?;
-    decompress(hash, header.raw_len, &stored, true)
+    decode(hash, header.raw_len, &stored, true)?;
+    Ok(CHUNK_HEADER as u64 + stored.len() as u64)
 }
 
 /// A stored chunk's header and compressed bytes.
@@ -252,9 +252,17 @@ pub(crate) fn promote(inner: &Inner, refs: &BTreeSet<[u8; 32]>) -> Result<(), St
         discard_staged(inner, &e);
         return Err(e);
     }
-    let mut live = inner.live();
+    {
+        let mut live = inner.live();
+        for (hash, _) in &todo {
+            live.staged.remove(hash);
+        }
+    }
+    // A promoted chunk that was quarantined is healed: its home is durable again.
     for (hash, _) in &todo {
-        live.staged.remove(hash);
+        if let Err(e) = quarantine::clear(inner, &Object::Chunk(*hash)) {
+            tracing::warn!("a healed chunk keeps its quarantine files until the next sweep: {e}");
+        }
     }
     tracing::debug!(chunks = todo.len(), shards = shards.len(), "staged chunks promoted");
     Ok(())

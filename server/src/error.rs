@@ -112,6 +112,14 @@ pub enum StoreError {
     /// `checkpoint` of a generation that is not an initial full copy.
     #[error("only an initial full copy has checkpoints")]
     NotInitial,
+    /// The base point of an incremental or resync generation depends on a damaged or
+    /// quarantined object (its root, a map page or a chunk): building on it would carry the
+    /// damage forward. A resync (an initial full copy on that base) sends the data again.
+    #[error(
+        "recovery point {point} of disk {disk:?} is damaged ({reason}); an incremental cannot \
+         build on it: resync the disk (siterep agent --resync) to send its data again"
+    )]
+    DamagedBase { disk: String, point: u64, reason: String },
     /// A lock was poisoned by a thread that panicked while holding it.
     #[error("internal state poisoned by a panic")]
     Poisoned,
@@ -149,6 +157,7 @@ impl StoreError {
             | StoreError::NoStore(_)
             | StoreError::Locked(_)
             | StoreError::ReadOnly(_)
+            | StoreError::DamagedBase { .. }
             | StoreError::Poisoned => false,
             StoreError::CorruptChunk { stored, .. } => !stored,
             _ => true,
@@ -166,5 +175,11 @@ impl StoreError {
     pub(crate) fn format(path: impl Into<PathBuf>) -> impl FnOnce(FormatError) -> StoreError {
         let path = path.into();
         move |source| StoreError::Format { path, source }
+    }
+
+    /// True when the error says a stored object failed its checks or is gone (as opposed to
+    /// an I/O error, which may pass): the object is quarantined.
+    pub(crate) fn is_damage(&self) -> bool {
+        matches!(self, StoreError::Format { .. } | StoreError::CorruptChunk { stored: true, .. })
     }
 }

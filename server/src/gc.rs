@@ -19,6 +19,7 @@ use std::path::Path;
 use crate::durable::{self, sync_dir, TMP_PREFIX};
 use crate::error::StoreError;
 use crate::format::unhex32;
+use crate::quarantine::{self, Object};
 use crate::store::{parse_point_file, point_file, Inner, CHUNKS, PAGES};
 use crate::{GcReport, Retention};
 
@@ -59,10 +60,12 @@ pub(crate) fn prune(
         let ids = inner.point_ids(&disk)?;
         let Some(&latest) = ids.last() else { continue };
         let newest_kept = policy.keep_last.map_or(ids.len(), |n| ids.len().saturating_sub(n));
+        let intact = newest_intact(inner, &disk, &ids)?;
         let dir = inner.points_dir(&disk);
         let mut removed = false;
         for (i, &id) in ids.iter().enumerate() {
-            if id == latest || i >= newest_kept || in_use.contains(&(disk.clone(), id)) {
+            if id == latest || Some(id) == intact || i >= newest_kept || in_use.contains(&(disk.clone(), id))
+            {
                 continue;
             }
             let (info, _) = inner.point_record(&disk, id)?;
@@ -87,17 +90,39 @@ pub(crate) fn prune(
     Ok(())
 }
 
+/// The newest point of `ids` (ascending) that depends on no damaged object: while newer points
+/// are damaged, it is the newest one that restores whole, and is kept.
+fn newest_intact(inner: &Inner, disk: &str, ids: &[u64]) -> Result<Option<u64>, StoreError> {
+    let record = inner.disk_record(disk)?;
+    for &id in ids.iter().rev() {
+        match inner.point_damage(&record, id)? {
+            None => return Ok(Some(id)),
+            Some(reason) => tracing::warn!(disk, id, %reason, "point depends on a damaged object"),
+        }
+    }
+    Ok(None)
+}
+
 /// Step 2. The caller holds the gate exclusively.
 pub(crate) fn sweep(inner: &Inner, report: &mut GcReport) -> Result<(), StoreError> {
     let mut pages: HashSet<[u8; 32]> = HashSet::new();
     let mut chunks: HashSet<[u8; 32]> = HashSet::new();
 
-    // Mark: roots of every remaining point and checkpoint.
+    // Mark: roots of every remaining point and checkpoint. A damaged root is quarantined and
+    // marks nothing (nothing can read what it named).
+    let q = quarantine::list(inner)?;
     for disk in inner.disk_names_strict()? {
         let record = inner.disk_record(&disk)?;
         for id in inner.point_ids(&disk)? {
-            let (_, root) = inner.load_point(&record, id)?;
-            pages.extend(root.values());
+            let (_, sum) = inner.point_record(&disk, id)?;
+            if q.contains(&Object::Root(disk.clone(), id)) {
+                continue;
+            }
+            match inner.load_root(&record, id, &sum) {
+                Ok(root) => pages.extend(root.values()),
+                Err(e) if e.is_damage() => continue,
+                Err(e) => return Err(e),
+            }
         }
         if let Some(cp) = inner.read_initial(&record)? {
             pages.extend(cp.root.values());
@@ -117,10 +142,18 @@ pub(crate) fn sweep(inner: &Inner, report: &mut GcReport) -> Result<(), StoreErr
         }
         chunks.extend(live.protected_uploads());
     }
-    // Mark: the chunks of every referenced page. Any unreadable page stops the run before
-    // anything is removed.
+    // Mark: the chunks of every referenced page. A page that cannot be read stops the run
+    // before anything is removed, unless it is damaged: then it is quarantined, and the chunks
+    // only it named go (no point can read them without it).
     for page in &pages {
-        chunks.extend(inner.read_page(page)?.chunks());
+        if q.pages.contains(page) {
+            continue;
+        }
+        match inner.read_page(page) {
+            Ok(map) => chunks.extend(map.chunks()),
+            Err(e) if e.is_damage() => continue,
+            Err(e) => return Err(e),
+        }
     }
 
     // Sweep.
@@ -144,6 +177,12 @@ pub(crate) fn sweep(inner: &Inner, report: &mut GcReport) -> Result<(), StoreErr
     let (removed, bytes) = sweep_staged(inner, &chunks)?;
     report.staged_removed += removed;
     report.bytes_freed += bytes;
+    // Quarantined objects that are healed, or that no remaining point names.
+    report.bytes_freed += quarantine::sweep(inner, |o| match o {
+        Object::Chunk(h) => chunks.contains(h),
+        Object::Page(h) => pages.contains(h),
+        Object::Root(disk, id) => inner.points_dir(disk).join(point_file(*id, "json")).exists(),
+    })?;
     Ok(())
 }
 

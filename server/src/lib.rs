@@ -29,7 +29,9 @@ mod info;
 mod map;
 pub mod net;
 mod pending;
+mod quarantine;
 mod reader;
+mod scrub;
 mod source;
 mod store;
 
@@ -44,7 +46,9 @@ pub use info::{
     RestoreReport, Retention, StoreOptions,
 };
 pub use pending::PendingPoint;
-pub use reader::PointReader;
+pub use quarantine::ObjectKind;
+pub use reader::{PointReader, DAMAGED_HASH};
+pub use scrub::{Checked, Damaged, Dependent, VerifiedPoint, VerifyOptions, VerifyReport};
 pub use store::Store;
 
 #[cfg(test)]

@@ -572,6 +572,8 @@ fn classify(e: &StoreError) -> (ErrorClass, u16) {
         }
         StoreError::UnknownDisk(_) => (ErrorClass::Fatal, wire::ERR_NO_SUCH_DISK),
         StoreError::OtherSource { .. } => (ErrorClass::Fatal, wire::ERR_OTHER_SOURCE),
+        // The base point names a damaged object: a resync sends its data again (§6.8).
+        StoreError::DamagedBase { .. } => (ErrorClass::Retryable, wire::ERR_RESYNC_REQUIRED),
         // One source sends its generations in order, on its latest point, and releases each
         // only once committed: a generation that has another point's content, or that is not
         // above the latest point's without a point of its own, came from another source under
@@ -1518,7 +1520,8 @@ mod tests {
         let want = expected(&image, 0, SIZE, 64 << 10);
         for missing in [false, true] {
             if missing {
-                std::fs::remove_file(&path).unwrap();
+                // The damaged chunk was quarantined (moved away) by the first round's read.
+                assert!(!path.exists());
             }
             let reader = store.open_point(DISK, PointSel::Id(1)).unwrap();
             let got = point_hashes(&reader, 0, SIZE, 64 << 10, &mut ZeroHashes::default()).unwrap();

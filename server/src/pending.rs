@@ -102,6 +102,14 @@ impl PendingPoint {
         self.next_offset
     }
 
+    /// What a damaged page of the base means for this generation.
+    fn on_damage(&self) -> OnDamage<'_> {
+        match (self.kind, self.base) {
+            (GenerationKind::InitialFull, _) | (_, None) => OnDamage::StartEmpty,
+            (_, Some(point)) => OnDamage::Fail { disk: &self.disk.name, point },
+        }
+    }
+
     fn lock(&self) -> Result<MutexGuard<'_, PendingState>, StoreError> {
         self.state.lock().map_err(|_: PoisonError<_>| StoreError::Poisoned)
     }
@@ -143,7 +151,7 @@ impl PendingPoint {
             st.staged.insert(hash);
         }
         for (region, start, end, delta) in pieces(store.region_size, offset, len.into()) {
-            let map = region_mut(store, &mut st, region)?;
+            let map = region_mut(store, &mut st, region, self.on_damage())?;
             let chunk_offset = u32::try_from(delta).expect("within a chunk");
             map.put(start, DataRef { len: end - start, chunk: hash, chunk_offset });
         }
@@ -164,7 +172,7 @@ impl PendingPoint {
             if start == 0 && u64::from(end) == store.region_size {
                 st.dirty.insert(region, RegionMap::default());
             } else {
-                region_mut(store, &mut st, region)?.punch(start, end);
+                region_mut(store, &mut st, region, self.on_damage())?.punch(start, end);
             }
         }
         st.changed_bytes += len;
@@ -319,15 +327,43 @@ fn pieces(region_size: u64, offset: u64, len: u64) -> impl Iterator<Item = (u32,
     })
 }
 
+/// What a generation does when the page of a region it changes is damaged (the page is
+/// quarantined either way).
+enum OnDamage<'a> {
+    /// An initial full copy (the agent's resync): the region starts empty; the agent sends all
+    /// of it, as the base's hashes answer it as damaged.
+    StartEmpty,
+    /// An incremental or resync: [`StoreError::DamagedBase`], the agent must resync.
+    Fail { disk: &'a str, point: u64 },
+}
+
 /// The in-memory map of a region, loaded from its page on first change.
 fn region_mut<'a>(
     store: &Inner,
     st: &'a mut PendingState,
     region: u32,
+    on_damage: OnDamage<'_>,
 ) -> Result<&'a mut RegionMap, StoreError> {
     if !st.dirty.contains_key(&region) {
         let map = match st.root.get(&region) {
-            Some(page) => store.read_page(page)?,
+            Some(page) => match (store.read_page(page), on_damage) {
+                (Ok(map), _) => map,
+                (Err(e), OnDamage::StartEmpty) if e.is_damage() => {
+                    tracing::warn!(
+                        region,
+                        "the base's map page of this region is damaged ({e}): starting it empty"
+                    );
+                    RegionMap::default()
+                }
+                (Err(e), OnDamage::Fail { disk, point }) if e.is_damage() => {
+                    return Err(StoreError::DamagedBase {
+                        disk: disk.to_string(),
+                        point,
+                        reason: format!("the map page of region {region} is damaged: {e}"),
+                    })
+                }
+                (Err(e), _) => return Err(e),
+            },
             None => RegionMap::default(),
         };
         st.dirty.insert(region, map);

@@ -1,5 +1,6 @@
 //! Reading a recovery point: random reads, its extent map, and a streaming restore to a sparse
-//! image. Every chunk read is verified against its blake3.
+//! image. Every chunk read is verified against its blake3; a damaged root, page or chunk is
+//! quarantined when found (see `quarantine.rs`).
 
 use std::collections::VecDeque;
 use std::fs::{self, OpenOptions};
@@ -9,7 +10,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::error::StoreError;
+use crate::error::{FormatError, StoreError};
 use crate::format::Root;
 use crate::map::{DataRef, RegionMap};
 use crate::store::Inner;
@@ -21,14 +22,21 @@ const CHUNK_CACHE: usize = 4;
 /// Zeroes written per call when restoring to a block device.
 const ZERO_BUF: usize = 1 << 20;
 
-/// One piece of a point's address space, in order.
 /// Workers that read, verify and write chunks during a restore, and segments queued for them.
 const RESTORE_THREADS: usize = 2;
 const RESTORE_QUEUE: usize = 64;
 
+/// What [`PointReader::block_hashes`] answers for a piece that touches damaged data (a chunk
+/// that fails verification, a region whose page does, or anything under a damaged root): it
+/// matches no data, so the agent sends the piece again.
+pub const DAMAGED_HASH: [u8; 32] = [0xff; 32];
+
+/// One piece of a point's address space, in order.
 enum Segment {
     Data(u64, DataRef),
     Zero(u64, u64),
+    /// Unknown: its page or the point's root is damaged (only when the walk tolerates it).
+    Damaged(u64, u64),
 }
 
 #[derive(Default)]
@@ -43,7 +51,8 @@ pub struct PointReader {
     store: Arc<Inner>,
     info: PointInfo,
     size: u64,
-    root: Root,
+    /// The root, or why it cannot be read (the file and the check it failed).
+    root: Result<Root, (std::path::PathBuf, FormatError)>,
     cache: Mutex<ReadCache>,
 }
 
@@ -57,7 +66,12 @@ impl std::fmt::Debug for PointReader {
 }
 
 impl PointReader {
-    pub(crate) fn new(store: Arc<Inner>, size: u64, info: PointInfo, root: Root) -> PointReader {
+    pub(crate) fn new(
+        store: Arc<Inner>,
+        size: u64,
+        info: PointInfo,
+        root: Result<Root, (std::path::PathBuf, FormatError)>,
+    ) -> PointReader {
         *store.live().readers.entry((info.disk.clone(), info.id)).or_default() += 1;
         PointReader { store, info, size, root, cache: Mutex::new(ReadCache::default()) }
     }
@@ -125,22 +139,29 @@ impl PointReader {
         })
     }
 
-    /// Walks `[offset, offset + len)` in order as data and zero segments.
+    /// Walks `[offset, offset + len)` in order as data and zero segments. A damaged root or
+    /// page is an error, or with `tolerate` a [`Segment::Damaged`] covering what it maps.
     fn walk(
         &self,
         offset: u64,
         len: u64,
+        tolerate: bool,
         mut f: impl FnMut(Segment) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         let rs = self.store.region_size;
         let end = offset + len;
+        let root = match &self.root {
+            Ok(root) => root,
+            Err(_) if tolerate => return f(Segment::Damaged(offset, len)),
+            Err((path, e)) => return Err(StoreError::Format { path: path.clone(), source: e.clone() }),
+        };
         let mut at = offset;
         while at < end {
             let region = at / rs;
             let base = region * rs;
-            let Some(page) = self.root.get(&(region as u32)) else {
+            let Some(page) = root.get(&(region as u32)) else {
                 // Zeroes up to the next region that has a page.
-                let next = self.root.range(region as u32..).next().map_or(end, |(r, _)| u64::from(*r) * rs);
+                let next = root.range(region as u32..).next().map_or(end, |(r, _)| u64::from(*r) * rs);
                 let stop = end.min(next);
                 f(Segment::Zero(at, stop - at))?;
                 at = stop;
@@ -148,7 +169,15 @@ impl PointReader {
             };
             let region_end = end.min(base + rs);
             let (a, b) = ((at - base) as u32, (region_end - base) as u32);
-            let map = self.page(page)?;
+            let map = match self.page(page) {
+                Ok(map) => map,
+                Err(e) if tolerate && e.is_damage() => {
+                    f(Segment::Damaged(at, region_end - at))?;
+                    at = region_end;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let mut cur = a;
             for (s, d) in map.overlapping(a, b) {
                 if s > cur {
@@ -168,7 +197,7 @@ impl PointReader {
     /// Reads `buf.len()` bytes at `offset`; zero and unwritten ranges read as zeroes.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), StoreError> {
         self.check_range(offset, buf.len() as u64)?;
-        self.walk(offset, buf.len() as u64, |seg| {
+        self.walk(offset, buf.len() as u64, false, |seg| {
             match seg {
                 Segment::Zero(at, len) => {
                     let i = (at - offset) as usize;
@@ -179,6 +208,7 @@ impl PointReader {
                     let i = (at - offset) as usize;
                     buf[i..i + d.len as usize].copy_from_slice(self.data(&chunk, &d)?);
                 }
+                Segment::Damaged(..) => unreachable!("not tolerated"),
             }
             Ok(())
         })
@@ -188,10 +218,10 @@ impl PointReader {
     /// shorter), hashed straight from the chunks without copying them into one buffer; a piece
     /// that lies in zero ranges only is `zero_hash(its length)`, without hashing anything.
     ///
-    /// Unlike [`read_at`](Self::read_at), chunks are not checked against their blake3 here:
-    /// these hashes are compared with the source's, so a chunk whose bytes changed in the store
-    /// hashes differently and its blocks are sent again. A chunk that is missing, has a bad
-    /// header or does not decompress is still `CorruptChunk`.
+    /// A piece that touches damaged data answers [`DAMAGED_HASH`]: any part of a chunk that
+    /// fails verification (each chunk is verified whole, once per call, so every piece that
+    /// names it is sent again, not only those whose bytes changed), a region whose map page is
+    /// damaged, or anything under a damaged root. What is found damaged is quarantined.
     pub fn block_hashes(
         &self,
         offset: u64,
@@ -214,18 +244,41 @@ impl PointReader {
         let mut out = Vec::with_capacity(len.div_ceil(block) as usize);
         let mut hasher = blake3::Hasher::new();
         // Bytes of the current piece so far; zero bytes at its end not yet given to `hasher`
-        // (a piece without data is never hashed); whether it holds data.
-        let (mut fed, mut zeroes, mut had_data) = (0u64, 0u64, false);
-        let mut chunk: Option<([u8; 32], Vec<u8>)> = None;
-        self.walk(offset, len, |seg| {
+        // (a piece without data is never hashed); whether it holds data; whether it touches
+        // damaged data.
+        let (mut fed, mut zeroes, mut had_data, mut damaged) = (0u64, 0u64, false, false);
+        let mut chunk: Option<([u8; 32], Arc<Vec<u8>>)> = None;
+        let mut bad: Vec<[u8; 32]> = Vec::new();
+        let info = &self.info;
+        self.walk(offset, len, true, |seg| {
             let (start, seg_end, data) = match &seg {
-                Segment::Zero(at, l) => (*at, at + l, None),
+                Segment::Zero(at, l) => (*at, at + l, Some(None)),
+                Segment::Damaged(at, l) => {
+                    tracing::warn!(
+                        disk = %info.disk, point = info.id, offset = at, len = l,
+                        "the map of this range is damaged: the agent will send it again"
+                    );
+                    (*at, at + l, None)
+                }
                 Segment::Data(at, d) => {
-                    if chunk.as_ref().map(|c| c.0) != Some(d.chunk) {
-                        chunk = Some((d.chunk, self.store.read_chunk_unverified(&d.chunk)?));
+                    let end = at + u64::from(d.len);
+                    if chunk.as_ref().map(|c| c.0) != Some(d.chunk) && !bad.contains(&d.chunk) {
+                        match self.chunk(&d.chunk) {
+                            Ok(bytes) => chunk = Some((d.chunk, bytes)),
+                            Err(e) if e.is_damage() => {
+                                tracing::warn!(
+                                    disk = %info.disk, point = info.id,
+                                    "cannot read the point back ({e}): the agent will send every block of this chunk again"
+                                );
+                                bad.push(d.chunk);
+                            }
+                            Err(e) => return Err(e),
+                        }
                     }
-                    let bytes = &chunk.as_ref().expect("just read").1;
-                    (*at, at + u64::from(d.len), Some(self.data(bytes, d)?))
+                    match &chunk {
+                        Some((h, bytes)) if *h == d.chunk => (*at, end, Some(Some(self.data(bytes, d)?))),
+                        _ => (*at, end, None),
+                    }
                 }
             };
             let mut at = start;
@@ -233,25 +286,29 @@ impl PointReader {
                 let pend = piece_end(at);
                 let stop = pend.min(seg_end);
                 match data {
-                    Some(bytes) => {
+                    None => damaged = true,
+                    Some(Some(bytes)) if !damaged => {
                         feed_zeroes(&mut hasher, std::mem::take(&mut zeroes));
                         let i = (at - start) as usize;
                         hasher.update(&bytes[i..i + (stop - at) as usize]);
                         had_data = true;
                     }
-                    None => zeroes += stop - at,
+                    Some(Some(_)) => {}
+                    Some(None) => zeroes += stop - at,
                 }
                 fed += stop - at;
                 at = stop;
                 if at == pend {
-                    out.push(if had_data {
+                    out.push(if damaged {
+                        DAMAGED_HASH
+                    } else if had_data {
                         feed_zeroes(&mut hasher, std::mem::take(&mut zeroes));
                         *hasher.finalize().as_bytes()
                     } else {
                         zero_hash(fed)
                     });
                     hasher.reset();
-                    (fed, zeroes, had_data) = (0, 0, false);
+                    (fed, zeroes, had_data, damaged) = (0, 0, false, false);
                 }
             }
             Ok(())
@@ -264,10 +321,11 @@ impl PointReader {
     pub fn extents(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64, ExtentKind)>, StoreError> {
         self.check_range(offset, len)?;
         let mut out: Vec<(u64, u64, ExtentKind)> = Vec::new();
-        self.walk(offset, len, |seg| {
+        self.walk(offset, len, false, |seg| {
             let (at, len, kind) = match seg {
                 Segment::Zero(at, len) => (at, len, ExtentKind::Zero),
                 Segment::Data(at, d) => (at, u64::from(d.len), ExtentKind::Data),
+                Segment::Damaged(..) => unreachable!("not tolerated"),
             };
             match out.last_mut() {
                 Some((s, l, k)) if *k == kind && *s + *l == at => *l += len,
@@ -337,7 +395,7 @@ impl PointReader {
                     })
                 })
                 .collect();
-            let walked = self.walk(0, total, |seg| {
+            let walked = self.walk(0, total, false, |seg| {
                 if stop.load(Ordering::Relaxed) {
                     // A worker failed; its error is the one reported.
                     return Err(StoreError::Poisoned);
@@ -356,6 +414,7 @@ impl PointReader {
                         }
                         zeroed += len;
                     }
+                    Segment::Damaged(..) => unreachable!("not tolerated"),
                 }
                 progress(written.load(Ordering::Relaxed) + zeroed, total);
                 Ok(())

@@ -99,9 +99,13 @@ impl Store {
         Ok(read_source(self, disk)?.map(|r| r.source))
     }
 
-    /// Why the next generation of `disk` must be a resync, if it must: the source was
-    /// re-enrolled and no point was made since.
+    /// Why the next generation of `disk` must be a resync, if it must: its latest point
+    /// depends on a damaged object ([`Store::needs_resync`]), or the source was re-enrolled and
+    /// no point was made since.
     pub fn resync_required(&self, disk: &str) -> Result<Option<String>, StoreError> {
+        if let Some(why) = self.needs_resync(disk)? {
+            return Ok(Some(why));
+        }
         let Some(r) = read_source(self, disk)? else { return Ok(None) };
         if !r.reenrolled {
             return Ok(None);

@@ -23,7 +23,9 @@ use crate::format::{
 use crate::gc;
 use crate::map::RegionMap;
 use crate::pending::{PendingPoint, PendingState};
+use crate::quarantine::{self, Object, Quarantined, QUARANTINE};
 use crate::reader::PointReader;
+use crate::scrub::{self, VerifyOptions, VerifyReport};
 use crate::{
     DiskInfo, GcReport, GenerationKind, InitialProgress, PointInfo, PointSel, Retention, StoreOptions,
 };
@@ -154,11 +156,18 @@ pub(crate) struct Inner {
     /// write-back error of the file system since then, each once (Linux 5.8 and later).
     sync_handle: File,
     disk_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// The quarantine as last seen by [`Inner::root_damage`], and for each page read since, the
+    /// first quarantined chunk it names: points share pages, so checking a new point reads only
+    /// the pages no checked point had.
+    page_damage: Mutex<(Quarantined, PageDamage)>,
     pub(crate) tmp: TmpNames,
     pub(crate) access: Access,
     #[cfg(test)]
     faults: Mutex<HashMap<&'static str, usize>>,
 }
+
+/// Per map page: the first quarantined chunk it names, if any.
+type PageDamage = HashMap<[u8; 32], Option<[u8; 32]>>;
 
 /// How this process holds the store (see [`Store::open`] and [`Store::open_reader`]).
 pub(crate) enum Access {
@@ -342,14 +351,76 @@ impl Inner {
         decode_point_record(&buf, disk, id).map_err(StoreError::format(&path))
     }
 
-    pub(crate) fn load_point(&self, disk: &DiskRecord, id: u64) -> Result<(PointInfo, Root), StoreError> {
-        let (info, sum) = self.point_record(&disk.name, id)?;
+    /// A point's root, checked against `sum` (from its metadata). A damaged root is quarantined.
+    pub(crate) fn load_root(&self, disk: &DiskRecord, id: u64, sum: &[u8; 32]) -> Result<Root, StoreError> {
         let path = self.points_dir(&disk.name).join(point_file(id, "root"));
         let regions = region_count(disk.size, self.region_size);
-        let buf = read_bounded(&path, max_root_bytes(regions), "point root")?
-            .ok_or_else(|| StoreError::format(&path)(FormatError::Missing))?;
-        let root = decode_root(&buf, disk.size, self.region_size, &sum).map_err(StoreError::format(&path))?;
-        Ok((info, root))
+        let read = |path: &Path| -> Result<Root, StoreError> {
+            let buf = read_bounded(path, max_root_bytes(regions), "point root")?
+                .ok_or_else(|| StoreError::format(path)(FormatError::Missing))?;
+            decode_root(&buf, disk.size, self.region_size, sum).map_err(StoreError::format(path))
+        };
+        read(&path).inspect_err(|e| {
+            if e.is_damage() {
+                let o = Object::Root(disk.name.clone(), id);
+                quarantine::quarantine(self, &o, &e.to_string(), |p| read(p).is_ok());
+            }
+        })
+    }
+
+    /// Why point `id` cannot be restored whole because it depends on a damaged object (its
+    /// root, or a page or chunk it names that is quarantined), or `None`. Reads the root, and
+    /// while some page or chunk is quarantined, the pages of the point not read since the
+    /// quarantine last changed.
+    pub(crate) fn point_damage(&self, disk: &DiskRecord, id: u64) -> Result<Option<String>, StoreError> {
+        let q = quarantine::list(self)?;
+        let root_object = Object::Root(disk.name.clone(), id);
+        if q.contains(&root_object) {
+            return Ok(Some(format!("its root is {}", quarantine::reason(self, &root_object))));
+        }
+        let (_, sum) = self.point_record(&disk.name, id)?;
+        match self.load_root(disk, id, &sum) {
+            Ok(root) => self.root_damage(&root, q),
+            Err(e) if e.is_damage() => Ok(Some(format!("its root is damaged: {e}"))),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Why a point with `root` cannot be restored whole: a page it names is quarantined or
+    /// damaged, or a chunk one of them names is quarantined (`q`: the quarantine now).
+    pub(crate) fn root_damage(&self, root: &Root, q: Quarantined) -> Result<Option<String>, StoreError> {
+        if !q.has_objects() {
+            return Ok(None);
+        }
+        let mut cache = self.page_damage.lock().unwrap_or_else(PoisonError::into_inner);
+        if cache.0 != q {
+            *cache = (q, HashMap::new());
+        }
+        for (region, page) in root {
+            let at = u64::from(*region) * self.region_size;
+            if cache.0.pages.contains(page) {
+                return Ok(Some(format!("the map page of bytes {at}.. ({}) is quarantined", hex(page))));
+            }
+            let bad = match cache.1.get(page) {
+                Some(bad) => *bad,
+                None => {
+                    let map = match self.read_page(page) {
+                        Ok(map) => map,
+                        Err(e) if e.is_damage() => {
+                            return Ok(Some(format!("the map page of bytes {at}.. is damaged: {e}")))
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    let bad = map.chunks().find(|c| cache.0.chunks.contains(*c)).copied();
+                    cache.1.insert(*page, bad);
+                    bad
+                }
+            };
+            if let Some(c) = bad {
+                return Ok(Some(format!("chunk {} (in bytes {at}..) is quarantined", hex(&c))));
+            }
+        }
+        Ok(None)
     }
 
     pub(crate) fn latest_point(&self, disk: &str) -> Result<Option<PointInfo>, StoreError> {
@@ -401,25 +472,49 @@ impl Inner {
     /// return; its name is durable once the caller has synced its shard directory.
     pub(crate) fn write_page(&self, map: &RegionMap) -> Result<[u8; 32], StoreError> {
         let (buf, address) = encode_page(self.region_size, map);
-        if !self.page_path(&address).exists() {
+        // A stored copy is reused only if it passes its checks (a damaged one is quarantined
+        // by the read and written anew here). Identical pages are rare, so this read is too.
+        let stored = self.page_path(&address).exists() && self.read_page(&address).is_ok();
+        if !stored {
             write_atomic(&self.tmp, &self.shard_dir(PAGES, address[0]), &hex(&address), &[&buf], false)?;
         }
         Ok(address)
     }
 
+    /// Reads and checks the map page `address` from `path`, and its size.
+    pub(crate) fn page_at(&self, path: &Path, address: &[u8; 32]) -> Result<(RegionMap, u64), StoreError> {
+        let buf = read_bounded(path, max_page_bytes(self.region_size), "map page")?
+            .ok_or_else(|| StoreError::format(path)(FormatError::Missing))?;
+        let map = decode_page(&buf, self.region_size, address).map_err(StoreError::format(path))?;
+        Ok((map, buf.len() as u64))
+    }
+
+    /// Reads and checks a map page; a damaged or missing one is quarantined.
     pub(crate) fn read_page(&self, address: &[u8; 32]) -> Result<RegionMap, StoreError> {
-        let path = self.page_path(address);
-        let buf = read_bounded(&path, max_page_bytes(self.region_size), "map page")?
-            .ok_or_else(|| StoreError::format(&path)(FormatError::Missing))?;
-        decode_page(&buf, self.region_size, address).map_err(StoreError::format(&path))
+        match self.page_at(&self.page_path(address), address) {
+            Ok((map, _)) => Ok(map),
+            Err(e) => {
+                if e.is_damage() {
+                    let intact = |p: &Path| self.page_at(p, address).is_ok();
+                    quarantine::quarantine(self, &Object::Page(*address), &e.to_string(), intact);
+                }
+                Err(e)
+            }
+        }
     }
 
+    /// Reads and verifies a chunk; a damaged or missing one is quarantined.
     pub(crate) fn read_chunk(&self, hash: &[u8; 32]) -> Result<Vec<u8>, StoreError> {
-        chunk::read(&self.chunk_path(hash), hash)
+        chunk::read(&self.chunk_path(hash), hash).inspect_err(|e| self.quarantine_chunk(hash, e))
     }
 
-    pub(crate) fn read_chunk_unverified(&self, hash: &[u8; 32]) -> Result<Vec<u8>, StoreError> {
-        chunk::read_unverified(&self.chunk_path(hash), hash)
+    /// Quarantines a chunk found damaged by `e` (nothing for other errors).
+    pub(crate) fn quarantine_chunk(&self, hash: &[u8; 32], e: &StoreError) {
+        if e.is_damage() {
+            quarantine::quarantine(self, &Object::Chunk(*hash), &e.to_string(), |p| {
+                chunk::read(p, hash).is_ok()
+            });
+        }
     }
 }
 
@@ -542,6 +637,7 @@ impl Store {
                 promotion: Mutex::new(()),
                 sync_handle,
                 disk_locks: Mutex::new(HashMap::new()),
+                page_damage: Mutex::default(),
                 tmp: TmpNames::default(),
                 access,
                 #[cfg(test)]
@@ -625,7 +721,23 @@ impl Store {
         self.inner.disk_names()?.iter().map(|d| self.disk(d)).collect()
     }
 
-    /// Whether a chunk is stored, or staged by this process. (It may still be collected by a
+    /// Why the disk's latest point cannot be restored whole — it depends on a damaged or
+    /// quarantined object (its root, a map page or a chunk) — or `None` (also with no point).
+    /// The agent should then resync: an incremental on that point fails with
+    /// [`StoreError::DamagedBase`], a resync (an initial full copy on it) sends again what is
+    /// damaged and makes a whole point. Cheap while nothing is quarantined; otherwise it reads
+    /// the point's pages once per change of the quarantine.
+    pub fn needs_resync(&self, disk: &str) -> Result<Option<String>, StoreError> {
+        let record = self.inner.disk_record(disk)?;
+        let Some(&id) = self.inner.point_ids(disk)?.last() else { return Ok(None) };
+        Ok(self
+            .inner
+            .point_damage(&record, id)?
+            .map(|reason| format!("recovery point {id} is damaged: {reason}")))
+    }
+
+    /// Whether a chunk is stored, or staged by this process. A quarantined chunk is not stored:
+    /// the answer is no until a new copy is uploaded. (It may still be collected by a
     /// concurrent retention run unless a pending point references it, and a failed sync
     /// discards staged chunks; [`PendingPoint::add_chunk`] or the commit then says so with
     /// [`StoreError::MissingChunk`].)
@@ -648,9 +760,11 @@ impl Store {
         chunk::verify_upload(hash, raw_len, compressed)?;
         let inner = &*self.inner;
         let _gate = inner.shared();
-        // The file first, the staged set second (see `chunk::find`). A stored copy whose
-        // header fails its checks is replaced when this upload is promoted.
-        let stored = matches!(chunk::read_header(&inner.chunk_path(hash), hash), Ok(Some(_)));
+        // The file first, the staged set second (see `chunk::find`). A stored copy counts only
+        // if it passes every check (the caller sent the chunk anyway, so reading the stored
+        // copy is cheap next to that); a damaged one is quarantined, and this upload is staged
+        // and heals it when promoted.
+        let stored = inner.chunk_path(hash).exists() && inner.read_chunk(hash).is_ok();
         let epoch = {
             let mut live = inner.live();
             if stored || live.staged.contains_key(hash) {
@@ -704,7 +818,7 @@ impl Store {
         let _gate = inner.shared();
         let root = match base {
             Some(b) => {
-                let (info, root) = inner.load_point(&record, b)?;
+                let (info, sum) = inner.point_record(disk, b)?;
                 if info.generation >= generation {
                     return Err(StoreError::InvalidBase {
                         base: b,
@@ -712,7 +826,7 @@ impl Store {
                         generation,
                     });
                 }
-                root
+                base_root(inner, &record, b, &sum, kind)?
             }
             None => Root::new(),
         };
@@ -762,7 +876,8 @@ impl Store {
         self.inner.point_for_generation(disk, generation)
     }
 
-    /// Opens a point for reading. While the reader lives, retention keeps the point.
+    /// Opens a point for reading. While the reader lives, retention keeps the point. A damaged
+    /// root makes every read of the reader fail (and `block_hashes` answer it as damaged).
     pub fn open_point(&self, disk: &str, point: PointSel) -> Result<PointReader, StoreError> {
         let inner = &self.inner;
         let record = inner.disk_record(disk)?;
@@ -773,7 +888,14 @@ impl Store {
                 *inner.point_ids(disk)?.last().ok_or_else(|| StoreError::NoPoint(disk.to_string()))?
             }
         };
-        let (info, root) = inner.load_point(&record, id)?;
+        let (info, sum) = inner.point_record(disk, id)?;
+        // A damaged root fails reads later, not the open: hash queries on the point (a resync)
+        // must go on and answer the whole disk as damaged.
+        let root = match inner.load_root(&record, id, &sum) {
+            Ok(root) => Ok(root),
+            Err(StoreError::Format { path, source }) => Err((path, source)),
+            Err(e) => return Err(e),
+        };
         Ok(PointReader::new(inner.clone(), record.size, info, root))
     }
 
@@ -829,6 +951,21 @@ impl Store {
         Ok(())
     }
 
+    /// Reads and checks every root, map page and chunk the selected points name (each once),
+    /// quarantines what is damaged, and reports it with the points and disk ranges that depend
+    /// on it. Runs beside uploads, commits and retention (see `docs/store.md`, "Verify and
+    /// scrub"); in a reader process too.
+    pub fn verify(&self, options: &VerifyOptions) -> Result<VerifyReport, StoreError> {
+        if options.point.is_some() && options.disk.is_none() {
+            return Err(StoreError::InvalidName {
+                what: "selection",
+                name: "--point".into(),
+                reason: "a point is chosen within a disk: give the disk too",
+            });
+        }
+        scrub::verify(&self.inner, options)
+    }
+
     /// Prunes points the policy does not keep (never a disk's latest point, a tagged point or
     /// one being read), then removes every page and chunk no remaining point, checkpoint or
     /// pending point references. Writers wait while it runs.
@@ -853,6 +990,41 @@ impl Store {
     pub(crate) fn clear_faults(&self) {
         self.inner.faults.lock().unwrap().clear();
     }
+}
+
+/// The root a generation on `base` starts from. An initial full copy (the agent's resync)
+/// starts without whatever of the base is damaged: everything if its root is, the region of
+/// each quarantined page; the agent's hash queries answer those ranges as unknown, so it sends
+/// them all again. Any other kind fails with [`StoreError::DamagedBase`] on a damaged base.
+fn base_root(
+    inner: &Inner,
+    record: &DiskRecord,
+    base: u64,
+    sum: &[u8; 32],
+    kind: GenerationKind,
+) -> Result<Root, StoreError> {
+    let full = kind == GenerationKind::InitialFull;
+    let damaged = |reason: String| StoreError::DamagedBase { disk: record.name.clone(), point: base, reason };
+    let q = quarantine::list(inner)?;
+    let mut root = if q.roots.contains(&(record.name.clone(), base)) {
+        if !full {
+            return Err(damaged("its root is quarantined".into()));
+        }
+        Root::new()
+    } else {
+        match inner.load_root(record, base, sum) {
+            Ok(root) => root,
+            Err(e) if e.is_damage() && full => Root::new(),
+            Err(e) if e.is_damage() => return Err(damaged(format!("its root is damaged: {e}"))),
+            Err(e) => return Err(e),
+        }
+    };
+    if full {
+        root.retain(|_, page| !q.pages.contains(page));
+    } else if let Some(reason) = inner.root_damage(&root, q)? {
+        return Err(damaged(reason));
+    }
+    Ok(root)
 }
 
 /// Refuses a generation older than the disk's latest point unless it has a point of its own.
@@ -882,7 +1054,7 @@ fn lock_file(path: &Path) -> Result<File, StoreError> {
 
 fn create_layout(root: &Path, region_size: u64) -> Result<(), StoreError> {
     for name in durable::list(root)? {
-        if ![CHUNKS, PAGES, DISKS, INCOMING, WRITER_LOCK, READERS_LOCK].contains(&name.as_str())
+        if ![CHUNKS, PAGES, DISKS, INCOMING, QUARANTINE, WRITER_LOCK, READERS_LOCK].contains(&name.as_str())
             && !name.starts_with(TMP_PREFIX)
         {
             return Err(StoreError::NotAStore(root.to_path_buf()));

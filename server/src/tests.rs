@@ -289,8 +289,8 @@ fn corruption_on_disk_is_detected_on_read() {
         let e = reader.read_at(&mut buf, 0).unwrap_err();
         assert!(matches!(e, StoreError::CorruptChunk { hash, stored: true, .. } if hash == h), "{e}");
         assert!(!e.caller_fault());
+        assert!(!path.exists(), "the damaged chunk is quarantined");
     }
-    fs::remove_file(&path).unwrap();
     let reader = store.open_point("d", PointSel::Latest).unwrap();
     assert!(matches!(reader.read_at(&mut buf, 4096), Err(StoreError::CorruptChunk { stored: true, .. })));
     let out = tempfile::NamedTempFile::new().unwrap();
@@ -613,7 +613,8 @@ fn gc_fixture(store: &Store) -> (Kept, HashSet<String>) {
     let mut referenced = HashSet::new();
     for disk in ["a", "b"] {
         let record = store.inner().disk_record(disk).unwrap();
-        let (_, root) = store.inner().load_point(&record, 3).unwrap();
+        let (_, sum) = store.inner().point_record(disk, 3).unwrap();
+        let root = store.inner().load_root(&record, 3, &sum).unwrap();
         for page in root.values() {
             referenced.extend(hexes(store.inner().read_page(page).unwrap().chunks()));
         }
@@ -675,11 +676,11 @@ fn an_upload_replaces_a_stored_copy_with_a_bad_header() {
     let first = p.commit(1, Consistency::Crash).unwrap();
     let path = store.inner().chunk_path(&h);
     fs::write(&path, b"garbage").unwrap();
-    // The damaged copy does not count as stored: the upload is staged, and the next commit
-    // that references it moves it over the damaged one.
+    // The damaged copy does not count as stored: it is quarantined, the upload is staged, and
+    // the next commit that references it (a resync: the latest point is damaged) heals it.
     put(&store, &data);
     assert_eq!(incoming(&store).len(), 1);
-    let mut p = store.begin("d", 2, GenerationKind::Incremental, Some(first.id)).unwrap();
+    let mut p = store.begin("d", 2, GenerationKind::InitialFull, Some(first.id)).unwrap();
     p.add_chunk(4096, 4096, h).unwrap();
     p.commit(2, Consistency::Crash).unwrap();
     assert_eq!(store.inner().read_chunk(&h).unwrap(), data);
@@ -1312,4 +1313,270 @@ fn one_writer_at_a_time_and_readers_beside_it() {
     assert_eq!(r.points_removed, [("d".to_string(), 1)]);
     // No store, no reader.
     assert!(matches!(Store::open_reader(&root.join("disks")), Err(StoreError::NotAStore(_))));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Damage: verification, quarantine, healing, resync on a damaged base, retention.
+
+/// Flips one bit of the file at `path`, at `at` bytes from its end.
+fn flip(path: &Path, from_end: usize) {
+    let mut bytes = fs::read(path).unwrap();
+    let n = bytes.len();
+    bytes[n - from_end] ^= 1;
+    fs::write(path, bytes).unwrap();
+}
+
+fn page_file(store: &Store, page: &[u8; 32]) -> std::path::PathBuf {
+    store.inner().page_path(page)
+}
+
+/// The page of `region` in point `id` of `disk`.
+fn page_of(store: &Store, disk: &str, id: u64, region: u32) -> [u8; 32] {
+    let record = store.inner().disk_record(disk).unwrap();
+    let (_, sum) = store.inner().point_record(disk, id).unwrap();
+    store.inner().load_root(&record, id, &sum).unwrap()[&region]
+}
+
+/// Two points on a 256 KiB disk (64 KiB regions, 4 KiB blocks): point 1 has chunk `a` (16 KiB)
+/// at 0 and `b` (8 KiB) at 64 KiB; point 2 adds `c` (4 KiB) at 128 KiB. Returns the chunks
+/// and both images.
+fn damage_fixture(store: &Store) -> ([[u8; 32]; 3], Vec<u8>, Vec<u8>) {
+    store.register_disk("d", 256 * KIB, 4096).unwrap();
+    let mut rng = Rng(77);
+    let (a, b, c) = (rng.bytes(16384), rng.bytes(8192), rng.bytes(4096));
+    let mut image = vec![0u8; 256 * KIB as usize];
+    let mut p = store.begin("d", 1, GenerationKind::InitialFull, None).unwrap();
+    let ha = put(store, &a);
+    p.add_chunk(0, 16384, ha).unwrap();
+    let hb = put(store, &b);
+    p.add_chunk(64 * KIB, 8192, hb).unwrap();
+    p.commit(1, Consistency::Crash).unwrap();
+    image[..16384].copy_from_slice(&a);
+    image[65536..65536 + 8192].copy_from_slice(&b);
+    let first = image.clone();
+    let mut p = store.begin("d", 2, GenerationKind::Incremental, Some(1)).unwrap();
+    let hc = put(store, &c);
+    p.add_chunk(128 * KIB, 4096, hc).unwrap();
+    p.commit(2, Consistency::Crash).unwrap();
+    image[131072..131072 + 4096].copy_from_slice(&c);
+    ([ha, hb, hc], first, image)
+}
+
+#[test]
+fn verify_names_a_damaged_chunk_with_its_points_and_ranges_and_an_upload_heals_it() {
+    let (_d, store) = new_store(64 * KIB);
+    let ([a, b, c], first, _) = damage_fixture(&store);
+    let clean = store.verify(&VerifyOptions::default()).unwrap();
+    assert!(clean.damaged.is_empty(), "{clean:?}");
+    // Each object once, however many points name it.
+    assert_eq!((clean.checked.points, clean.checked.roots, clean.checked.chunks), (2, 2, 3));
+    assert!(store.needs_resync("d").unwrap().is_none());
+
+    flip(&store.inner().chunk_path(&a), 3);
+    let r = store.verify(&VerifyOptions::default()).unwrap();
+    assert_eq!(r.damaged.len(), 1, "{r:?}");
+    let d = &r.damaged[0];
+    assert_eq!((d.kind, d.object.as_str(), d.quarantined), (ObjectKind::Chunk, hex(&a).as_str(), true));
+    let deps: Vec<(u64, Vec<(u64, u64)>)> =
+        d.dependents.iter().map(|d| (d.point, d.ranges.clone())).collect();
+    assert_eq!(deps, [(1, vec![(0, 16384)]), (2, vec![(0, 16384)])]);
+    assert!(r.points.iter().all(|p| !p.intact));
+    // Quarantined: dedup never references it again, also after a restart.
+    let store = reopen(store);
+    assert!(!store.has_chunk(&a));
+    assert!(store.has_chunk(&b) && store.has_chunk(&c));
+    let reason = store.needs_resync("d").unwrap().expect("the latest point depends on it");
+    assert!(reason.contains(&hex(&a)), "{reason}");
+    assert!(matches!(
+        store.begin("d", 3, GenerationKind::Incremental, Some(2)),
+        Err(StoreError::DamagedBase { point: 2, .. })
+    ));
+    let mut p = store.begin("d", 3, GenerationKind::InitialFull, Some(2)).unwrap();
+    assert!(matches!(p.add_chunk(192 * KIB, 16384, a), Err(StoreError::MissingChunk(h)) if h == a));
+    // Verify reports it again, without reading it, as quarantined.
+    let again = store.verify(&VerifyOptions::default()).unwrap();
+    assert_eq!(again.damaged.len(), 1);
+    assert!(again.damaged[0].reason.starts_with("quarantined"), "{}", again.damaged[0].reason);
+
+    // The same data uploaded again heals every point that names it.
+    put(&store, &first[..16384]);
+    p.add_chunk(0, 16384, a).unwrap();
+    p.commit(3, Consistency::Crash).unwrap();
+    assert!(store.has_chunk(&a));
+    assert!(point_image(&store, "d", 1) == first, "the old point restores again");
+    assert!(store.needs_resync("d").unwrap().is_none());
+    assert!(store.verify(&VerifyOptions::default()).unwrap().damaged.is_empty());
+    assert!(!store.root().join("quarantine/chunks").join(hex(&a)).exists(), "the record is cleared");
+}
+
+#[test]
+fn a_read_that_finds_damage_quarantines_it_and_dedup_then_stores_a_new_copy() {
+    let (_d, store) = new_store(64 * KIB);
+    let ([a, ..], first, _) = damage_fixture(&store);
+    flip(&store.inner().chunk_path(&a), 1);
+    let reader = store.open_point("d", PointSel::Id(1)).unwrap();
+    let mut buf = vec![0u8; 4096];
+    assert!(matches!(reader.read_at(&mut buf, 0), Err(StoreError::CorruptChunk { .. })));
+    assert!(!store.has_chunk(&a), "a restore's read quarantined it");
+    // An upload of the same hash is stored, not deduplicated onto the damaged copy.
+    put(&store, &first[..16384]);
+    assert_eq!(incoming(&store).len(), 1);
+}
+
+#[test]
+fn block_hashes_answer_damaged_for_every_piece_of_a_damaged_chunk() {
+    let (_d, store) = new_store(64 * KIB);
+    let ([a, ..], _, image) = damage_fixture(&store);
+    let zero = |n: u64| *blake3::hash(&vec![0u8; n as usize]).as_bytes();
+    let want: Vec<[u8; 32]> = image.chunks(4096).map(|b| *blake3::hash(b).as_bytes()).collect();
+    let reader = store.open_point("d", PointSel::Latest).unwrap();
+    assert_eq!(reader.block_hashes(0, 256 * KIB, 4096, zero).unwrap(), want);
+    // One bit of the compressed bytes (a literal: it still decompresses, and only one block's
+    // bytes change): every block of the chunk is sent again.
+    flip(&store.inner().chunk_path(&a), 2000);
+    let reader = store.open_point("d", PointSel::Latest).unwrap(); // no cached copy
+    let got = reader.block_hashes(0, 256 * KIB, 4096, zero).unwrap();
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        if i < 4 {
+            assert_eq!(*g, DAMAGED_HASH, "piece {i} names the damaged chunk");
+        } else {
+            assert_eq!(g, w, "piece {i}");
+        }
+    }
+    // A query covering part of the chunk only answers the same (the chunk is quarantined now).
+    assert_eq!(reader.block_hashes(8192, 4096, 4096, zero).unwrap(), [DAMAGED_HASH]);
+}
+
+/// Resends what the base's hashes say differs from `image` (data as chunks, zero blocks as
+/// zero extents), as the agent's resync does, and commits.
+fn resync(store: &Store, generation: u64, base: u64, image: &[u8]) -> PointInfo {
+    let zero = |n: u64| *blake3::hash(&vec![0u8; n as usize]).as_bytes();
+    let mut p = store.begin("d", generation, GenerationKind::InitialFull, Some(base)).unwrap();
+    let reader = store.open_point("d", PointSel::Id(base)).unwrap();
+    let hashes = reader.block_hashes(0, image.len() as u64, 4096, zero).unwrap();
+    for (i, (block, h)) in image.chunks(4096).zip(hashes).enumerate() {
+        let at = i as u64 * 4096;
+        if *blake3::hash(block).as_bytes() == h {
+            continue;
+        }
+        if block.iter().all(|b| *b == 0) {
+            p.add_zero(at, 4096).unwrap();
+        } else {
+            let h = put(store, block);
+            p.add_chunk(at, 4096, h).unwrap();
+        }
+    }
+    p.commit(generation, Consistency::Crash).unwrap()
+}
+
+#[test]
+fn a_resync_on_a_base_with_a_damaged_page_or_root_makes_a_whole_point() {
+    for damaged in ["page", "root"] {
+        let (_d, store) = new_store(64 * KIB);
+        let (_, _, image) = damage_fixture(&store);
+        let path = match damaged {
+            "page" => page_file(&store, &page_of(&store, "d", 2, 1)),
+            _ => store.inner().points_dir("d").join("00000000000000000002.root"),
+        };
+        flip(&path, 40);
+        let r = store.verify(&VerifyOptions::default()).unwrap();
+        assert_eq!(r.damaged.len(), 1, "{damaged}: {r:?}");
+        // Points share pages: point 1 depends on the page of region 1 too.
+        let deps: Vec<(u64, Vec<(u64, u64)>)> =
+            r.damaged[0].dependents.iter().map(|d| (d.point, d.ranges.clone())).collect();
+        let want = match damaged {
+            "page" => vec![(1, vec![(64 * KIB, 64 * KIB)]), (2, vec![(64 * KIB, 64 * KIB)])],
+            _ => vec![(2, vec![(0, 256 * KIB)])],
+        };
+        assert_eq!(deps, want, "{damaged}");
+        assert!(store.needs_resync("d").unwrap().is_some(), "{damaged}");
+        // An incremental cannot build on it; the agent's resync can.
+        let e = store.begin("d", 3, GenerationKind::Incremental, Some(2)).unwrap_err();
+        assert!(matches!(e, StoreError::DamagedBase { point: 2, .. }), "{damaged}: {e}");
+        assert!(!e.caller_fault());
+        let info = resync(&store, 3, 2, &image);
+        assert!(point_image(&store, "d", info.id) == image, "{damaged}: the new point is whole");
+        assert!(store.needs_resync("d").unwrap().is_none(), "{damaged}");
+    }
+}
+
+#[test]
+fn an_incremental_that_finds_a_damaged_page_fails_and_the_disk_then_needs_a_resync() {
+    let (_d, store) = new_store(64 * KIB);
+    let (_, _, image) = damage_fixture(&store);
+    flip(&page_file(&store, &page_of(&store, "d", 2, 0)), 40);
+    // Not known yet: the incremental begins, and fails where it loads the page.
+    let mut p = store.begin("d", 3, GenerationKind::Incremental, Some(2)).unwrap();
+    let h = put(&store, &[9u8; 4096]);
+    assert!(matches!(p.add_chunk(4096, 4096, h), Err(StoreError::DamagedBase { point: 2, .. })));
+    drop(p);
+    assert!(store.needs_resync("d").unwrap().is_some());
+    assert!(matches!(
+        store.begin("d", 3, GenerationKind::Incremental, Some(2)),
+        Err(StoreError::DamagedBase { .. })
+    ));
+    let info = resync(&store, 3, 2, &image);
+    assert!(point_image(&store, "d", info.id) == image);
+}
+
+#[test]
+fn retention_keeps_the_newest_intact_point_while_newer_ones_are_damaged() {
+    let (_d, store) = new_store(64 * KIB);
+    store.register_disk("d", 128 * KIB, 512).unwrap();
+    let mut chunks = Vec::new();
+    for g in 1..=4 {
+        chunks.push(one_chunk_point(&store, "d", g, g as u8, g).1);
+    }
+    for h in &chunks[2..] {
+        flip(&store.inner().chunk_path(h), 1);
+    }
+    let r = store.verify(&VerifyOptions::default()).unwrap();
+    let intact: Vec<u64> = r.points.iter().filter(|p| p.intact).map(|p| p.id).collect();
+    assert_eq!(intact, [1, 2]);
+    let r = store.retain(&Retention { keep_last: Some(1), max_age: None }).unwrap();
+    assert_eq!(r.points_removed, [("d".to_string(), 1), ("d".to_string(), 3)]);
+    assert!(point_image(&store, "d", 2)[..4096].iter().all(|b| *b == 2), "point 2 restores");
+    // The quarantine of what no point names any more is swept with it.
+    assert!(!store.root().join("quarantine/chunks").join(hex(&chunks[2])).exists());
+    assert!(store.root().join("quarantine/chunks").join(hex(&chunks[3])).exists());
+}
+
+/// What verifying chunks costs `block_hashes` (a resync's hash queries): run with
+/// `cargo test --release -p server -- --ignored block_hashes_cost --nocapture`.
+#[test]
+#[ignore]
+fn block_hashes_cost() {
+    let (_d, store) = new_store(DEFAULT_REGION_SIZE);
+    let size = 256 << 20;
+    store.register_disk("d", size, 4096).unwrap();
+    let mut rng = Rng(5);
+    let mut p = store.begin("d", 1, GenerationKind::InitialFull, None).unwrap();
+    let mut raw = Vec::new();
+    for at in (0..size).step_by(1 << 20) {
+        let data = rng.bytes(1 << 20);
+        p.add_chunk(at, 1 << 20, put(&store, &data)).unwrap();
+        raw.push(data);
+    }
+    p.commit(1, Consistency::Crash).unwrap();
+    let zero = |_| [0u8; 32];
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let reader = store.open_point("d", PointSel::Latest).unwrap();
+        let t = std::time::Instant::now();
+        for at in (0..size).step_by(4 << 20) {
+            reader.block_hashes(at, 4 << 20, 64 << 10, zero).unwrap();
+        }
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    let t = std::time::Instant::now();
+    for data in &raw {
+        std::hint::black_box(blake3::hash(data));
+    }
+    let verify = t.elapsed().as_secs_f64();
+    println!(
+        "block_hashes of 256 MiB in 64 KiB pieces: {:.0} ms; of which verifying the chunks (one blake3 pass): {:.0} ms ({:.0}%)",
+        best * 1e3,
+        verify * 1e3,
+        verify / best * 100.0
+    );
 }

@@ -1,7 +1,7 @@
 //! `siterep agent` and `siterep server`: replication to the recovery site over mutual TLS.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -226,6 +226,13 @@ pub struct ServerArgs {
     /// How often retention and garbage collection run.
     #[arg(long, default_value = "1m", value_parser = parse_duration)]
     gc_interval: Duration,
+    /// Verify every point's roots, map pages and chunks in the background, at start and then
+    /// this often (e.g. 24h); damaged objects are quarantined and their disks need a resync.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    scrub_every: Option<Duration>,
+    /// Most bytes per second the scrub reads from the store.
+    #[arg(long, value_name = "BYTES_PER_SEC", default_value = "50M", value_parser = parse_size)]
+    scrub_rate: u64,
     /// Which agent certificates may write which disks (`siterep certs init` writes one).
     /// Without it, any agent whose certificate the CA signed may write any disk.
     #[arg(long, value_name = "FILE")]
@@ -265,6 +272,9 @@ pub fn server(args: ServerArgs) -> Result<()> {
     if tls.is_none() && args.enrollment.is_some() {
         bail!("--enrollment needs TLS: plaintext agents have no certificate to check");
     }
+    if args.scrub_rate == 0 {
+        bail!("--scrub-rate must be above 0");
+    }
     let metrics = Arc::new(server::net::Metrics::default());
     let access = Arc::new(server::net::Access {
         tls,
@@ -299,10 +309,22 @@ pub fn server(args: ServerArgs) -> Result<()> {
                     Ok(r) => tracing::info!(report = ?r, "retention"),
                     Err(e) => tracing::error!("retention failed: {e}"),
                 }
-                let until = std::time::Instant::now() + every;
-                while std::time::Instant::now() < until && !stop.load(Ordering::SeqCst) {
-                    std::thread::sleep(Duration::from_millis(200));
-                }
+                sleep_unless_stopped(every, &stop);
+            }
+        });
+    }
+    let scrub = Arc::new(ScrubMetrics::default());
+    if let Some(every) = args.scrub_every {
+        let options = server::VerifyOptions {
+            rate: Some(args.scrub_rate),
+            stop: Some(stop.clone()),
+            ..server::VerifyOptions::default()
+        };
+        let (store, stop, scrub) = (store.clone(), stop.clone(), scrub.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                scrub_once(&store, &options, &scrub);
+                sleep_unless_stopped(every, &stop);
             }
         });
     }
@@ -312,10 +334,55 @@ pub fn server(args: ServerArgs) -> Result<()> {
         .unwrap_or_else(|_| "siterep".into());
     if let Some(addr) = &args.metrics {
         let m = metrics.clone();
-        crate::metrics::serve(addr, move || server_samples(&m))?;
+        crate::metrics::serve(addr, move || server_samples(&m, &scrub))?;
     }
     server::net::serve(listener, access, store, name, limits, stop)?;
     Ok(())
+}
+
+/// Sleeps for `every`, waking early once `stop` is set.
+fn sleep_unless_stopped(every: Duration, stop: &AtomicBool) {
+    let until = std::time::Instant::now() + every;
+    while std::time::Instant::now() < until && !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// What the server's scrub has done, for `--metrics`.
+#[derive(Default)]
+struct ScrubMetrics {
+    runs_total: AtomicU64,
+    failures_total: AtomicU64,
+    damaged_objects: AtomicU64,
+    bytes_total: AtomicU64,
+    last_success_unix_ms: AtomicU64,
+}
+
+/// One scrub: verifies every point (rate-limited), quarantining what is damaged.
+fn scrub_once(store: &server::Store, options: &server::VerifyOptions, m: &ScrubMetrics) {
+    match store.verify(options) {
+        Ok(r) => {
+            m.runs_total.fetch_add(1, Ordering::Relaxed);
+            m.bytes_total.fetch_add(r.checked.bytes, Ordering::Relaxed);
+            m.damaged_objects.store(r.damaged.len() as u64, Ordering::Relaxed);
+            if !r.interrupted {
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+                m.last_success_unix_ms.store(now.map_or(0, |d| d.as_millis() as u64), Ordering::Relaxed);
+            }
+            if r.damaged.is_empty() {
+                tracing::info!(checked = ?r.checked, elapsed_ms = r.elapsed_ms, "scrub: no damage found");
+            } else {
+                tracing::error!(
+                    "scrub found damage (quarantined; the disks concerned need a resync):\n{}",
+                    r.human()
+                );
+            }
+        }
+        Err(e) => {
+            m.failures_total.fetch_add(1, Ordering::Relaxed);
+            tracing::error!("scrub failed: {e}");
+        }
+    }
 }
 
 fn agent_samples(m: &agent::Metrics) -> Vec<crate::metrics::Sample> {
@@ -353,8 +420,9 @@ fn agent_samples(m: &agent::Metrics) -> Vec<crate::metrics::Sample> {
     ]
 }
 
-fn server_samples(m: &server::net::Metrics) -> Vec<crate::metrics::Sample> {
+fn server_samples(m: &server::net::Metrics, scrub: &ScrubMetrics) -> Vec<crate::metrics::Sample> {
     let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
+    let last_scrub = scrub.last_success_unix_ms.load(Ordering::Relaxed);
     vec![
         ("siterep_server_connections", "gauge", "Open agent connections.", get(&m.connections)),
         (
@@ -389,5 +457,25 @@ fn server_samples(m: &server::net::Metrics) -> Vec<crate::metrics::Sample> {
             get(&m.bytes_received_total),
         ),
         ("siterep_rejected_total", "counter", "Requests or generations rejected.", get(&m.rejected_total)),
+        (
+            "siterep_scrub_runs_total",
+            "counter",
+            "Scrubs run (stopped ones included).",
+            get(&scrub.runs_total),
+        ),
+        ("siterep_scrub_failures_total", "counter", "Scrubs that failed.", get(&scrub.failures_total)),
+        (
+            "siterep_scrub_damaged_objects",
+            "gauge",
+            "Damaged objects the last scrub found (quarantined).",
+            get(&scrub.damaged_objects),
+        ),
+        ("siterep_scrub_bytes_total", "counter", "Bytes the scrub read.", get(&scrub.bytes_total)),
+        (
+            "siterep_scrub_last_success_timestamp_seconds",
+            "gauge",
+            "When the last complete scrub ended (unix seconds; NaN: none yet).",
+            if last_scrub == 0 { f64::NAN } else { last_scrub as f64 / 1000.0 },
+        ),
     ]
 }
