@@ -60,14 +60,15 @@ fn latest_point(store: &Path) -> u64 {
     j.as_array().last().expect("a point").get("id").as_u64()
 }
 
+/// Fields drop in order: the processes stop before their directory is removed.
 struct Site {
-    _dir: tempfile::TempDir,
-    d: PathBuf,
-    img: PathBuf,
-    store: PathBuf,
     shim: siterep_tests::Server,
     _server: RecoveryServer,
     agent: AgentCmd,
+    d: PathBuf,
+    img: PathBuf,
+    store: PathBuf,
+    _dir: tempfile::TempDir,
 }
 
 /// A 16 MiB disk (one map region) replicated: its initial copy, then an incremental.
@@ -85,7 +86,7 @@ fn site(name: &str, seed: u64) -> Site {
     assert_eq!(agent.once().get("kind").as_str(), "initial");
     run(tool("qemu-io").args(["-f", "raw", &shim.uri(), "-c", "write -P 7 4M 64k"]));
     assert_eq!(agent.once().get("kind").as_str(), "incremental");
-    Site { _dir: dir, d, img, store, shim, _server: server, agent }
+    Site { shim, _server: server, agent, d, img, store, _dir: dir }
 }
 
 impl Site {
