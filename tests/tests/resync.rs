@@ -5,8 +5,9 @@
 //! blocks; the restored latest point must equal B byte for byte. The same pair goes through
 //! `rsync --inplace --no-whole-file` for comparison (reported, not asserted). The agent reads B
 //! itself, as the shim's control socket names it; another test replaces the file at that name
-//! and checks the agent notices and reads through the NBD socket instead. A last test kills the
-//! agent in the middle of a resync and checks the next run resumes and ends equal.
+//! and checks the shim then refuses it, so the resync fails loudly and makes no point. A last
+//! test kills the agent in the middle of a resync and checks the next run resumes and ends
+//! equal.
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;
@@ -251,10 +252,11 @@ fn resync_sends_only_the_blocks_that_differ() {
     assert_same_file(&restored, &b);
     std::fs::remove_file(&restored).expect("remove the restored image");
 
-    // Replication goes on from the resync's point.
+    // Replication goes on from the resync's point: with nothing written since, the next cycle
+    // records that point as current (docs/wire.md §6.9) and makes none.
     let (next, _) = server.run_agent(shim.socket(), &[]);
-    assert_eq!(next.get("kind").as_str(), "incremental", "{next:?}");
-    assert!(u64_of(&next, "generation") > u64_of(&s, "generation"), "{next:?} after {s:?}");
+    assert_eq!(next.get("kind").as_str(), "unchanged", "{next:?}");
+    assert_eq!(u64_of(&next, "point"), u64_of(&s, "point"), "{next:?} after {s:?}");
     shim.stop();
 
     // rsync's delta transfer on the same pair (A's copy updated in place to B).
@@ -303,11 +305,12 @@ fn resync_sends_only_the_blocks_that_differ() {
 /// What the agent logs when its resync readers cannot read the image directly.
 const THROUGH_SOCKET: &str = "reading the disk through the shim's socket";
 
-/// The control socket names the image the shim serves; once another file takes that name, the
-/// agent notices (another inode) and reads through the NBD socket, and the point is still the
-/// disk the shim serves, not the file now at its path.
+/// The control socket names the image the shim serves. Once another file takes that name, the
+/// shim fails every request with EIO and requires a resync (`docs/nbd.md`, the image is
+/// watched): the agent's resync fails loudly and no point is made, neither of the file now at
+/// the path nor of zeroes; the latest point stays the one before.
 #[test]
-fn a_replaced_image_file_is_read_through_the_socket() {
+fn a_replaced_image_file_fails_the_resync_loudly() {
     let dir = scratch_dir("resync-replaced");
     let size = 64 * MIB;
     let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
@@ -330,22 +333,34 @@ fn a_replaced_image_file_is_read_through_the_socket() {
         assert_eq!((image.get("dev").as_u64(), image.get("ino").as_u64()), (meta.dev(), meta.ino()));
     }
 
-    // B's name now belongs to a copy of A; the shim still serves B's inode.
+    // B's name now belongs to a copy of A; the shim still holds B's inode.
     let b_kept = dir.path().join("b-kept.img");
     std::fs::hard_link(&b, &b_kept).expect("keep B under another name");
     let impostor = dir.path().join("impostor.img");
     std::fs::copy(&a, &impostor).expect("copy A");
     std::fs::rename(&impostor, &b).expect("replace B's name");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = control::status(shim.socket());
+        if st.get("image_changed").get("kind").as_str() == "replaced" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the shim did not notice the replaced image: {st:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
-    let (s, _, log) = server.run_agent_logged(shim.socket(), &["--reenroll"]);
-    assert_eq!(s.get("kind").as_str(), "resync", "{s:?}");
-    assert!(
-        log.contains(THROUGH_SOCKET) && log.contains("is not the file the shim serves"),
-        "the agent should have fallen back to the socket:\n{log}"
-    );
+    let points_before =
+        std::fs::read_dir(server.store.join("disks").join(DISK).join("points")).expect("points").count();
+    let out = run_unchecked(&mut server.agent(shim.socket(), &["--reenroll"]), AGENT_TIMEOUT);
+    assert!(!out.status.success(), "the resync must fail loudly:\n{}", show_output(&out));
+    let points_after =
+        std::fs::read_dir(server.store.join("disks").join(DISK).join("points")).expect("points").count();
+    assert_eq!(points_after, points_before, "no point is made from a replaced image");
+    let st = control::status(shim.socket());
+    assert!(matches!(st.get("resync_required"), Json::String(_)), "{st:?}");
     let restored = dir.path().join("restored.img");
     server.restore_latest(&restored);
-    assert_same_file(&restored, &b_kept);
+    assert_same_file(&restored, &a);
     shim.stop();
 }
 
