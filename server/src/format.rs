@@ -354,10 +354,14 @@ fn put_root(e: &mut Enc, disk_size: u64, region_size: u64, root: &Root) {
     }
 }
 
-fn get_root(d: &mut Dec<'_>, disk_size: u64, region_size: u64) -> Result<Root, FormatError> {
-    if d.u64()? != disk_size {
+/// A root of a disk now `disk_size` bytes; the root's own size may be smaller (the disk grew
+/// since). Returns it with its size.
+fn get_root(d: &mut Dec<'_>, disk_size: u64, region_size: u64) -> Result<(Root, u64), FormatError> {
+    let root_size = d.u64()?;
+    if root_size == 0 || root_size > disk_size {
         return Err(FormatError::Range("root disk size"));
     }
+    let disk_size = root_size;
     if d.u64()? != region_size {
         return Err(FormatError::Range("root region size"));
     }
@@ -376,7 +380,7 @@ fn get_root(d: &mut Dec<'_>, disk_size: u64, region_size: u64) -> Result<Root, F
         next = u64::from(region) + 1;
         root.insert(region, d.hash()?);
     }
-    Ok(root)
+    Ok((root, disk_size))
 }
 
 /// A point's root file; returns it and its checksum (which the point's metadata records).
@@ -386,12 +390,14 @@ pub(crate) fn encode_root(disk_size: u64, region_size: u64, root: &Root) -> (Vec
     e.finish()
 }
 
+/// A point's root and the disk's size when the point was made (at most `disk_size`, the
+/// disk's size now).
 pub(crate) fn decode_root(
     buf: &[u8],
     disk_size: u64,
     region_size: u64,
     checksum: &[u8; 32],
-) -> Result<Root, FormatError> {
+) -> Result<(Root, u64), FormatError> {
     let mut d = Dec::open(buf, ROOT_MAGIC)?;
     if &d.checksum != checksum {
         return Err(FormatError::Checksum);
@@ -444,7 +450,7 @@ pub(crate) fn decode_initial(
     }
     let started_unix_ms = d.u64()?;
     let changed_bytes = d.u64()?;
-    let root = get_root(&mut d, disk_size, region_size)?;
+    let (root, _) = get_root(&mut d, disk_size, region_size)?;
     d.end()?;
     Ok(InitialCheckpoint { generation, base, next_offset, started_unix_ms, changed_bytes, root })
 }
@@ -609,8 +615,10 @@ mod tests {
     fn root_and_checkpoint_round_trip() {
         let root: Root = [(0, [3; 32]), (5, [4; 32])].into_iter().collect();
         let (buf, sum) = encode_root(6 * 65536, 65536, &root);
-        assert_eq!(decode_root(&buf, 6 * 65536, 65536, &sum).unwrap(), root);
+        assert_eq!(decode_root(&buf, 6 * 65536, 65536, &sum).unwrap(), (root.clone(), 6 * 65536));
         assert_eq!(decode_root(&buf, 5 * 65536, 65536, &sum), Err(FormatError::Range("root disk size")));
+        // A disk that grew since reads its older roots at their own size.
+        assert_eq!(decode_root(&buf, 9 * 65536, 65536, &sum).unwrap(), (root.clone(), 6 * 65536));
         let (buf, sum) = encode_root(5 * 65536, 65536, &root);
         assert_eq!(decode_root(&buf, 5 * 65536, 65536, &sum), Err(FormatError::Range("root region")));
         let c = InitialCheckpoint {

@@ -371,6 +371,22 @@ pub fn serve(
     Ok(())
 }
 
+/// TCP keepalive: an agent that vanished without closing (a cut link, a crashed host) is
+/// noticed within about half a minute, not at the idle timeout, so its session releases its
+/// disk (one session per disk) and the agent's next session is not refused as busy for long.
+const KEEPALIVE_IDLE_S: u32 = 15;
+const KEEPALIVE_INTERVAL_S: u32 = 5;
+const KEEPALIVE_PROBES: u32 = 3;
+
+fn keepalive(tcp: &TcpStream) -> io::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    setsockopt(tcp, sockopt::KeepAlive, &true)?;
+    setsockopt(tcp, sockopt::TcpKeepIdle, &KEEPALIVE_IDLE_S)?;
+    setsockopt(tcp, sockopt::TcpKeepInterval, &KEEPALIVE_INTERVAL_S)?;
+    setsockopt(tcp, sockopt::TcpKeepCount, &KEEPALIVE_PROBES)?;
+    Ok(())
+}
+
 /// A stream the server can half-close after its last frame.
 trait Stream: Read + Write {
     /// Tells the agent that no more frames follow (TLS close_notify, then TCP FIN).
@@ -694,6 +710,7 @@ fn connection(
     gate: &mut Handshake,
 ) -> io::Result<()> {
     tcp.set_nodelay(true)?;
+    keepalive(&tcp)?;
     match &access.tls {
         Some(tls) => {
             let stream = tls_handshake(tcp, tls, gate)?;
@@ -1906,5 +1923,19 @@ mod tests {
         assert_eq!(store.points(DISK).unwrap().len(), 1, "no point is made");
         c.send(&Frame::Current { point: 7, as_of_unix_ms: 6_000 });
         c.expect_error(wire::ERR_BAD_REQUEST);
+    }
+
+    /// Accepted connections probe a silent peer, so a vanished agent frees its disk's session.
+    #[test]
+    fn accepted_connections_keep_alive() {
+        use nix::sys::socket::{getsockopt, sockopt};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (tcp, _) = listener.accept().unwrap();
+        keepalive(&tcp).unwrap();
+        assert!(getsockopt(&tcp, sockopt::KeepAlive).unwrap());
+        assert_eq!(getsockopt(&tcp, sockopt::TcpKeepIdle).unwrap(), KEEPALIVE_IDLE_S);
+        assert_eq!(getsockopt(&tcp, sockopt::TcpKeepInterval).unwrap(), KEEPALIVE_INTERVAL_S);
+        assert_eq!(getsockopt(&tcp, sockopt::TcpKeepCount).unwrap(), KEEPALIVE_PROBES);
     }
 }

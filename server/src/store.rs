@@ -353,9 +353,19 @@ impl Inner {
 
     /// A point's root, checked against `sum` (from its metadata). A damaged root is quarantined.
     pub(crate) fn load_root(&self, disk: &DiskRecord, id: u64, sum: &[u8; 32]) -> Result<Root, StoreError> {
+        self.load_root_sized(disk, id, sum).map(|(root, _)| root)
+    }
+
+    /// [`Inner::load_root`], with the disk's size when the point was made (a disk may grow).
+    pub(crate) fn load_root_sized(
+        &self,
+        disk: &DiskRecord,
+        id: u64,
+        sum: &[u8; 32],
+    ) -> Result<(Root, u64), StoreError> {
         let path = self.points_dir(&disk.name).join(point_file(id, "root"));
         let regions = region_count(disk.size, self.region_size);
-        let read = |path: &Path| -> Result<Root, StoreError> {
+        let read = |path: &Path| -> Result<(Root, u64), StoreError> {
             let buf = read_bounded(path, max_root_bytes(regions), "point root")?
                 .ok_or_else(|| StoreError::format(path)(FormatError::Missing))?;
             decode_root(&buf, disk.size, self.region_size, sum).map_err(StoreError::format(path))
@@ -672,6 +682,19 @@ impl Store {
             let _disk = lock.lock().unwrap_or_else(PoisonError::into_inner);
             match inner.disk_record(disk) {
                 Ok(r) if r.size == size && r.block_size == block_size => {}
+                // The disk grew: points from now on have the new size, older ones keep theirs
+                // (each root records its own).
+                Ok(r) if r.block_size == block_size && size > r.size => {
+                    let record = DiskRecord { size, ..r.clone() };
+                    let json = serde_json::to_vec_pretty(&record).expect("a disk record serializes");
+                    write_atomic(&inner.tmp, &inner.disk_dir(disk), DISK_FILE, &[&json], true)?;
+                    tracing::warn!(
+                        disk,
+                        from = r.size,
+                        to = size,
+                        "disk grew: the next points have the new size"
+                    );
+                }
                 Ok(r) => {
                     return Err(StoreError::DiskMismatch {
                         disk: disk.to_string(),
@@ -891,12 +914,12 @@ impl Store {
         let (info, sum) = inner.point_record(disk, id)?;
         // A damaged root fails reads later, not the open: hash queries on the point (a resync)
         // must go on and answer the whole disk as damaged.
-        let root = match inner.load_root(&record, id, &sum) {
-            Ok(root) => Ok(root),
-            Err(StoreError::Format { path, source }) => Err((path, source)),
+        let (root, size) = match inner.load_root_sized(&record, id, &sum) {
+            Ok((root, size)) => (Ok(root), size),
+            Err(StoreError::Format { path, source }) => (Err((path, source)), record.size),
             Err(e) => return Err(e),
         };
-        Ok(PointReader::new(inner.clone(), record.size, info, root))
+        Ok(PointReader::new(inner.clone(), size, info, root))
     }
 
     /// Tags a point (idempotent). Tagged points are kept by retention.

@@ -1580,3 +1580,45 @@ fn block_hashes_cost() {
         verify / best * 100.0
     );
 }
+
+/// A disk that grew: registering it larger is accepted, the next points have the new size and
+/// read the grown range, older points keep their size; registering it smaller is refused.
+#[test]
+fn a_grown_disk_keeps_older_points_at_their_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_with(&dir.path().join("s"), &StoreOptions { region_size: 64 * KIB }).unwrap();
+    store.register_disk("g", 256 * KIB, 4096).unwrap();
+    let a = vec![1u8; 4096];
+    let ha = *blake3::hash(&a).as_bytes();
+    store.put_chunk(&ha, 4096, &zstd::bulk::compress(&a, 1).unwrap()).unwrap();
+    let mut p = store.begin("g", 1, GenerationKind::InitialFull, None).unwrap();
+    p.add_chunk(0, 4096, ha).unwrap();
+    p.commit(1, Consistency::Crash).unwrap();
+
+    assert_eq!(store.register_disk("g", 512 * KIB, 4096).unwrap().size, 512 * KIB);
+    let b = vec![2u8; 4096];
+    let hb = *blake3::hash(&b).as_bytes();
+    let mut p = store.begin("g", 2, GenerationKind::Incremental, Some(1)).unwrap();
+    store.put_chunk(&hb, 4096, &zstd::bulk::compress(&b, 1).unwrap()).unwrap();
+    p.add_chunk(400 * KIB, 4096, hb).unwrap();
+    p.commit(2, Consistency::Crash).unwrap();
+
+    let old = store.open_point("g", PointSel::Id(1)).unwrap();
+    assert_eq!(old.size(), 256 * KIB, "an older point keeps its size");
+    let new = store.open_point("g", PointSel::Id(2)).unwrap();
+    assert_eq!(new.size(), 512 * KIB);
+    let mut buf = vec![0u8; 4096];
+    new.read_at(&mut buf, 400 * KIB).unwrap();
+    assert_eq!(buf, b);
+    new.read_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, a, "the grown point keeps what its base had");
+    let out = dir.path().join("old.img");
+    old.restore_to(&out, &mut |_, _| {}).unwrap();
+    assert_eq!(fs::metadata(&out).unwrap().len(), 256 * KIB, "an older point restores at its size");
+    assert!(matches!(store.register_disk("g", 128 * KIB, 4096), Err(StoreError::DiskMismatch { .. })));
+    // The grown size survives a reopen.
+    let root = store.root().to_path_buf();
+    drop((old, new, store));
+    let store = Store::open(&root).unwrap();
+    assert_eq!(store.disk("g").unwrap().size, 512 * KIB);
+}

@@ -227,3 +227,35 @@ fn an_idle_disk_makes_no_points() {
     running.assert_running();
     running.kill();
 }
+
+#[test]
+fn a_grown_disk_replicates_at_its_new_size() {
+    let dir = scratch_dir("sources-grow");
+    let d = dir.path();
+    let certs = Certs::make(&d.join("certs"));
+    let img = d.join("a.img");
+    random_image(&img, 5);
+    let before = d.join("before.img");
+    std::fs::copy(&img, &before).expect("keep the first content");
+    let store = d.join("store");
+    let server = RecoveryServer::start(&store, &certs, &[]);
+    let shim = Serve::new(&img).state_dir(&d.join("state")).start();
+    AgentCmd::new(shim.socket(), server.addr(), DISK, &certs).once();
+    shim.stop();
+
+    // Grown by 8 MiB while the shim was stopped, with data in the new range.
+    let f = std::fs::OpenOptions::new().write(true).open(&img).expect("open the image");
+    f.set_len(SIZE + 8 * MIB).expect("grow the image");
+    std::os::unix::fs::FileExt::write_all_at(&f, &Rng::new(6).bytes(MIB as usize), SIZE + MIB)
+        .expect("write");
+    drop(f);
+    let shim = Serve::new(&img).state_dir(&d.join("state")).start();
+    let next = AgentCmd::new(shim.socket(), server.addr(), DISK, &certs).once();
+    assert_eq!(next.get("kind").as_str(), "incremental", "the grown range ships as changes: {next:?}");
+    shim.stop();
+    let restored = d.join("restored.img");
+    restore(&store, DISK, "latest", &restored);
+    assert_same_files("the point after the grow", &restored, &img);
+    restore(&store, DISK, "1", &restored);
+    assert_same_files("the point before the grow keeps its size", &restored, &before);
+}
