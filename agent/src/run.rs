@@ -232,21 +232,14 @@ pub(crate) struct Agent<'a> {
     reenroll: bool,
 }
 
-/// The source identity in a shim's status (32 hex digits).
+/// The source identity in a shim's status.
 fn source_id(st: &Status) -> Result<wire::SourceId, AgentError> {
-    let hex = st.source_id.as_bytes();
-    let mut id = [0u8; 16];
-    let digit = |c: u8| (c as char).to_digit(16);
-    if hex.len() != 32 || !hex.iter().all(|&c| digit(c).is_some()) {
-        return Err(AgentError::Config(format!(
+    tracker::parse_source_id(&st.source_id).ok_or_else(|| {
+        AgentError::Config(format!(
             "the shim reports no valid source identity ({:?}): run a siterep serve of this version",
             st.source_id
-        )));
-    }
-    for (i, b) in id.iter_mut().enumerate() {
-        *b = (digit(hex[2 * i]).expect("checked") * 16 + digit(hex[2 * i + 1]).expect("checked")) as u8;
-    }
-    Ok(id)
+        ))
+    })
 }
 
 impl Agent<'_> {

@@ -24,6 +24,6 @@ pub use dirty::{BlockState, DirtyMap, Extent, GranularityError, MAX_GRANULARITY,
 pub use format::{FormatError, AL_MAX_REGIONS};
 pub use media::{DirMedia, Media, SimMedia};
 pub use tracker::{
-    CutInfo, Generation, GenerationStatus, ImageChange, ImageChangeKind, ImageRead, Options, Recovery,
-    ReplicatedPoint, Status, TrackError, Tracker, WriteTicket, MAX_GENERATIONS,
+    parse_source_id, CutInfo, Generation, GenerationStatus, ImageChange, ImageChangeKind, ImageRead, Options,
+    Recovery, ReplicatedPoint, Status, TrackError, Tracker, WriteTicket, MAX_GENERATIONS,
 };

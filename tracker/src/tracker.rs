@@ -370,6 +370,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A source identity from its 32 hex digits (`Status::source_id`).
+pub fn parse_source_id(hex: &str) -> Option<[u8; 16]> {
+    if hex.len() != 32 || !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut id = [0u8; 16];
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(id)
+}
+
 /// 16 bytes from the kernel's random source.
 fn random_source() -> io::Result<[u8; 16]> {
     use std::io::Read;
@@ -388,18 +400,12 @@ fn hex(b: &[u8]) -> String {
 fn load_or_create_source(media: &dyn Media) -> Result<[u8; 16], TrackError> {
     if let Some(text) = media.read(SOURCE_FILE).map_err(TrackError::State)? {
         let t = String::from_utf8_lossy(&text);
-        let digits = t.strip_suffix('\n').unwrap_or(&t);
-        let mut id = [0u8; 16];
-        if digits.len() != 32 || !digits.bytes().all(|c| c.is_ascii_hexdigit()) {
-            return Err(TrackError::BadSource(format!(
+        return parse_source_id(t.strip_suffix('\n').unwrap_or(&t)).ok_or_else(|| {
+            TrackError::BadSource(format!(
                 "expected 32 hex digits, found {:?}",
                 t.chars().take(40).collect::<String>()
-            )));
-        }
-        for (i, b) in id.iter_mut().enumerate() {
-            *b = u8::from_str_radix(&digits[2 * i..2 * i + 2], 16).expect("checked hex");
-        }
-        return Ok(id);
+            ))
+        });
     }
     let id = random_source().map_err(TrackError::State)?;
     crate::media::replace(media, SOURCE_FILE, format!("{}\n", hex(&id)).as_bytes())
@@ -1604,5 +1610,24 @@ mod tests {
         let t2 = open();
         assert_eq!(t2.live_runs(0, TIB, usize::MAX), runs);
         assert_eq!(t2.status().memory_bytes, idle + 3 * 4096);
+    }
+
+    /// The source identity is drawn once and kept; a damaged one is refused, never replaced.
+    #[test]
+    fn the_source_identity_is_kept_and_never_replaced() {
+        let media = crate::SimMedia::new();
+        let id = load_or_create_source(&media).unwrap();
+        assert_eq!(load_or_create_source(&media).unwrap(), id);
+        assert_eq!(parse_source_id(&hex(&id)), Some(id));
+        assert_ne!(
+            id,
+            load_or_create_source(&crate::SimMedia::new()).unwrap(),
+            "another directory, another identity"
+        );
+        crate::media::replace(&media, SOURCE_FILE, b"not an identity\n").unwrap();
+        assert!(matches!(load_or_create_source(&media), Err(TrackError::BadSource(_))));
+        assert_eq!(media.read(SOURCE_FILE).unwrap().unwrap(), b"not an identity\n", "left as it was");
+        assert_eq!(parse_source_id("0g".repeat(16).as_str()), None);
+        assert_eq!(parse_source_id("ab"), None);
     }
 }
