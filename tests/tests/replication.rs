@@ -1618,11 +1618,12 @@ fn server_rejects_bad_input() {
         nothing_stored(&mut fails, &store, &before, what);
     }
     {
-        let what = "a registration with another size";
+        // A smaller size: the disk shrank (a larger one is a disk that grew, and accepted).
+        let what = "a registration with a smaller size";
         let mut c = Raw::session(addr, &certs);
         c.send(&Frame::RegisterDisk {
             disk: "good".into(),
-            size: 2 * SIZE,
+            size: SIZE / 2,
             block_size: 4096,
             source: [7; 16],
             reenroll: false,

@@ -342,7 +342,8 @@ fn a_replaced_image_file_fails_the_resync_loudly() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let st = control::status(shim.socket());
-        if st.get("image_changed").get("kind").as_str() == "replaced" {
+        if let Json::Object(change) = st.get("image_changed") {
+            assert_eq!(change.get("kind").map(Json::as_str), Some("replaced"), "{st:?}");
             break;
         }
         assert!(Instant::now() < deadline, "the shim did not notice the replaced image: {st:?}");

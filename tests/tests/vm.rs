@@ -892,8 +892,16 @@ fn vm_unplanned_failover_to_latest() {
     let (failed_over, new_primary) = recovery::failover_to_latest(&store, DISK, d, point);
     let failover_took = failover_started.elapsed();
 
-    // What must be intact: every file the host saw durable before the cut.
-    let before_cut: Vec<&Completed> = completed.iter().filter(|c| c.seen_ms < cut).collect();
+    // What must be intact: every file the host saw durable before the latest point was last
+    // known to equal the disk: its cut, or later when nothing was written since (the server's
+    // "current as of", docs/wire.md §6.9, which the shim also reports as its last replicated
+    // cut and the loop above counted by).
+    let current = match latest.get("current_unix_ms") {
+        Json::Number(_) => latest.get("current_unix_ms").as_u64().max(cut),
+        _ => cut,
+    };
+    assert!(current <= killed_ms, "point {point} was current at {current}, after the kill at {killed_ms}");
+    let before_cut: Vec<&Completed> = completed.iter().filter(|c| c.seen_ms < current).collect();
     assert!(
         before_cut.len() >= MIN_BEFORE_CUT,
         "only {} files durable before the cut of point {point}: too few to prove anything",
