@@ -370,7 +370,7 @@ fn invalid_requests_fail_loudly() {
     let (d, store) = new_store(64 * KIB);
     store.register_disk("d", 128 * KIB, 4096).unwrap();
     assert_eq!(store.register_disk("d", 128 * KIB, 4096).unwrap().size, 128 * KIB);
-    assert!(matches!(store.register_disk("d", 256 * KIB, 4096), Err(StoreError::DiskMismatch { .. })));
+    assert!(matches!(store.register_disk("d", 64 * KIB, 4096), Err(StoreError::DiskMismatch { .. })));
     assert!(matches!(store.register_disk("d", 128 * KIB, 512), Err(StoreError::DiskMismatch { .. })));
     assert!(matches!(store.register_disk("../x", 4096, 512), Err(StoreError::InvalidName { .. })));
     assert!(matches!(store.register_disk("e", 1000, 512), Err(StoreError::InvalidGeometry { .. })));
