@@ -54,4 +54,6 @@ pub use scrub::{Checked, Damaged, Dependent, VerifiedPoint, VerifyOptions, Verif
 pub use store::Store;
 
 #[cfg(test)]
+mod crash_tests;
+#[cfg(test)]
 mod tests;
