@@ -41,12 +41,23 @@ pub(crate) fn write_atomic(
     parts: &[&[u8]],
     sync: bool,
 ) -> Result<(), StoreError> {
-    let tmp_path = tmp.next(dir);
-    let result =
-        m.create(&tmp_path, parts, true).map_err(StoreError::io("create", &tmp_path)).and_then(|()| {
-            let dest = dir.join(name);
-            m.rename(&tmp_path, &dest).map_err(StoreError::io("rename", &dest))
-        });
+    let mut tmp_path = tmp.next(dir);
+    let mut created = m.create(&tmp_path, parts, true);
+    // A temporary name of this process that exists already is a leftover of an earlier process
+    // that had the same id (before a reboot): it is left to the sweep and another name is used.
+    for _ in 0..16 {
+        match &created {
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                tmp_path = tmp.next(dir);
+                created = m.create(&tmp_path, parts, true);
+            }
+            _ => break,
+        }
+    }
+    let result = created.map_err(StoreError::io("create", &tmp_path)).and_then(|()| {
+        let dest = dir.join(name);
+        m.rename(&tmp_path, &dest).map_err(StoreError::io("rename", &dest))
+    });
     if result.is_err() {
         let _ = m.remove_file(&tmp_path);
     }

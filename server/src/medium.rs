@@ -149,6 +149,9 @@ struct Sim {
     root: PathBuf,
     files: Vec<SimFile>,
     dirs: HashMap<PathBuf, SimDir>,
+    /// Name changes not yet durable, in the order they were made.
+    changes: Vec<Change>,
+    next_change: u64,
     /// Mutating operations since `fail_at` was set.
     ops: u64,
     fail_at: Option<u64>,
@@ -165,6 +168,15 @@ struct SimFile {
 struct SimDir {
     durable: BTreeMap<String, Node>,
     current: BTreeMap<String, Node>,
+}
+
+/// A name change not yet durable: in `dir`, `name` now names `node` (`None`: removed). The
+/// changes of one operation (`op`: both halves of a rename) survive a crash together.
+struct Change {
+    op: u64,
+    dir: PathBuf,
+    name: String,
+    node: Option<Node>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -229,6 +241,22 @@ impl Sim {
     fn dir_mut(&mut self, dir: &Path) -> io::Result<&mut SimDir> {
         self.dirs.get_mut(dir).ok_or_else(not_found)
     }
+
+    /// Sets (or with `None` removes) a current name, recording the change for a crash.
+    fn set_name(&mut self, op: u64, dir: &Path, name: &str, node: Option<Node>) -> io::Result<()> {
+        let d = self.dir_mut(dir)?;
+        match node {
+            Some(n) => d.current.insert(name.to_string(), n),
+            None => d.current.remove(name),
+        };
+        self.changes.push(Change { op, dir: dir.to_path_buf(), name: name.to_string(), node });
+        Ok(())
+    }
+
+    fn next_op(&mut self) -> u64 {
+        self.next_change += 1;
+        self.next_change
+    }
 }
 
 /// splitmix64: the crash's choices, reproducible from a seed.
@@ -254,6 +282,8 @@ impl SimMedium {
                 root: root.to_path_buf(),
                 files: Vec::new(),
                 dirs,
+                changes: Vec::new(),
+                next_change: 0,
                 ops: 0,
                 fail_at: None,
                 dead: false,
@@ -278,10 +308,13 @@ impl SimMedium {
         self.sim().ops
     }
 
-    /// Simulates power loss and a restart: every directory keeps its durable names (a
-    /// directory whose own name was not durable is gone with its contents), and every file
-    /// whose current contents were not durable keeps, sector by sector, either its durable or
-    /// its current contents, and either length, as `seed` chooses. Operations work again.
+    /// Simulates power loss and a restart: every directory keeps its durable names plus, as
+    /// `seed` chooses, none of the name changes not yet durable (a third of the crashes), a
+    /// prefix of them in the order they were made (a journal), or any subset of them (each
+    /// operation whole: a rename is never half done). A directory whose own name did not
+    /// survive is gone with its contents. Every file whose current contents were not durable
+    /// keeps, sector by sector, either its durable or its current contents, and either length.
+    /// Operations work again.
     pub fn crash(&self, seed: u64) {
         let mut rng = SplitMix(seed);
         let mut s = self.sim();
@@ -301,6 +334,28 @@ impl SimMedium {
             }
             f.durable = torn.clone();
             f.current = torn;
+        }
+        let ops: Vec<u64> = {
+            let mut ops: Vec<u64> = s.changes.iter().map(|c| c.op).collect();
+            ops.dedup();
+            ops
+        };
+        let survivors: std::collections::HashSet<u64> = match rng.next() % 3 {
+            0 => Default::default(),
+            1 => {
+                let keep = (rng.next() % (ops.len() as u64 + 1)) as usize;
+                ops[..keep].iter().copied().collect()
+            }
+            _ => ops.into_iter().filter(|_| rng.next() % 2 == 0).collect(),
+        };
+        let changes = std::mem::take(&mut s.changes);
+        for c in changes.iter().filter(|c| survivors.contains(&c.op)) {
+            if let Some(d) = s.dirs.get_mut(&c.dir) {
+                match c.node {
+                    Some(n) => d.durable.insert(c.name.clone(), n),
+                    None => d.durable.remove(&c.name),
+                };
+            }
         }
         let root = s.root.clone();
         let mut dirs = HashMap::new();
@@ -330,6 +385,7 @@ impl Medium for SimMedium {
         }
         let rel = dir.strip_prefix(&s.root).map_err(|_| not_found())?.to_path_buf();
         s.op()?;
+        let op = s.next_op();
         let mut path = s.root.clone();
         for part in rel.iter() {
             let name = part.to_str().ok_or_else(not_found)?.to_string();
@@ -339,7 +395,7 @@ impl Medium for SimMedium {
                 Some(Node::Dir) => {}
                 Some(Node::File(_)) => return Err(io::Error::from(ErrorKind::AlreadyExists)),
                 None => {
-                    s.dir_mut(&parent)?.current.insert(name, Node::Dir);
+                    s.set_name(op, &parent, &name, Some(Node::Dir))?;
                     s.dirs.insert(path.clone(), SimDir::default());
                 }
             }
@@ -356,7 +412,8 @@ impl Medium for SimMedium {
         }
         let i = s.files.len();
         s.files.push(SimFile { durable: Vec::new(), current: parts.concat() });
-        s.dir_mut(parent)?.current.insert(name, Node::File(i));
+        let op = s.next_op();
+        s.set_name(op, parent, &name, Some(Node::File(i)))?;
         if sync {
             s.op()?;
             let f = &mut s.files[i];
@@ -406,8 +463,9 @@ impl Medium for SimMedium {
             return Err(io::Error::other("is a directory"));
         }
         let (from_parent, from_name) = s.split(from)?;
-        s.dir_mut(from_parent)?.current.remove(&from_name);
-        s.dir_mut(to_parent)?.current.insert(to_name, Node::File(i));
+        let op = s.next_op();
+        s.set_name(op, from_parent, &from_name, None)?;
+        s.set_name(op, to_parent, &to_name, Some(Node::File(i)))?;
         Ok(())
     }
 
@@ -416,7 +474,8 @@ impl Medium for SimMedium {
         s.op()?;
         s.file(path)?;
         let (parent, name) = s.split(path)?;
-        s.dir_mut(parent)?.current.remove(&name);
+        let op = s.next_op();
+        s.set_name(op, parent, &name, None)?;
         Ok(())
     }
 
@@ -425,6 +484,7 @@ impl Medium for SimMedium {
         s.op()?;
         let d = s.dir_mut(dir)?;
         d.durable = d.current.clone();
+        s.changes.retain(|c| c.dir != dir);
         Ok(())
     }
 
@@ -437,6 +497,7 @@ impl Medium for SimMedium {
         for d in s.dirs.values_mut() {
             d.durable = d.current.clone();
         }
+        s.changes.clear();
         Ok(())
     }
 
@@ -452,29 +513,46 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_crash_keeps_only_what_was_made_durable() {
+    fn a_crash_keeps_what_was_made_durable_and_whole_operations_of_the_rest() {
         let root = Path::new("/sim");
-        let m = SimMedium::new(root);
-        let d = root.join("d");
-        m.create_dir_all(&d).unwrap();
-        m.sync_dir(root).unwrap();
-        m.create(&d.join("synced"), &[b"one"], true).unwrap();
-        m.create(&d.join("unsynced"), &[&[7u8; 4 * SECTOR]], false).unwrap();
-        m.sync_dir(&d).unwrap();
-        m.create(&d.join("unnamed"), &[b"x"], true).unwrap();
-        m.rename(&d.join("synced"), &d.join("moved")).unwrap();
-        m.crash(1);
-        assert_eq!(m.list(&d).unwrap(), ["synced", "unsynced"]);
-        assert_eq!(m.read(&d.join("synced"), 100).unwrap().unwrap().1, b"one");
-        // Torn: each sector is either all sevens or all zeroes (or cut off).
-        let (_, torn) = m.read(&d.join("unsynced"), u64::MAX).unwrap().unwrap();
-        assert!(torn.chunks(SECTOR).all(|s| s.iter().all(|&b| b == 7) || s.iter().all(|&b| b == 0)));
-        // A directory whose name was not synced is gone with its contents.
-        m.create_dir_all(&root.join("e")).unwrap();
-        m.create(&root.join("e").join("f"), &[b"f"], true).unwrap();
-        m.sync_dir(&root.join("e")).unwrap();
-        m.crash(2);
-        assert!(!m.exists(&root.join("e")));
+        let mut outcomes = std::collections::BTreeSet::new();
+        for seed in 0..64 {
+            let m = SimMedium::new(root);
+            let d = root.join("d");
+            m.create_dir_all(&d).unwrap();
+            m.sync_dir(root).unwrap();
+            m.create(&d.join("synced"), &[b"one"], true).unwrap();
+            m.create(&d.join("unsynced"), &[&[7u8; 4 * SECTOR]], false).unwrap();
+            m.sync_dir(&d).unwrap();
+            m.create(&d.join("unnamed"), &[b"x"], true).unwrap();
+            m.rename(&d.join("synced"), &d.join("moved")).unwrap();
+            m.create_dir_all(&root.join("e")).unwrap();
+            m.create(&root.join("e").join("f"), &[b"f"], true).unwrap();
+            m.sync_dir(&root.join("e")).unwrap();
+            m.crash(seed);
+            let names = m.list(&d).unwrap();
+            // The rename is whole: exactly one of its names, with the synced contents.
+            let one: Vec<&String> = names.iter().filter(|n| *n == "synced" || *n == "moved").collect();
+            assert_eq!(one.len(), 1, "{names:?}");
+            assert_eq!(m.read(&d.join(one[0]), 100).unwrap().unwrap().1, b"one");
+            assert!(names.contains(&"unsynced".to_string()));
+            // Torn: each sector is either all sevens or all zeroes (or cut off).
+            let (_, torn) = m.read(&d.join("unsynced"), u64::MAX).unwrap().unwrap();
+            assert!(torn.chunks(SECTOR).all(|s| s.iter().all(|&b| b == 7) || s.iter().all(|&b| b == 0)));
+            // A directory survives with the contents it synced, or not at all.
+            if m.exists(&root.join("e")) {
+                assert_eq!(m.list(&root.join("e")).unwrap(), ["f"]);
+            }
+            outcomes.insert((names, m.exists(&root.join("e"))));
+        }
+        // Every unsynced change is sometimes lost and sometimes kept.
+        assert!(
+            outcomes.contains(&(vec!["synced".to_string(), "unsynced".to_string()], false)),
+            "{outcomes:?}"
+        );
+        assert!(outcomes.iter().any(|(names, _)| names.contains(&"moved".to_string())));
+        assert!(outcomes.iter().any(|(names, _)| names.contains(&"unnamed".to_string())));
+        assert!(outcomes.iter().any(|(_, e)| *e));
     }
 
     #[test]
