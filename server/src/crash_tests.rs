@@ -1,10 +1,10 @@
 //! Crash tests on the simulated medium: a workload of generations (new, deduplicated and zero
-//! extents), commits, retention and sweeps runs until an injected crash at its Nth mutating
-//! file operation, for every N; the medium then loses everything not durable (contents torn at
-//! sector size), the store is reopened, and every listed point must restore equal to what its
-//! generation wrote, every point whose commit returned must be listed (unless retention may
-//! have pruned it), and the store must go on working: a new generation deduplicated against
-//! the old data commits and restores.
+//! extents), commits, a tag, retention and sweeps runs until an injected crash at its Nth
+//! mutating file operation, for every N; the medium then keeps what was durable and some of
+//! what was not (contents torn at sector size), the store is reopened, and every listed point
+//! must restore equal to what its generation wrote, every point whose commit returned must be
+//! listed (unless retention may have pruned it), and the store must go on working: a new
+//! generation deduplicated against the old data commits and restores.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -106,7 +106,12 @@ fn workload(root: &Path, medium: &Arc<SimMedium>, seed: u64, model: &mut Model) 
         if g == 2 {
             put(&store, &pool[11][..512])?;
         }
-        base = Some(generation(&store, &mut rng, &pool, g * 10, base, &mut image, model)?.id);
+        let point = generation(&store, &mut rng, &pool, g * 10, base, &mut image, model)?;
+        // A tagged point outlives retention; tagging rewrites its metadata.
+        if g == 2 {
+            store.tag(DISK, point.id, "keep")?;
+        }
+        base = Some(point.id);
         if g % 3 == 0 {
             let kept = model.committed.len().saturating_sub(2);
             model.maybe_pruned.extend_from_slice(&model.committed[..kept]);
