@@ -9,13 +9,13 @@
 //! after a restart (`Store::open` removes them). `docs/store.md` has the whole argument.
 
 use std::collections::{BTreeSet, HashSet};
-use std::fs::{self, File, OpenOptions};
-use std::io::{ErrorKind, Read, Write};
+use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
 use crate::durable::sync_dir;
 use crate::error::StoreError;
 use crate::format::{hex, ChunkHeader, CHUNK_HEADER, MAX_CHUNK_RAW, MAX_CHUNK_STORED};
+use crate::medium::Medium;
 use crate::quarantine::{self, Object};
 use crate::store::{Inner, CHUNKS};
 
@@ -84,52 +84,62 @@ pub(crate) fn verify_upload(hash: &[u8; 32], raw_len: u32, compressed: &[u8]) ->
 
 /// Reads a stored chunk's header, checking it names `hash` and matches the file's length.
 /// `None` if the chunk is not stored.
-pub(crate) fn read_header(path: &Path, hash: &[u8; 32]) -> Result<Option<(File, ChunkHeader)>, StoreError> {
-    let mut f = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(StoreError::io("open", path)(e)),
+pub(crate) fn read_header(
+    m: &dyn Medium,
+    path: &Path,
+    hash: &[u8; 32],
+) -> Result<Option<ChunkHeader>, StoreError> {
+    let Some((len, h)) = m.read(path, CHUNK_HEADER as u64).map_err(StoreError::io("read", path))? else {
+        return Ok(None);
     };
-    let len = f.metadata().map_err(StoreError::io("stat", path))?.len();
-    let mut h = [0u8; CHUNK_HEADER];
-    if len < CHUNK_HEADER as u64 {
+    if len < CHUNK_HEADER as u64 || h.len() < CHUNK_HEADER {
         return Err(corrupt(hash, true, "truncated header"));
     }
-    f.read_exact(&mut h).map_err(StoreError::io("read", path))?;
-    let header = ChunkHeader::decode(&h).map_err(|e| corrupt(hash, true, format!("header: {e}")))?;
+    let header = ChunkHeader::decode(h[..CHUNK_HEADER].try_into().expect("a header's length"))
+        .map_err(|e| corrupt(hash, true, format!("header: {e}")))?;
     if &header.hash != hash {
         return Err(corrupt(hash, true, "header names another chunk"));
     }
     if len != CHUNK_HEADER as u64 + u64::from(header.stored_len) {
         return Err(corrupt(hash, true, format!("file of {len} bytes, header says {}", header.stored_len)));
     }
-    Ok(Some((f, header)))
+    Ok(Some(header))
 }
 
 /// Reads and verifies a stored chunk; a missing chunk is corruption of the store.
-pub(crate) fn read(path: &Path, hash: &[u8; 32]) -> Result<Vec<u8>, StoreError> {
-    let (header, stored) = read_stored(path, hash)?;
+pub(crate) fn read(m: &dyn Medium, path: &Path, hash: &[u8; 32]) -> Result<Vec<u8>, StoreError> {
+    let (header, stored) = read_stored(m, path, hash)?;
     decode(hash, header.raw_len, &stored, true)
 }
 
 /// Reads and verifies a stored chunk without keeping its bytes; returns the file's size.
-pub(crate) fn verify(path: &Path, hash: &[u8; 32]) -> Result<u64, StoreError> {
-    let (header, stored) = read_stored(path, hash)?;
+pub(crate) fn verify(m: &dyn Medium, path: &Path, hash: &[u8; 32]) -> Result<u64, StoreError> {
+    let (header, stored) = read_stored(m, path, hash)?;
     decode(hash, header.raw_len, &stored, true)?;
     Ok(CHUNK_HEADER as u64 + stored.len() as u64)
 }
 
 /// A stored chunk's header and compressed bytes.
-fn read_stored(path: &Path, hash: &[u8; 32]) -> Result<(ChunkHeader, Vec<u8>), StoreError> {
-    let (f, header) =
-        read_header(path, hash)?.ok_or_else(|| corrupt(hash, true, "missing from the store"))?;
-    // Bounded by MAX_CHUNK_STORED (checked by ChunkHeader::decode); read_header checked the
-    // file's length, so a shorter read means the file changed under us.
-    let mut stored = Vec::with_capacity(header.stored_len as usize);
-    f.take(u64::from(header.stored_len)).read_to_end(&mut stored).map_err(StoreError::io("read", path))?;
-    if stored.len() != header.stored_len as usize {
-        return Err(corrupt(hash, true, "truncated"));
+fn read_stored(m: &dyn Medium, path: &Path, hash: &[u8; 32]) -> Result<(ChunkHeader, Vec<u8>), StoreError> {
+    // The whole file, bounded by the largest chunk file; then its header is checked against
+    // its length, so a file that changed between the two reads is refused.
+    let max = CHUNK_HEADER as u64 + u64::from(MAX_CHUNK_STORED);
+    let (len, mut all) = m
+        .read(path, max)
+        .map_err(StoreError::io("read", path))?
+        .ok_or_else(|| corrupt(hash, true, "missing from the store"))?;
+    if all.len() < CHUNK_HEADER {
+        return Err(corrupt(hash, true, "truncated header"));
     }
+    let header = ChunkHeader::decode(all[..CHUNK_HEADER].try_into().expect("a header's length"))
+        .map_err(|e| corrupt(hash, true, format!("header: {e}")))?;
+    if &header.hash != hash {
+        return Err(corrupt(hash, true, "header names another chunk"));
+    }
+    if len != all.len() as u64 || all.len() != CHUNK_HEADER + header.stored_len as usize {
+        return Err(corrupt(hash, true, format!("file of {len} bytes, header says {}", header.stored_len)));
+    }
+    let stored = all.split_off(CHUNK_HEADER);
     Ok((header, stored))
 }
 
@@ -149,21 +159,11 @@ pub(crate) fn stage(
     }
     .encode();
     let path = inner.incoming_dir().join(format!("{}.{}", hex(hash), inner.tmp.next_id()));
-    let result = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&path)
-        .map_err(StoreError::io("create", &path))
-        .and_then(|mut f| {
-            f.write_all(&header)
-                .and_then(|()| f.write_all(compressed))
-                .map_err(StoreError::io("write", &path))
-        });
-    match result {
+    match inner.m().create(&path, &[&header, compressed], false) {
         Ok(()) => Ok(path),
         Err(e) => {
-            let _ = fs::remove_file(&path);
-            Err(e)
+            let _ = inner.m().remove_file(&path);
+            Err(StoreError::io("create", &path)(e))
         }
     }
 }
@@ -186,11 +186,11 @@ pub(crate) enum Found {
 /// is stored, and an upload does not stage a stored chunk.
 pub(crate) fn find(inner: &Inner, hash: &[u8; 32]) -> Result<Option<Found>, StoreError> {
     for _ in 0..2 {
-        let header = read_header(&inner.chunk_path(hash), hash);
+        let header = read_header(inner.m(), &inner.chunk_path(hash), hash);
         if let Some(s) = inner.live().staged.get(hash) {
             return Ok(Some(Found::Staged(s.raw_len)));
         }
-        if let Some((_, h)) = header? {
+        if let Some(h) = header? {
             return Ok(Some(Found::Durable(h.raw_len)));
         }
     }
@@ -217,7 +217,7 @@ pub(crate) fn promote(inner: &Inner, refs: &BTreeSet<[u8; 32]>) -> Result<(), St
         let staged: HashSet<[u8; 32]> = todo.iter().map(|(h, _)| *h).collect();
         for h in refs.iter().filter(|h| !staged.contains(*h)) {
             // Not staged and no promotion under way: a file here is durable.
-            if read_header(&inner.chunk_path(h), h)?.is_none() {
+            if read_header(inner.m(), &inner.chunk_path(h), h)?.is_none() {
                 return Err(StoreError::MissingChunk(*h));
             }
         }
@@ -233,10 +233,12 @@ pub(crate) fn promote(inner: &Inner, refs: &BTreeSet<[u8; 32]>) -> Result<(), St
     let mut shards = BTreeSet::new();
     for (hash, from) in &todo {
         let to = inner.chunk_path(hash);
-        match fs::rename(from, &to) {
+        match inner.m().rename(from, &to) {
             Ok(()) => {}
             // Moved by an earlier promotion whose directory sync failed; sync it now.
-            Err(e) if e.kind() == ErrorKind::NotFound && matches!(read_header(&to, hash), Ok(Some(_))) => {}
+            Err(e)
+                if e.kind() == ErrorKind::NotFound
+                    && matches!(read_header(inner.m(), &to, hash), Ok(Some(_))) => {}
             Err(e) => return Err(StoreError::io("rename", &to)(e)),
         }
         shards.insert(hash[0]);
@@ -246,7 +248,7 @@ pub(crate) fn promote(inner: &Inner, refs: &BTreeSet<[u8; 32]>) -> Result<(), St
     inner.fault("promote.names")?;
     if shards.len() <= MAX_DIR_SYNCS {
         for shard in &shards {
-            sync_dir(&inner.shard_dir(CHUNKS, *shard))?;
+            sync_dir(inner.m(), &inner.shard_dir(CHUNKS, *shard))?;
         }
     } else if let Err(e) = inner.syncfs() {
         discard_staged(inner, &e);
@@ -278,7 +280,7 @@ fn discard_staged(inner: &Inner, cause: &StoreError) {
     let mut live = inner.live();
     live.stage_epoch += 1;
     let before = live.staged.len();
-    live.staged.retain(|_, s| match fs::remove_file(&s.path) {
+    live.staged.retain(|_, s| match inner.m().remove_file(&s.path) {
         Ok(()) => false,
         Err(e) if e.kind() == ErrorKind::NotFound => true,
         // Not trusted either way; the next sweep or open removes the file.

@@ -76,7 +76,7 @@ pub(crate) fn prune(
                 continue;
             }
             inner.fault("gc.prune")?;
-            report.bytes_freed += durable::remove(&dir.join(point_file(id, "json")))?;
+            report.bytes_freed += durable::remove(inner.m(), &dir.join(point_file(id, "json")))?;
             report.points_removed.push((disk.clone(), id));
             removed = true;
             tracing::info!(disk = %disk, id, generation = info.generation, "point pruned");
@@ -84,7 +84,7 @@ pub(crate) fn prune(
         if removed {
             // The deletions must be durable before the sweep removes what only they referenced:
             // otherwise a crash could bring a point back without its pages and chunks.
-            sync_dir(&dir)?;
+            sync_dir(inner.m(), &dir)?;
         }
     }
     Ok(())
@@ -181,7 +181,7 @@ pub(crate) fn sweep(inner: &Inner, report: &mut GcReport) -> Result<(), StoreErr
     report.bytes_freed += quarantine::sweep(inner, |o| match o {
         Object::Chunk(h) => chunks.contains(h),
         Object::Page(h) => pages.contains(h),
-        Object::Root(disk, id) => inner.points_dir(disk).join(point_file(*id, "json")).exists(),
+        Object::Root(disk, id) => inner.m().exists(&inner.points_dir(disk).join(point_file(*id, "json"))),
     })?;
     Ok(())
 }
@@ -197,13 +197,13 @@ fn sweep_staged(inner: &Inner, keep: &HashSet<[u8; 32]>) -> Result<(u64, u64), S
     for hash in dropped {
         let staged = live.staged.remove(&hash).expect("listed above");
         // Gone already if a promotion moved it to `chunks/`; the chunk sweep removed it there.
-        bytes += durable::remove(&staged.path)?;
+        bytes += durable::remove(inner.m(), &staged.path)?;
         removed += 1;
     }
     let named: HashSet<&std::ffi::OsStr> = live.staged.values().filter_map(|s| s.path.file_name()).collect();
-    for name in durable::list(&dir)? {
+    for name in durable::list(inner.m(), &dir)? {
         if !named.contains(std::ffi::OsStr::new(&name)) {
-            bytes += durable::remove(&dir.join(&name))?;
+            bytes += durable::remove(inner.m(), &dir.join(&name))?;
         }
     }
     Ok((removed, bytes))
@@ -212,9 +212,9 @@ fn sweep_staged(inner: &Inner, keep: &HashSet<[u8; 32]>) -> Result<(u64, u64), S
 /// Removes the objects of a shard directory that are not in `keep`, and temporary files.
 fn sweep_dir(inner: &Inner, dir: &Path, keep: &HashSet<[u8; 32]>) -> Result<(u64, u64, u64), StoreError> {
     let (mut removed, mut bytes, mut kept) = (0, 0, 0);
-    for name in durable::list(dir)? {
+    for name in durable::list(inner.m(), dir)? {
         if name.starts_with(TMP_PREFIX) {
-            bytes += durable::remove(&dir.join(&name))?;
+            bytes += durable::remove(inner.m(), &dir.join(&name))?;
             continue;
         }
         let Some(hash) = unhex32(&name) else {
@@ -226,7 +226,7 @@ fn sweep_dir(inner: &Inner, dir: &Path, keep: &HashSet<[u8; 32]>) -> Result<(u64
             continue;
         }
         inner.fault("gc.delete")?;
-        bytes += durable::remove(&dir.join(&name))?;
+        bytes += durable::remove(inner.m(), &dir.join(&name))?;
         removed += 1;
     }
     Ok((removed, bytes, kept))
@@ -236,19 +236,19 @@ fn sweep_dir(inner: &Inner, dir: &Path, keep: &HashSet<[u8; 32]>) -> Result<(u64
 fn sweep_disk(inner: &Inner, disk: &str) -> Result<u64, StoreError> {
     let mut bytes = 0;
     let dir = inner.points_dir(disk);
-    let names = durable::list(&dir)?;
+    let names = durable::list(inner.m(), &dir)?;
     let with_metadata: HashSet<u64> = names.iter().filter_map(|n| parse_point_file(n, "json")).collect();
     for name in &names {
         let orphan = parse_point_file(name, "root").is_some_and(|id| !with_metadata.contains(&id));
         if orphan || name.starts_with(TMP_PREFIX) {
             inner.fault("gc.delete")?;
-            bytes += durable::remove(&dir.join(name))?;
+            bytes += durable::remove(inner.m(), &dir.join(name))?;
         }
     }
     let disk_dir = inner.disk_dir(disk);
-    for name in durable::list(&disk_dir)? {
+    for name in durable::list(inner.m(), &disk_dir)? {
         if name.starts_with(TMP_PREFIX) {
-            bytes += durable::remove(&disk_dir.join(name))?;
+            bytes += durable::remove(inner.m(), &disk_dir.join(name))?;
         }
     }
     Ok(bytes)

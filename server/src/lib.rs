@@ -27,6 +27,7 @@ mod format;
 mod gc;
 mod info;
 mod map;
+pub mod medium;
 pub mod net;
 mod pending;
 mod quarantine;
@@ -45,11 +46,14 @@ pub use info::{
     Consistency, DiskInfo, ExtentKind, GcReport, GenerationKind, InitialProgress, PointInfo, PointSel,
     RestoreReport, Retention, StoreOptions,
 };
+pub use medium::{DiskMedium, Medium, SimMedium};
 pub use pending::PendingPoint;
 pub use quarantine::ObjectKind;
 pub use reader::{PointReader, DAMAGED_HASH};
 pub use scrub::{Checked, Damaged, Dependent, VerifiedPoint, VerifyOptions, VerifyReport};
 pub use store::Store;
 
+#[cfg(test)]
+mod crash_tests;
 #[cfg(test)]
 mod tests;

@@ -207,7 +207,7 @@ impl PendingPoint {
             root: st.root.clone(),
         };
         let buf = encode_initial(&cp, self.disk.size, store.region_size);
-        write_atomic(&store.tmp, &store.disk_dir(&self.disk.name), INITIAL_FILE, &[&buf], true)?;
+        write_atomic(store.m(), &store.tmp, &store.disk_dir(&self.disk.name), INITIAL_FILE, &[&buf], true)?;
         drop(st);
         self.next_offset = next_offset;
         tracing::debug!(disk = %self.disk.name, generation = self.generation, next_offset, "initial copy checkpoint");
@@ -259,7 +259,7 @@ impl PendingPoint {
         flush(store, &mut st)?;
         let dir = store.points_dir(disk);
         let (root, root_sum) = encode_root(self.disk.size, store.region_size, &st.root);
-        write_atomic(&store.tmp, &dir, &point_file(id, "root"), &[&root], true)?;
+        write_atomic(store.m(), &store.tmp, &dir, &point_file(id, "root"), &[&root], true)?;
         store.fault("commit.before_metadata")?;
         let info = PointInfo {
             disk: disk.clone(),
@@ -275,7 +275,7 @@ impl PendingPoint {
             digest: digest.as_ref().map(|d| crate::format::hex(d)),
         };
         let json = encode_point_record(&info, &root_sum);
-        write_atomic(&store.tmp, &dir, &point_file(id, "json"), &[&json], true)?;
+        write_atomic(store.m(), &store.tmp, &dir, &point_file(id, "json"), &[&json], true)?;
         tracing::info!(
             disk = %disk, id, generation = self.generation, kind = ?self.kind,
             changed_bytes = st.changed_bytes, regions = st.root.len(), "recovery point committed"
@@ -391,7 +391,7 @@ fn write_pages(store: &Inner, st: &mut PendingState) -> Result<(), StoreError> {
 fn flush(store: &Inner, st: &mut PendingState) -> Result<(), StoreError> {
     write_pages(store, st)?;
     while let Some(&shard) = st.unsynced.first() {
-        sync_dir(&store.shard_dir(PAGES, shard))?;
+        sync_dir(store.m(), &store.shard_dir(PAGES, shard))?;
         st.unsynced.remove(&shard);
     }
     Ok(())

@@ -20,7 +20,6 @@
 //! the two leaves a quarantined object whose reason is unknown.
 
 use std::collections::BTreeSet;
-use std::fs::{self, OpenOptions};
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
@@ -149,10 +148,10 @@ fn entries(inner: &Inner) -> Result<Vec<(Object, PathBuf)>, StoreError> {
     let mut out = Vec::new();
     for kind in [ObjectKind::Chunk, ObjectKind::Page, ObjectKind::Root] {
         let dir = inner.root.join(QUARANTINE).join(Object::dir(kind));
-        if !dir.is_dir() {
+        if !inner.m().is_dir(&dir) {
             continue;
         }
-        for name in durable::list(&dir)? {
+        for name in durable::list(inner.m(), &dir)? {
             if name.starts_with(TMP_PREFIX) || name.ends_with(".json") {
                 continue;
             }
@@ -183,10 +182,14 @@ pub(crate) fn list(inner: &Inner) -> Result<Quarantined, StoreError> {
 /// Why `o` was quarantined, from its record.
 pub(crate) fn reason(inner: &Inner, o: &Object) -> String {
     let path = json_path(&o.entry(inner));
-    fs::read(&path).ok().and_then(|b| serde_json::from_slice::<Record>(&b).ok()).map_or_else(
-        || "quarantined (no record of why)".to_string(),
-        |r| format!("quarantined: {}", r.reason),
-    )
+    durable::read_bounded(inner.m(), &path, crate::MAX_METADATA_BYTES, "quarantine record")
+        .ok()
+        .flatten()
+        .and_then(|b| serde_json::from_slice::<Record>(&b).ok())
+        .map_or_else(
+            || "quarantined (no record of why)".to_string(),
+            |r| format!("quarantined: {}", r.reason),
+        )
 }
 
 fn json_path(entry: &Path) -> PathBuf {
@@ -214,22 +217,22 @@ fn try_quarantine(
     let home = o.home(inner);
     let entry = o.entry(inner);
     let dir = entry.parent().expect("an entry has a directory");
-    if !dir.is_dir() {
-        fs::create_dir_all(dir).map_err(StoreError::io("create directory", dir))?;
-        sync_dir(&inner.root.join(QUARANTINE))?;
-        sync_dir(&inner.root)?;
+    if !inner.m().is_dir(dir) {
+        inner.m().create_dir_all(dir).map_err(StoreError::io("create directory", dir))?;
+        sync_dir(inner.m(), &inner.root.join(QUARANTINE))?;
+        sync_dir(inner.m(), &inner.root)?;
     }
-    match fs::rename(&home, &entry) {
+    match inner.m().rename(&home, &entry) {
         Ok(()) => {
             if intact(&entry) {
                 // Replaced by a good copy after the damaged one was read: put it back.
-                fs::rename(&entry, &home).map_err(StoreError::io("rename", &home))?;
+                inner.m().rename(&entry, &home).map_err(StoreError::io("rename", &home))?;
                 return Ok(());
             }
         }
         Err(e) if e.kind() == ErrorKind::NotFound => {
-            match OpenOptions::new().write(true).create_new(true).open(&entry) {
-                Ok(f) => f.sync_all().map_err(StoreError::io("fsync", &entry))?,
+            match inner.m().create(&entry, &[], true) {
+                Ok(()) => {}
                 // Quarantined already (by another reader).
                 Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(()),
                 Err(e) => return Err(StoreError::io("create", &entry)(e)),
@@ -237,9 +240,9 @@ fn try_quarantine(
         }
         Err(e) => return Err(StoreError::io("rename", &entry)(e)),
     }
-    sync_dir(dir)?;
-    if let Some(parent) = home.parent().filter(|p| p.is_dir()) {
-        sync_dir(parent)?;
+    sync_dir(inner.m(), dir)?;
+    if let Some(parent) = home.parent().filter(|p| inner.m().is_dir(p)) {
+        sync_dir(inner.m(), parent)?;
     }
     let record = Record {
         format: RECORD_FORMAT.into(),
@@ -251,7 +254,7 @@ fn try_quarantine(
     };
     let json = serde_json::to_vec_pretty(&record).expect("a quarantine record serializes");
     let name = json_path(&entry).file_name().expect("a file name").to_string_lossy().into_owned();
-    write_atomic(&inner.tmp, dir, &name, &[&json], true)?;
+    write_atomic(inner.m(), &inner.tmp, dir, &name, &[&json], true)?;
     tracing::warn!(kind = ?o.kind(), object = %o.name(), %reason, "damaged object quarantined");
     Ok(())
 }
@@ -261,9 +264,9 @@ fn try_quarantine(
 pub(crate) fn clear(inner: &Inner, o: &Object) -> Result<(), StoreError> {
     let entry = o.entry(inner);
     let json = json_path(&entry);
-    if entry.exists() || json.exists() {
-        durable::remove(&entry)?;
-        durable::remove(&json)?;
+    if inner.m().exists(&entry) || inner.m().exists(&json) {
+        durable::remove(inner.m(), &entry)?;
+        durable::remove(inner.m(), &json)?;
         tracing::info!(kind = ?o.kind(), object = %o.name(), "quarantined object healed by a new copy");
     }
     Ok(())
@@ -274,20 +277,20 @@ pub(crate) fn clear(inner: &Inner, o: &Object) -> Result<(), StoreError> {
 pub(crate) fn sweep(inner: &Inner, keep: impl Fn(&Object) -> bool) -> Result<u64, StoreError> {
     let mut bytes = 0;
     for (o, path) in entries(inner)? {
-        if o.home(inner).exists() || !keep(&o) {
-            bytes += durable::remove(&path)?;
-            bytes += durable::remove(&json_path(&path))?;
+        if inner.m().exists(&o.home(inner)) || !keep(&o) {
+            bytes += durable::remove(inner.m(), &path)?;
+            bytes += durable::remove(inner.m(), &json_path(&path))?;
         }
     }
     for kind in [ObjectKind::Chunk, ObjectKind::Page, ObjectKind::Root] {
         let dir = inner.root.join(QUARANTINE).join(Object::dir(kind));
-        if !dir.is_dir() {
+        if !inner.m().is_dir(&dir) {
             continue;
         }
-        for name in durable::list(&dir)? {
-            let orphan = name.strip_suffix(".json").is_some_and(|stem| !dir.join(stem).exists());
+        for name in durable::list(inner.m(), &dir)? {
+            let orphan = name.strip_suffix(".json").is_some_and(|stem| !inner.m().exists(&dir.join(stem)));
             if orphan || name.starts_with(TMP_PREFIX) {
-                bytes += durable::remove(&dir.join(name))?;
+                bytes += durable::remove(inner.m(), &dir.join(name))?;
             }
         }
     }
@@ -297,6 +300,7 @@ pub(crate) fn sweep(inner: &Inner, keep: impl Fn(&Object) -> bool) -> Result<u64
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     #[test]
     fn entry_names_round_trip() {

@@ -215,7 +215,7 @@ pub(crate) fn verify(inner: &Inner, opts: &VerifyOptions) -> Result<VerifyReport
                 };
                 match root {
                     Ok(root) => {
-                        pace.take(std::fs::metadata(&path).map_or(0, |m| m.len()));
+                        pace.take(inner.m().len(&path).ok().flatten().unwrap_or(0));
                         for (region, page) in root {
                             pages.entry(page).or_default().push((slot, region));
                         }
@@ -230,7 +230,7 @@ pub(crate) fn verify(inner: &Inner, opts: &VerifyOptions) -> Result<VerifyReport
     }
     let exists = |slot: usize| {
         let s = &slots[slot];
-        inner.points_dir(&disks[s.disk].name).join(point_file(s.id, "json")).exists()
+        inner.m().exists(&inner.points_dir(&disks[s.disk].name).join(point_file(s.id, "json")))
     };
 
     // Pages: each read once; the chunks each names.
@@ -283,7 +283,7 @@ pub(crate) fn verify(inner: &Inner, opts: &VerifyOptions) -> Result<VerifyReport
         let users =
             || chunks[hash].iter().flat_map(|&p| pages[&page_list[p as usize]].iter().map(|(slot, _)| *slot));
         check(inner, &o, &q, users, &exists, |p| {
-            let len = chunk::verify(p, hash)?;
+            let len = chunk::verify(inner.m(), p, hash)?;
             pace.take(len);
             Ok(())
         })

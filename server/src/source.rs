@@ -91,7 +91,7 @@ impl Store {
             reenrolled: existing.is_some(),
         };
         let json = serde_json::to_vec_pretty(&record).expect("a source record serializes");
-        write_atomic(&inner.tmp, &inner.disk_dir(disk), SOURCE_FILE, &[&json], true)
+        write_atomic(inner.m(), &inner.tmp, &inner.disk_dir(disk), SOURCE_FILE, &[&json], true)
     }
 
     /// The source a disk is bound to (32 hex digits), if any.
@@ -145,7 +145,7 @@ impl Store {
             current: CurrentRecord { point, as_of_unix_ms },
         };
         let json = serde_json::to_vec_pretty(&file).expect("a current record serializes");
-        write_atomic(&inner.tmp, &inner.disk_dir(disk), CURRENT_FILE, &[&json], false)
+        write_atomic(inner.m(), &inner.tmp, &inner.disk_dir(disk), CURRENT_FILE, &[&json], false)
     }
 
     /// When the disk was last known to equal its latest point: the latest `record_current`
@@ -153,7 +153,7 @@ impl Store {
     pub fn current_unix_ms(&self, disk: &str) -> Result<Option<u64>, StoreError> {
         let Some(latest) = self.inner.latest_point(disk)? else { return Ok(None) };
         let path = self.inner.disk_dir(disk).join(CURRENT_FILE);
-        let recorded = match read_bounded(&path, MAX_METADATA_BYTES, "current record")? {
+        let recorded = match read_bounded(self.inner.m(), &path, MAX_METADATA_BYTES, "current record")? {
             Some(buf) => match serde_json::from_slice::<CurrentFile>(&buf) {
                 Ok(f) if f.format == CURRENT_FORMAT && f.version == 1 => Some(f.current),
                 _ => {
@@ -172,7 +172,9 @@ impl Store {
 
 fn read_source(store: &Store, disk: &str) -> Result<Option<SourceRecord>, StoreError> {
     let path = store.inner.disk_dir(disk).join(SOURCE_FILE);
-    let Some(buf) = read_bounded(&path, MAX_METADATA_BYTES, "source record")? else { return Ok(None) };
+    let Some(buf) = read_bounded(store.inner.m(), &path, MAX_METADATA_BYTES, "source record")? else {
+        return Ok(None);
+    };
     let bad = |source: FormatError| StoreError::Format { path: path.clone(), source };
     let r: SourceRecord = serde_json::from_slice(&buf).map_err(|e| bad(FormatError::Json(e.to_string())))?;
     if r.format != SOURCE_FORMAT {

@@ -3,7 +3,6 @@
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::fs::{self, File};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -22,6 +21,7 @@ use crate::format::{
 };
 use crate::gc;
 use crate::map::RegionMap;
+use crate::medium::{DiskMedium, Medium};
 use crate::pending::{PendingPoint, PendingState};
 use crate::quarantine::{self, Object, Quarantined, QUARANTINE};
 use crate::reader::PointReader;
@@ -152,9 +152,8 @@ pub(crate) struct Inner {
     live: Mutex<Live>,
     /// Serializes promotions of staged chunks into `chunks/`.
     promotion: Mutex<()>,
-    /// The store's directory, opened before anything is staged: `syncfs` on it reports every
-    /// write-back error of the file system since then, each once (Linux 5.8 and later).
-    sync_handle: File,
+    /// Where the store's files are: every file operation but the lock files goes through it.
+    medium: Arc<dyn Medium>,
     disk_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     /// The quarantine as last seen by [`Inner::root_damage`], and for each page read since, the
     /// first quarantined chunk it names: points share pages, so checking a new point reads only
@@ -222,8 +221,12 @@ impl Inner {
     /// `syncfs(2)` of the store's file system: every write made before the call, data and
     /// metadata, is durable on success.
     pub(crate) fn syncfs(&self) -> Result<(), StoreError> {
-        nix::unistd::syncfs(self.sync_handle.as_raw_fd())
-            .map_err(|e| StoreError::io("syncfs", &self.root)(e.into()))
+        self.medium.syncfs().map_err(StoreError::io("syncfs", &self.root))
+    }
+
+    /// The medium holding the store's files.
+    pub(crate) fn m(&self) -> &dyn Medium {
+        &*self.medium
     }
 
     /// The lock serializing commits, checkpoints and tag edits of one disk. Take it after
@@ -287,9 +290,9 @@ impl Inner {
 
     pub(crate) fn disk_names(&self) -> Result<Vec<String>, StoreError> {
         let dir = self.root.join(DISKS);
-        Ok(durable::list(&dir)?
+        Ok(durable::list(self.m(), &dir)?
             .into_iter()
-            .filter(|n| check_name(n).is_ok() && dir.join(n).join(DISK_FILE).exists())
+            .filter(|n| check_name(n).is_ok() && self.m().exists(&dir.join(n).join(DISK_FILE)))
             .collect())
     }
 
@@ -299,19 +302,19 @@ impl Inner {
     pub(crate) fn disk_names_strict(&self) -> Result<Vec<String>, StoreError> {
         let dir = self.root.join(DISKS);
         let mut out = Vec::new();
-        for name in durable::list(&dir)? {
-            if check_name(&name).is_err() || !dir.join(&name).is_dir() {
+        for name in durable::list(self.m(), &dir)? {
+            if check_name(&name).is_err() || !self.m().is_dir(&dir.join(&name)) {
                 continue;
             }
             let disk_dir = dir.join(&name);
-            if disk_dir.join(DISK_FILE).exists() {
+            if self.m().exists(&disk_dir.join(DISK_FILE)) {
                 out.push(name);
                 continue;
             }
             let points = disk_dir.join(POINTS);
-            let has_points = points.is_dir()
-                && durable::list(&points)?.iter().any(|n| parse_point_file(n, "json").is_some());
-            if has_points || disk_dir.join(INITIAL_FILE).exists() {
+            let has_points = self.m().is_dir(&points)
+                && durable::list(self.m(), &points)?.iter().any(|n| parse_point_file(n, "json").is_some());
+            if has_points || self.m().exists(&disk_dir.join(INITIAL_FILE)) {
                 return Err(StoreError::format(disk_dir.join(DISK_FILE))(FormatError::Missing));
             }
         }
@@ -325,7 +328,7 @@ impl Inner {
             reason,
         })?;
         let path = self.disk_dir(disk).join(DISK_FILE);
-        let buf = read_bounded(&path, MAX_METADATA_BYTES, "disk record")?
+        let buf = read_bounded(self.m(), &path, MAX_METADATA_BYTES, "disk record")?
             .ok_or_else(|| StoreError::UnknownDisk(disk.to_string()))?;
         let r = decode_disk_record(&buf, disk).map_err(StoreError::format(&path))?;
         check_geometry(r.size, r.block_size, self.region_size)
@@ -335,7 +338,7 @@ impl Inner {
 
     /// Ids of a disk's points, ascending.
     pub(crate) fn point_ids(&self, disk: &str) -> Result<Vec<u64>, StoreError> {
-        let mut ids: Vec<u64> = durable::list(&self.points_dir(disk))?
+        let mut ids: Vec<u64> = durable::list(self.m(), &self.points_dir(disk))?
             .iter()
             .filter_map(|n| parse_point_file(n, "json"))
             .collect();
@@ -346,7 +349,7 @@ impl Inner {
     /// A point's metadata and its root's checksum.
     pub(crate) fn point_record(&self, disk: &str, id: u64) -> Result<(PointInfo, [u8; 32]), StoreError> {
         let path = self.points_dir(disk).join(point_file(id, "json"));
-        let buf = read_bounded(&path, MAX_METADATA_BYTES, "point record")?
+        let buf = read_bounded(self.m(), &path, MAX_METADATA_BYTES, "point record")?
             .ok_or_else(|| StoreError::UnknownPoint { disk: disk.to_string(), id })?;
         decode_point_record(&buf, disk, id).map_err(StoreError::format(&path))
     }
@@ -366,7 +369,7 @@ impl Inner {
         let path = self.points_dir(&disk.name).join(point_file(id, "root"));
         let regions = region_count(disk.size, self.region_size);
         let read = |path: &Path| -> Result<(Root, u64), StoreError> {
-            let buf = read_bounded(path, max_root_bytes(regions), "point root")?
+            let buf = read_bounded(self.m(), path, max_root_bytes(regions), "point root")?
                 .ok_or_else(|| StoreError::format(path)(FormatError::Missing))?;
             decode_root(&buf, disk.size, self.region_size, sum).map_err(StoreError::format(path))
         };
@@ -463,7 +466,7 @@ impl Inner {
     pub(crate) fn read_initial(&self, disk: &DiskRecord) -> Result<Option<InitialCheckpoint>, StoreError> {
         let path = self.disk_dir(&disk.name).join(INITIAL_FILE);
         let regions = region_count(disk.size, self.region_size);
-        match read_bounded(&path, max_root_bytes(regions), "initial checkpoint")? {
+        match read_bounded(self.m(), &path, max_root_bytes(regions), "initial checkpoint")? {
             None => Ok(None),
             Some(buf) => {
                 decode_initial(&buf, disk.size, self.region_size).map(Some).map_err(StoreError::format(&path))
@@ -472,8 +475,8 @@ impl Inner {
     }
 
     pub(crate) fn remove_initial(&self, disk: &str) -> Result<(), StoreError> {
-        durable::remove(&self.disk_dir(disk).join(INITIAL_FILE))?;
-        sync_dir(&self.disk_dir(disk))
+        durable::remove(self.m(), &self.disk_dir(disk).join(INITIAL_FILE))?;
+        sync_dir(self.m(), &self.disk_dir(disk))
     }
 
     // -- pages and chunks --------------------------------------------------------------------
@@ -484,16 +487,23 @@ impl Inner {
         let (buf, address) = encode_page(self.region_size, map);
         // A stored copy is reused only if it passes its checks (a damaged one is quarantined
         // by the read and written anew here). Identical pages are rare, so this read is too.
-        let stored = self.page_path(&address).exists() && self.read_page(&address).is_ok();
+        let stored = self.m().exists(&self.page_path(&address)) && self.read_page(&address).is_ok();
         if !stored {
-            write_atomic(&self.tmp, &self.shard_dir(PAGES, address[0]), &hex(&address), &[&buf], false)?;
+            write_atomic(
+                self.m(),
+                &self.tmp,
+                &self.shard_dir(PAGES, address[0]),
+                &hex(&address),
+                &[&buf],
+                false,
+            )?;
         }
         Ok(address)
     }
 
     /// Reads and checks the map page `address` from `path`, and its size.
     pub(crate) fn page_at(&self, path: &Path, address: &[u8; 32]) -> Result<(RegionMap, u64), StoreError> {
-        let buf = read_bounded(path, max_page_bytes(self.region_size), "map page")?
+        let buf = read_bounded(self.m(), path, max_page_bytes(self.region_size), "map page")?
             .ok_or_else(|| StoreError::format(path)(FormatError::Missing))?;
         let map = decode_page(&buf, self.region_size, address).map_err(StoreError::format(path))?;
         Ok((map, buf.len() as u64))
@@ -515,14 +525,14 @@ impl Inner {
 
     /// Reads and verifies a chunk; a damaged or missing one is quarantined.
     pub(crate) fn read_chunk(&self, hash: &[u8; 32]) -> Result<Vec<u8>, StoreError> {
-        chunk::read(&self.chunk_path(hash), hash).inspect_err(|e| self.quarantine_chunk(hash, e))
+        chunk::read(self.m(), &self.chunk_path(hash), hash).inspect_err(|e| self.quarantine_chunk(hash, e))
     }
 
     /// Quarantines a chunk found damaged by `e` (nothing for other errors).
     pub(crate) fn quarantine_chunk(&self, hash: &[u8; 32], e: &StoreError) {
         if e.is_damage() {
             quarantine::quarantine(self, &Object::Chunk(*hash), &e.to_string(), |p| {
-                chunk::read(p, hash).is_ok()
+                chunk::read(self.m(), p, hash).is_ok()
             });
         }
     }
@@ -564,8 +574,21 @@ impl Store {
     /// [`Store::open_reader`], which works beside the writer.
     pub fn open_with(root: &Path, options: &StoreOptions) -> Result<Store, StoreError> {
         fs::create_dir_all(root).map_err(StoreError::io("create directory", root))?;
+        let medium = DiskMedium::open(root).map_err(StoreError::io("open", root))?;
+        Store::open_with_medium(root, options, Arc::new(medium))
+    }
+
+    /// Like [`Store::open_with`], with the store's files on `medium` (the real file system is
+    /// [`DiskMedium`]; tests use [`crate::SimMedium`]). `root` must exist on the medium; the
+    /// lock files are real files in `root`, which must be a real directory.
+    pub fn open_with_medium(
+        root: &Path,
+        options: &StoreOptions,
+        medium: Arc<dyn Medium>,
+    ) -> Result<Store, StoreError> {
+        let m = &*medium;
         let marker = root.join(MARKER);
-        let existing = read_bounded(&marker, max_marker_bytes(), "store marker")?
+        let existing = read_bounded(m, &marker, max_marker_bytes(), "store marker")?
             .map(|buf| decode_marker(&buf).map_err(StoreError::format(&marker)))
             .transpose()?;
         let lock_path = root.join(WRITER_LOCK);
@@ -578,7 +601,7 @@ impl Store {
         let region_size = match existing {
             Some(region_size) => {
                 for dir in [CHUNKS, PAGES, DISKS] {
-                    if !root.join(dir).is_dir() {
+                    if !m.is_dir(&root.join(dir)) {
                         return Err(StoreError::format(root.join(dir))(FormatError::Missing));
                     }
                 }
@@ -586,10 +609,10 @@ impl Store {
                 // nothing may refer to them. (Stores made before staging existed lack the
                 // directory.)
                 let incoming = root.join(INCOMING);
-                fs::create_dir_all(&incoming).map_err(StoreError::io("create directory", &incoming))?;
+                m.create_dir_all(&incoming).map_err(StoreError::io("create directory", &incoming))?;
                 let mut discarded = 0u64;
-                for name in durable::list(&incoming)? {
-                    durable::remove(&incoming.join(name))?;
+                for name in durable::list(m, &incoming)? {
+                    durable::remove(m, &incoming.join(name))?;
                     discarded += 1;
                 }
                 if discarded > 0 {
@@ -600,31 +623,37 @@ impl Store {
                 // on them. (Their contents were synced before the rename.)
                 for kind in [CHUNKS, PAGES] {
                     for shard in 0..=255u8 {
-                        sync_dir(&root.join(kind).join(format!("{shard:02x}")))?;
+                        sync_dir(m, &root.join(kind).join(format!("{shard:02x}")))?;
                     }
                 }
                 region_size
             }
             None => {
                 check_region_size(options.region_size).map_err(StoreError::format(&marker))?;
-                create_layout(root, options.region_size)?;
+                create_layout(m, root, options.region_size)?;
                 options.region_size
             }
         };
         tracing::debug!(root = %root.display(), region_size, "store open for writing");
-        Store::with_access(root, region_size, Access::Writer { _lock: writer_lock, readers })
+        Store::with_access(root, region_size, Access::Writer { _lock: writer_lock, readers }, medium)
     }
 
     /// Opens an existing store to read its points (and tag them) while its writer, a running
     /// `siterep server`, goes on: nothing of the writer's is touched, and the writer's retention
     /// waits until this store is dropped. Writing methods return [`StoreError::ReadOnly`].
     pub fn open_reader(root: &Path) -> Result<Store, StoreError> {
+        let medium = match DiskMedium::open(root) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StoreError::NoStore(root.to_path_buf()))
+            }
+            Err(e) => return Err(StoreError::io("open", root)(e)),
+        };
         let marker = root.join(MARKER);
-        let Some(buf) = read_bounded(&marker, max_marker_bytes(), "store marker")? else {
-            // No marker: a missing or empty directory holds no store; anything else is not one.
-            return Err(match std::fs::read_dir(root).map(|mut d| d.next().is_none()) {
+        let Some(buf) = read_bounded(&medium, &marker, max_marker_bytes(), "store marker")? else {
+            // No marker: an empty directory holds no store; anything else is not one.
+            return Err(match medium.list(root).map(|names| names.is_empty()) {
                 Ok(true) => StoreError::NoStore(root.to_path_buf()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => StoreError::NoStore(root.to_path_buf()),
                 _ => StoreError::NotAStore(root.to_path_buf()),
             });
         };
@@ -633,11 +662,15 @@ impl Store {
         // Blocks while a retention run is pruning or sweeping (seconds at most).
         let lock = Flock::lock(lock_file(&path)?, FlockArg::LockShared)
             .map_err(|(_, e)| StoreError::io("lock", &path)(e.into()))?;
-        Store::with_access(root, region_size, Access::Reader { _lock: lock })
+        Store::with_access(root, region_size, Access::Reader { _lock: lock }, Arc::new(medium))
     }
 
-    fn with_access(root: &Path, region_size: u64, access: Access) -> Result<Store, StoreError> {
-        let sync_handle = File::open(root).map_err(StoreError::io("open", root))?;
+    fn with_access(
+        root: &Path,
+        region_size: u64,
+        access: Access,
+        medium: Arc<dyn Medium>,
+    ) -> Result<Store, StoreError> {
         Ok(Store {
             inner: Arc::new(Inner {
                 root: root.to_path_buf(),
@@ -645,7 +678,7 @@ impl Store {
                 gate: RwLock::new(()),
                 live: Mutex::new(Live::default()),
                 promotion: Mutex::new(()),
-                sync_handle,
+                medium,
                 disk_locks: Mutex::new(HashMap::new()),
                 page_damage: Mutex::default(),
                 tmp: TmpNames::default(),
@@ -687,7 +720,7 @@ impl Store {
                 Ok(r) if r.block_size == block_size && size > r.size => {
                     let record = DiskRecord { size, ..r.clone() };
                     let json = serde_json::to_vec_pretty(&record).expect("a disk record serializes");
-                    write_atomic(&inner.tmp, &inner.disk_dir(disk), DISK_FILE, &[&json], true)?;
+                    write_atomic(inner.m(), &inner.tmp, &inner.disk_dir(disk), DISK_FILE, &[&json], true)?;
                     tracing::warn!(
                         disk,
                         from = r.size,
@@ -707,9 +740,9 @@ impl Store {
                 Err(StoreError::UnknownDisk(_)) => {
                     let dir = inner.disk_dir(disk);
                     let points = inner.points_dir(disk);
-                    fs::create_dir_all(&points).map_err(StoreError::io("create directory", &points))?;
-                    sync_dir(&dir)?;
-                    sync_dir(&inner.root.join(DISKS))?;
+                    inner.m().create_dir_all(&points).map_err(StoreError::io("create directory", &points))?;
+                    sync_dir(inner.m(), &dir)?;
+                    sync_dir(inner.m(), &inner.root.join(DISKS))?;
                     let record = DiskRecord {
                         format: DISK_FORMAT.into(),
                         version: VERSION,
@@ -719,7 +752,7 @@ impl Store {
                         created_unix_ms: now_unix_ms(),
                     };
                     let json = serde_json::to_vec_pretty(&record).expect("a disk record serializes");
-                    write_atomic(&inner.tmp, &dir, DISK_FILE, &[&json], true)?;
+                    write_atomic(inner.m(), &inner.tmp, &dir, DISK_FILE, &[&json], true)?;
                     tracing::info!(disk, size, block_size, "disk registered");
                 }
                 Err(e) => return Err(e),
@@ -765,7 +798,7 @@ impl Store {
     /// discards staged chunks; [`PendingPoint::add_chunk`] or the commit then says so with
     /// [`StoreError::MissingChunk`].)
     pub fn has_chunk(&self, hash: &[u8; 32]) -> bool {
-        self.inner.live().staged.contains_key(hash) || self.inner.chunk_path(hash).exists()
+        self.inner.live().staged.contains_key(hash) || self.inner.m().exists(&self.inner.chunk_path(hash))
     }
 
     /// Receives a chunk: `compressed` is zstd, decompressing to `raw_len` bytes whose blake3 is
@@ -787,7 +820,7 @@ impl Store {
         // if it passes every check (the caller sent the chunk anyway, so reading the stored
         // copy is cheap next to that); a damaged one is quarantined, and this upload is staged
         // and heals it when promoted.
-        let stored = inner.chunk_path(hash).exists() && inner.read_chunk(hash).is_ok();
+        let stored = inner.m().exists(&inner.chunk_path(hash)) && inner.read_chunk(hash).is_ok();
         let epoch = {
             let mut live = inner.live();
             if stored || live.staged.contains_key(hash) {
@@ -800,7 +833,7 @@ impl Store {
         let mut live = inner.live();
         if live.stage_epoch != epoch {
             drop(live);
-            let _ = durable::remove(&path);
+            let _ = durable::remove(inner.m(), &path);
             return Err(StoreError::Io {
                 op: "stage chunk",
                 path,
@@ -815,7 +848,7 @@ impl Store {
             Entry::Occupied(_) => {
                 // A racing upload of the same chunk staged it first; keep one copy.
                 drop(live);
-                let _ = durable::remove(&path);
+                let _ = durable::remove(inner.m(), &path);
             }
         }
         Ok(())
@@ -969,7 +1002,14 @@ impl Store {
         let (mut info, root_sum) = inner.point_record(disk, point)?;
         if edit(&mut info.tags)? {
             let json = encode_point_record(&info, &root_sum);
-            write_atomic(&inner.tmp, &inner.points_dir(disk), &point_file(point, "json"), &[&json], true)?;
+            write_atomic(
+                inner.m(),
+                &inner.tmp,
+                &inner.points_dir(disk),
+                &point_file(point, "json"),
+                &[&json],
+                true,
+            )?;
         }
         Ok(())
     }
@@ -1075,8 +1115,8 @@ fn lock_file(path: &Path) -> Result<File, StoreError> {
         .map_err(StoreError::io("open", path))
 }
 
-fn create_layout(root: &Path, region_size: u64) -> Result<(), StoreError> {
-    for name in durable::list(root)? {
+fn create_layout(m: &dyn Medium, root: &Path, region_size: u64) -> Result<(), StoreError> {
+    for name in durable::list(m, root)? {
         if ![CHUNKS, PAGES, DISKS, INCOMING, QUARANTINE, WRITER_LOCK, READERS_LOCK].contains(&name.as_str())
             && !name.starts_with(TMP_PREFIX)
         {
@@ -1087,17 +1127,17 @@ fn create_layout(root: &Path, region_size: u64) -> Result<(), StoreError> {
         let dir = root.join(kind);
         for shard in 0..=255u8 {
             let d = dir.join(format!("{shard:02x}"));
-            fs::create_dir_all(&d).map_err(StoreError::io("create directory", &d))?;
+            m.create_dir_all(&d).map_err(StoreError::io("create directory", &d))?;
         }
-        sync_dir(&dir)?;
+        sync_dir(m, &dir)?;
     }
     for dir in [DISKS, INCOMING] {
         let dir = root.join(dir);
-        fs::create_dir_all(&dir).map_err(StoreError::io("create directory", &dir))?;
+        m.create_dir_all(&dir).map_err(StoreError::io("create directory", &dir))?;
     }
-    sync_dir(root)?;
+    sync_dir(m, root)?;
     // The marker last: a directory without it is an unfinished creation, finished next time.
-    write_atomic(&TmpNames::default(), root, MARKER, &[&encode_marker(region_size)], true)?;
+    write_atomic(m, &TmpNames::default(), root, MARKER, &[&encode_marker(region_size)], true)?;
     tracing::info!(root = %root.display(), region_size, "store created");
     Ok(())
 }
