@@ -11,27 +11,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::tests::Rng;
 use crate::*;
 
 const REGION: u64 = 16 * 1024;
 const DISK_SIZE: u64 = 64 * 1024;
 const DISK: &str = "d";
 const GENERATIONS: u64 = 6;
-
-/// xorshift64*.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// What the workload did: the image each generation's point must restore to (recorded before
 /// its commit is attempted), the generations whose commit returned, and those a retention run
