@@ -12,7 +12,7 @@
 //! The flow: [`Store::register_disk`]; per generation [`Store::put_chunk`] (verified before it
 //! is stored), [`Store::begin`] → [`PendingPoint::add_chunk`] / [`PendingPoint::add_zero`] →
 //! [`PendingPoint::commit`], which returns once the point is durable (invariant 3 of
-//! `DESIGN.md`); reading back with [`Store::open_point`] → [`PointReader`]; pruning with
+//! `docs/architecture.md`); reading back with [`Store::open_point`] → [`PointReader`]; pruning with
 //! [`Store::retain`]. The storage modules do no networking; [`net`] drives this API for agents.
 //!
 //! `docs/store.md` describes the layout, the formats (each with magic, version and checksum,

@@ -3,7 +3,7 @@
 //! The tracker records every block a protected disk's writer changes, so the agent ships only
 //! those. Its core is the [`DirtyMap`]: a bitmap with one bit per block of a configurable
 //! power-of-two granularity, marked lock-free from every connection before a write is
-//! acknowledged (invariant 1 of `DESIGN.md`: over-report, never under-report).
+//! acknowledged (invariant 1 of `docs/architecture.md`: over-report, never under-report).
 //!
 //! Memory grows with the regions touched piecemeal, not with the disk size: the bitmap is
 //! split into leaves of 2^15 blocks, an untouched leaf costs a 32-byte slot, a leaf first

@@ -1,4 +1,4 @@
-//! Invariant 4 of `DESIGN.md` for the decoder (`docs/wire.md` §2, §3): whatever bytes it is fed,
+//! Invariant 4 of `docs/architecture.md` for the decoder (`docs/wire.md` §2, §3): whatever bytes it is fed,
 //! and however they are cut, no single allocation exceeds `MAX_FRAME`, and a declared length
 //! that is refused costs nothing.
 //!

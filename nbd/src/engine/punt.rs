@@ -2,19 +2,17 @@
 //!
 //! Neither choice wins everywhere. When a write is a plain copy into cached pages, the
 //! connection's thread copying every payload itself is the bottleneck, and marking the writes
-//! `IOSQE_ASYNC` spreads the copies over io-wq workers on the other CPUs (4k randwrite qd32:
-//! 1.5×, BENCHMARKS.md session 2). When the page cache holds the image in large folios (a
-//! freshly written image does), ext4 walks all of a folio's block buffers on every write, some
-//! 50 µs for a 4 KiB write, under the inode lock. Writes tried inline first and punted when they
+//! `IOSQE_ASYNC` spreads the copies over io-wq workers on the other CPUs. When the page cache
+//! holds the image in large folios (a freshly written image does), ext4 walks all of a folio's
+//! block buffers on every write under the inode lock. Writes tried inline first and punted when they
 //! would block run one at a time on one io-wq worker; writes marked `IOSQE_ASYNC` run on many
-//! workers at once, which spin on the inode lock and take the CPU the rest of the pipeline needs
-//! (1.5× the other way, session 5; `perf` in session 6). Which case holds changes with what the
-//! page cache holds.
+//! workers at once, which spin on the inode lock and take the CPU the rest of the pipeline needs.
+//! Which case holds changes with what the page cache holds (BENCHMARKS.md has the measurements).
 //!
 //! So the engine measures, io-wq first. When io-wq completes at least [`FAST`] writes a second,
 //! none of them held the inode lock long, and it is kept without trying the other way: a short
-//! probe cannot be trusted there (100-ms probes put inline-first at 0.6-1.14× io-wq where 8-s runs
-//! put it at 0.7×, session 6). Slower than that, one [`PROBE`] each way decides, and the way that
+//! probe cannot be trusted there (it overstates inline-first against sustained runs). Slower
+//! than that, one [`PROBE`] each way decides, and the way that
 //! completed more writes per second is kept. Each probe starts [`SETTLE`] after the switch, so
 //! writes submitted the other way are not counted. The way is kept for [`EXPLOIT`] at first, twice
 //! as long (up to [`EXPLOIT_MAX`]) each time a measurement keeps it, and [`EXPLOIT`] again when the
