@@ -12,8 +12,8 @@
 //! The flow: [`Store::register_disk`]; per generation [`Store::put_chunk`] (verified before it
 //! is stored), [`Store::begin`] → [`PendingPoint::add_chunk`] / [`PendingPoint::add_zero`] →
 //! [`PendingPoint::commit`], which returns once the point is durable (invariant 3 of
-//! `docs/architecture.md`); reading back with [`Store::open_point`] → [`PointReader`]; pruning with
-//! [`Store::retain`]. The storage modules do no networking; [`net`] drives this API for agents.
+//! `docs/architecture.md`); reading back with [`Store::open_point`] → [`PointReader`]; pruning
+//! with [`Store::retain`]. The storage modules do no networking; [`net`] drives this API for agents.
 //!
 //! `docs/store.md` describes the layout, the formats (each with magic, version and checksum,
 //! every length bounded by a named maximum), the durability protocol, the media assumptions

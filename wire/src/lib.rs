@@ -5,8 +5,8 @@
 //!   [`Frame::encode`] appending its whole frame (§2) to a buffer.
 //! - [`Decoder`] turns a byte stream, fed in pieces of any size, into frames. It checks every
 //!   length against a named maximum before anything is allocated for it (invariant 4 of
-//!   `docs/architecture.md`) and copies a chunk's payload once, from the fed bytes into the frame's own
-//!   buffer.
+//!   `docs/architecture.md`) and copies a chunk's payload once, from the fed bytes into the
+//!   frame's own buffer.
 //! - [`WireError`] says what was wrong with the peer's bytes and whose fault it is ([`Fault`]);
 //!   every decoding error ends the connection.
 //! - [`negotiate`] picks the session's version (§6.1).

@@ -4,8 +4,8 @@
 //! connection's thread copying every payload itself is the bottleneck, and marking the writes
 //! `IOSQE_ASYNC` spreads the copies over io-wq workers on the other CPUs. When the page cache
 //! holds the image in large folios (a freshly written image does), ext4 walks all of a folio's
-//! block buffers on every write under the inode lock. Writes tried inline first and punted when they
-//! would block run one at a time on one io-wq worker; writes marked `IOSQE_ASYNC` run on many
+//! block buffers on every write under the inode lock. Writes tried inline first and punted when
+//! they would block run one at a time on one io-wq worker; writes marked `IOSQE_ASYNC` run on many
 //! workers at once, which spin on the inode lock and take the CPU the rest of the pipeline needs.
 //! Which case holds changes with what the page cache holds (BENCHMARKS.md has the measurements).
 //!
