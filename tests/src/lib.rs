@@ -236,6 +236,16 @@ pub fn show_output(out: &Output) -> String {
 // ---------------------------------------------------------------------------------------------
 // Scratch space
 
+/// Polls `cond` every 10 ms until it holds; fails the test naming `what` after `timeout`.
+#[track_caller]
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting until {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// A per-test scratch directory on a disk filesystem (removed on drop).
 ///
 /// The root is `$SITEREP_TEST_TMPDIR` if set, else the system temp dir unless that is a tmpfs

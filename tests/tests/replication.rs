@@ -45,7 +45,9 @@ use siterep_tests::replication::{
     self, allocated_bytes, assert_same_files, committed_points_in_log, e2fsck, now_ms, points, restore,
     shim_status, wait_replicated, AgentCmd, AgentProcess, Certs, FioLoad, Proxy, RecoveryServer,
 };
-use siterep_tests::{require_tool, run, run_unchecked, scratch_dir, siterep, tool, Serve, Server};
+use siterep_tests::{
+    require_tool, run, run_unchecked, scratch_dir, siterep, tool, wait_until, Serve, Server,
+};
 use wire::{ChunkData, Consistency, ErrorClass, Frame, GenerationKind};
 
 /// The tracking granularity (`siterep serve` default).
@@ -109,16 +111,6 @@ fn union(ranges: &[(u64, u64)]) -> Vec<(u64, u64)> {
         }
     }
     out.into_iter().map(|(s, e)| (s, e - s)).collect()
-}
-
-/// Polls `cond` every 10 ms until it holds; fails the test naming `what` after `timeout`.
-#[track_caller]
-fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting until {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {

@@ -16,14 +16,14 @@
 //!   write makes one point again.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use siterep_tests::image::{Rng, MIB};
 use siterep_tests::json::Json;
 use siterep_tests::replication::{
     assert_same_files, points, restore, shim_status, AgentCmd, Certs, RecoveryServer,
 };
-use siterep_tests::{require_tool, run, scratch_dir, siterep, tool, Serve};
+use siterep_tests::{require_tool, run, scratch_dir, siterep, tool, wait_until, Serve};
 
 const SIZE: u64 = 16 * MIB;
 const DISK: &str = "db";
@@ -39,15 +39,6 @@ fn write_pattern(uri: &str, pattern: u8, off: u64, len: u64) {
     let out = run(tool("qemu-io").args(["-f", "raw", uri, "-c", &format!("write -P {pattern} {off} {len}")]));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("wrote"), "qemu-io did not write: {text}");
-}
-
-#[track_caller]
-fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn point_ids(store: &Path) -> Vec<u64> {
