@@ -1063,13 +1063,7 @@ impl Raw {
     /// Registers `disk` and returns whether the server holds a point of it.
     #[track_caller]
     fn register(&mut self, disk: &str, size: u64) -> Option<wire::PointRef> {
-        self.send(&Frame::RegisterDisk {
-            disk: disk.into(),
-            size,
-            block_size: BLOCK as u32,
-            source: [7; 16],
-            reenroll: false,
-        });
+        self.send(&register_frame(disk, size));
         match self.recv() {
             Got::Frame(Frame::DiskState { latest, .. }) => latest,
             other => panic!("expected DiskState for {disk}, got {other:?}"),
@@ -1110,6 +1104,18 @@ fn run_for(mut cmd: Command, limit: Duration) -> Ran {
     let took = started.elapsed();
     let read = |f: &tempfile::NamedTempFile| std::fs::read_to_string(f.path()).expect("read output");
     Ran { status, stdout: read(&out), stderr: read(&err), took }
+}
+
+/// The `RegisterDisk` of the raw client: `disk` of `size` bytes at the tracking block size,
+/// from one made-up source identity.
+fn register_frame(disk: &str, size: u64) -> Frame {
+    Frame::RegisterDisk {
+        disk: disk.into(),
+        size,
+        block_size: BLOCK as u32,
+        source: [7; 16],
+        reenroll: false,
+    }
 }
 
 /// A frame from its type and body, length field and all (§2 of `docs/wire.md`).
@@ -1476,13 +1482,7 @@ fn server_rejects_bad_input() {
     {
         let what = "RegisterDisk before Hello";
         let mut c = Raw::connect(addr, &certs.agent_cert(), &certs.agent_key(), &certs.ca()).expect("TLS");
-        c.send(&Frame::RegisterDisk {
-            disk: "bad-early".into(),
-            size: SIZE,
-            block_size: 4096,
-            source: [7; 16],
-            reenroll: false,
-        });
+        c.send(&register_frame("bad-early", SIZE));
         refusal(&mut fails, &mut c, wire::ERR_BAD_REQUEST, ErrorClass::Fatal, what);
         assert!(!store.join("disks/bad-early").exists(), "{what}: the disk was registered");
     }
@@ -1613,13 +1613,7 @@ fn server_rejects_bad_input() {
         // A smaller size: the disk shrank (a larger one is a disk that grew, and accepted).
         let what = "a registration with a smaller size";
         let mut c = Raw::session(addr, &certs);
-        c.send(&Frame::RegisterDisk {
-            disk: "good".into(),
-            size: SIZE / 2,
-            block_size: 4096,
-            source: [7; 16],
-            reenroll: false,
-        });
+        c.send(&register_frame("good", SIZE / 2));
         refusal(&mut fails, &mut c, wire::ERR_DISK_MISMATCH, ErrorClass::Fatal, what);
     }
     for (what, frame) in [
@@ -1767,13 +1761,7 @@ fn server_rejects_bad_input() {
         let what = "alpha-agent registering disk beta";
         let before = store_files(&store2);
         let mut c = Raw::session_as(server2.addr(), &alpha_cert, &alpha_key, &enrolled.ca());
-        c.send(&Frame::RegisterDisk {
-            disk: "beta".into(),
-            size: SIZE,
-            block_size: 4096,
-            source: [7; 16],
-            reenroll: false,
-        });
+        c.send(&register_frame("beta", SIZE));
         refusal(&mut fails, &mut c, wire::ERR_AUTH, ErrorClass::Fatal, what);
         assert!(!store2.join("disks/beta").exists(), "{what}: disk beta was registered");
         nothing_stored(&mut fails, &store2, &before, what);
@@ -1783,13 +1771,7 @@ fn server_rejects_bad_input() {
         let before = store_files(&store2);
         let mut c = Raw::session_as(server2.addr(), &alpha_cert, &alpha_key, &enrolled.ca());
         assert!(c.register("alpha", 16 * MIB).is_none());
-        c.send(&Frame::RegisterDisk {
-            disk: "beta".into(),
-            size: SIZE,
-            block_size: 4096,
-            source: [7; 16],
-            reenroll: false,
-        });
+        c.send(&register_frame("beta", SIZE));
         refusal(&mut fails, &mut c, wire::ERR_AUTH, ErrorClass::Fatal, what);
         assert!(!store2.join("disks/beta").exists(), "{what}: disk beta was registered");
         nothing_stored(&mut fails, &store2, &before, what);
@@ -1825,13 +1807,7 @@ fn server_rejects_bad_input() {
         let what = "an agent certificate from the right CA that is not enrolled";
         let before = store_files(&store2);
         let mut c = Raw::session_as(server2.addr(), &stray_cert, &stray_key, &enrolled.ca());
-        c.send(&Frame::RegisterDisk {
-            disk: "gamma".into(),
-            size: SIZE,
-            block_size: 4096,
-            source: [7; 16],
-            reenroll: false,
-        });
+        c.send(&register_frame("gamma", SIZE));
         refusal(&mut fails, &mut c, wire::ERR_AUTH, ErrorClass::Fatal, what);
         assert!(!store2.join("disks/gamma").exists(), "{what}: disk gamma was registered");
         nothing_stored(&mut fails, &store2, &before, what);
