@@ -477,6 +477,13 @@ impl<S: Stream> Conn<S> {
         Conn { stream, dec: Decoder::new(), buf: vec![0u8; HELLO_BUF], out: Vec::new() }
     }
 
+    /// Answers bytes that do not decode with their `Error` and ends the session (§2).
+    fn refuse_bytes(&mut self, e: wire::WireError) -> io::Error {
+        let _ = self.send(&e.error_frame());
+        self.finish();
+        io::Error::new(io::ErrorKind::InvalidData, e)
+    }
+
     /// The next frame, or with `idle` [`Recv::Idle`] when none is buffered and the agent has
     /// sent nothing more yet (reading would wait).
     fn next(&mut self, idle: bool) -> io::Result<Recv> {
@@ -486,9 +493,7 @@ impl<S: Stream> Conn<S> {
                 Ok(None) => {}
                 Err(e) => {
                     tracing::warn!("refusing: {e}");
-                    let _ = self.send(&e.error_frame());
-                    self.finish();
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+                    return Err(self.refuse_bytes(e));
                 }
             }
             if idle && !self.stream.readable(0) {
@@ -514,9 +519,7 @@ impl<S: Stream> Conn<S> {
                 Ok(None) => {}
                 Err(e) => {
                     tracing::debug!("refusing: {e}");
-                    let _ = self.send(&e.error_frame());
-                    self.finish();
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+                    return Err(self.refuse_bytes(e));
                 }
             }
             self.stream.set_timeouts(gate.left("Hello")?);
