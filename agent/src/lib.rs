@@ -79,7 +79,7 @@ pub enum AgentError {
     #[error("the shim's control socket failed")]
     Control(#[from] tracker::control::ControlError),
     #[error("reading the disk through NBD failed")]
-    Nbd(#[from] nbd::client::ClientError),
+    Nbd(#[from] nbd_proto::client::ClientError),
     #[error("{0}")]
     Config(String),
     /// Two machines replicate under one source identity (`docs/wire.md` §6.6).

@@ -34,7 +34,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver};
-use nbd::client::Client;
+use nbd_proto::client::Client;
 use tracker::control::{self, Request};
 use tracker::{CutInfo, Status};
 use wire::{Consistency, Frame, GenerationKind, Hash, InitialSync, PointRef};

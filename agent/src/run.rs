@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use nbd::client::Client;
+use nbd_proto::client::Client;
 use rustls::ClientConfig;
 use tracker::control::{self, Request};
 use tracker::{CutInfo, ReplicatedPoint, Status};

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use crossbeam_channel::bounded;
-use nbd::client::Client;
+use nbd_proto::client::Client;
 use wire::{ChunkData, Frame};
 
 use crate::link::{frame_name, Link};

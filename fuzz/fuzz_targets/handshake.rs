@@ -6,10 +6,10 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use nbd::proto::consts::*;
-use nbd::proto::handshake::{Handshake, Negotiated, Outcome};
-use nbd::proto::transmission::Session;
-use nbd::proto::{ExportInfo, MAX_OPTION_LEN};
+use nbd_proto::consts::*;
+use nbd_proto::handshake::{Handshake, Negotiated, Outcome};
+use nbd_proto::transmission::Session;
+use nbd_proto::{ExportInfo, MAX_OPTION_LEN};
 use siterep_fuzz::{check_header, exports};
 
 /// Splits `out` into option replies and checks their framing.

@@ -7,8 +7,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use nbd::proto::consts::{REQUEST_LEN, REQUEST_MAGIC};
-use nbd::proto::transmission::Session;
+use nbd_proto::consts::{REQUEST_LEN, REQUEST_MAGIC};
+use nbd_proto::transmission::Session;
 use siterep_fuzz::check_header;
 
 /// Minimum block sizes to try: the ones exports use, plus degenerate ones.

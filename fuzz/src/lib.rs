@@ -1,7 +1,7 @@
 //! What the fuzz targets share: the exports a handshake offers, and the properties every
 //! validated request must have.
 //!
-//! - `handshake` feeds arbitrary bytes to [`nbd::proto::handshake::Handshake`], chunked by
+//! - `handshake` feeds arbitrary bytes to [`nbd_proto::handshake::Handshake`], chunked by
 //!   `wants()`, until it ends; the bytes left after a successful negotiation become requests of
 //!   the negotiated session.
 //! - `request` parses arbitrary 28-byte headers and validates them against arbitrary sessions.
@@ -10,9 +10,9 @@
 //! ([`check_request`]).
 #![forbid(unsafe_code)]
 
-use nbd::proto::consts::*;
-use nbd::proto::transmission::{self, Command, RawRequest, Session};
-use nbd::proto::{BlockSizes, ExportInfo, MetaContext, MAX_PAYLOAD};
+use nbd_proto::consts::*;
+use nbd_proto::transmission::{self, Command, RawRequest, Session};
+use nbd_proto::{BlockSizes, ExportInfo, MetaContext, MAX_PAYLOAD};
 
 /// The exports the handshake target offers: the first is the default; sizes are odd on purpose.
 pub fn exports() -> Vec<ExportInfo> {

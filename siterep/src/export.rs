@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use nbd::{Backend, EngineKind, Export, Listener, Server, StaticCatalog, VirtualImage};
 use server::{ExtentKind, PointReader, PointSel, Store};
+use shim::{Backend, EngineKind, Export, Listener, Server, StaticCatalog, VirtualImage};
 use tracker::{BlockState, DirtyMap};
 
 use crate::recovery::parse_point;

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use nbd::client::Client;
+use nbd_proto::client::Client;
 use tracker::control::{self, Request};
 use tracker::{CutInfo, Status};
 

@@ -5,10 +5,10 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use nbd::kernel::KernelDevice;
-use nbd::ublk::{UblkConfig, UblkDevice};
-use nbd::{Backend, Catalog, EngineKind, Export, Listener, Server, StaticCatalog, TrackedCatalog};
 use nix::sys::signal::{SigSet, Signal};
+use shim::kernel::KernelDevice;
+use shim::ublk::{UblkConfig, UblkDevice};
+use shim::{Backend, Catalog, EngineKind, Export, Listener, Server, StaticCatalog, TrackedCatalog};
 use tracker::{DirMedia, Media, Options, TrackError, Tracker};
 
 use crate::size::parse_size;
@@ -73,7 +73,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", requires = "ublk", value_parser = clap::value_parser!(u16).range(1..=64))]
     queues: Option<u16>,
     /// Requests in flight per ublk queue.
-    #[arg(long, value_name = "D", default_value_t = nbd::ublk::DEFAULT_DEPTH,
+    #[arg(long, value_name = "D", default_value_t = shim::ublk::DEFAULT_DEPTH,
           value_parser = clap::value_parser!(u16).range(1..=4096))]
     queue_depth: u16,
     /// Recover ublk device DEV_ID (/dev/ublkbDEV_ID) instead of creating one. Without it, a
@@ -115,7 +115,7 @@ pub fn run(image: PathBuf, args: ServeArgs) -> Result<()> {
     pipe.thread_block().context("blocking SIGPIPE")?;
 
     let mut listeners = Vec::new();
-    for fd in nbd::sys::take_listen_fds().context("socket activation")? {
+    for fd in shim::sys::take_listen_fds().context("socket activation")? {
         listeners.push(Listener::from_activated(fd).context("adopting an activated socket")?);
     }
     // Socket files this run created go away however it ends.
@@ -133,7 +133,7 @@ pub fn run(image: PathBuf, args: ServeArgs) -> Result<()> {
     if args.attach.is_some() || args.ublk {
         // The shim may back a filesystem on this very machine: it must not wait on reclaim that
         // waits on it, nor be paged out.
-        if let Err(e) = nbd::sys::set_io_flusher() {
+        if let Err(e) = shim::sys::set_io_flusher() {
             tracing::warn!("PR_SET_IO_FLUSHER failed ({e}); under memory pressure the device may stall");
         }
         nix::sys::mman::mlockall(
@@ -162,7 +162,7 @@ pub fn run(image: PathBuf, args: ServeArgs) -> Result<()> {
             }
         }));
     }
-    backend.spawn_watcher(nbd::watch::PERIOD).context("starting the image watch")?;
+    backend.spawn_watcher(shim::watch::PERIOD).context("starting the image watch")?;
     let control = match (&tracker, &args.socket, &args.control) {
         (None, _, _) => None,
         (Some(_), Some(sock), c) => Some(control::control_path(sock, c.as_deref())),
@@ -375,7 +375,7 @@ fn serve_control(
     listener: std::os::unix::net::UnixListener,
     tracker: Arc<Tracker>,
     image: Option<control::ImageInfo>,
-    shutdown: Arc<nbd::Shutdown>,
+    shutdown: Arc<shim::Shutdown>,
 ) {
     let image = Arc::new(image);
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};

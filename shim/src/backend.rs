@@ -1,7 +1,6 @@
 //! The image behind an export: a regular file or a block device, and its synchronous
 //! operations (the engines run READ, WRITE and FLUSH themselves; the rest runs here), and the
 //! [`Watch`] that fails requests touching a range the image lost under the shim.
-#![forbid(unsafe_code)]
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -17,9 +16,9 @@ use nix::unistd::{lseek, Whence};
 use tracker::ImageChangeKind;
 
 use crate::buf::AlignedBuf;
-use crate::proto::Errno;
 use crate::sys;
 use crate::watch::Watch;
+use nbd_proto::Errno;
 
 /// Why an image could not be opened.
 #[derive(Debug, thiserror::Error)]

@@ -25,7 +25,6 @@
 //! Struct layouts and command numbers: `include/uapi/linux/ublk_cmd.h` (Linux 6.12). Commands
 //! use the ioctl encoding (`UBLK_U_*`, the driver's `UBLK_F_CMD_IOCTL_ENCODE`); drivers that
 //! predate it only know the legacy numbers, which this server does not send.
-#![allow(unsafe_code)]
 
 use std::alloc::{self, Layout};
 use std::fs::File;

@@ -1,7 +1,8 @@
-//! The NBD protocol and the server that drives it.
+//! The shim: serves a disk image over NBD or ublk and marks every write in a dirty map.
 //!
-//! - [`proto`] is the protocol, sans-IO: the fixed-newstyle handshake as a state machine, request
-//!   parsing and validation into typed commands, reply encoding.
+//! The NBD protocol itself (handshake, request validation, reply encoding) and the client the
+//! agent uses are the crate `nbd_proto`; this crate does the I/O around it.
+//!
 //! - [`backend`] is the image (a regular file or a block device) and its synchronous operations;
 //!   [`watch`] fails requests touching a range the image lost under the shim (shrunk, replaced).
 //! - [`engine`] runs a connection's transmission phase: [`engine::uring`] on io_uring (the
@@ -13,18 +14,24 @@
 //!
 //! Every acknowledged WRITE, TRIM and WRITE_ZEROES is marked in the export's
 //! [`tracker::DirtyMap`] before its reply is queued.
+//!
+//! Unsafe code is denied here and allowed only in the modules that talk to the kernel directly:
+//! [`sys`], [`engine::uring`], [`engine::poll`] and the ublk rings.
+#![deny(unsafe_code)]
 
 pub mod backend;
 pub mod buf;
-pub mod client;
 pub mod engine;
 pub mod export;
 pub mod kernel;
-pub mod proto;
 pub mod server;
+#[allow(unsafe_code)]
 pub mod sys;
 pub mod ublk;
 pub mod watch;
+
+#[cfg(test)]
+mod tests;
 
 pub use backend::{Backend, ImageKind, OpenError, VirtualImage};
 pub use engine::EngineKind;

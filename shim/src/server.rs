@@ -2,7 +2,6 @@
 //! handshake on each connection's own thread, then an engine for the transmission phase.
 //! Shutdown (SIGTERM) stops accepting, lets each engine answer what it has received, and
 //! returns once every connection thread has finished.
-#![forbid(unsafe_code)]
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -23,8 +22,8 @@ use nix::sys::socket::{getsockname, AddressFamily, SockaddrLike, SockaddrStorage
 use crate::engine::poll::IdlePoll;
 use crate::engine::{self, Ending, EngineKind};
 use crate::export::{Catalog, Conn, Export};
-use crate::proto::handshake::{Handshake, Outcome};
-use crate::proto::transmission::Session;
+use nbd_proto::handshake::{Handshake, Outcome};
+use nbd_proto::transmission::Session;
 
 /// How long a client may take to send each piece of the handshake, or to take our replies.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);

@@ -24,7 +24,6 @@
 //!   can never be robbed of its device).
 //! - **detach** (SIGTERM): flush the device, then `NBD_CMD_DISCONNECT`; the driver sends
 //!   `NBD_CMD_DISC` on every connection and releases the device (its size drops to 0).
-#![forbid(unsafe_code)]
 
 use std::fs::OpenOptions;
 use std::io;
@@ -37,8 +36,8 @@ use std::time::{Duration, Instant};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::export::{Conn, Export};
-use crate::proto::transmission::Session;
 use crate::server::Server;
+use nbd_proto::transmission::Session;
 
 /// Seconds the kernel waits for a reply before it gives up on a connection (the request is
 /// requeued on another live connection, else fails with EIO).
@@ -92,7 +91,7 @@ pub struct KernelDevice {
 
 /// Transmission flags the kernel honours for our export.
 fn kernel_flags(export: &Export) -> u16 {
-    use crate::proto::consts::*;
+    use nbd_proto::consts::*;
     // The kernel does not negotiate structured replies, DF or block status.
     export.info.transmission_flags(false) & !(FLAG_SEND_DF | FLAG_SEND_FAST_ZERO)
 }

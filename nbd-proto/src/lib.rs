@@ -1,10 +1,12 @@
-//! The NBD protocol, sans-IO: bytes in, typed values and bytes out.
+//! The NBD protocol, sans-IO: bytes in, typed values and bytes out, and a small client.
 //!
-//! [`handshake`] is the fixed-newstyle negotiation as a state machine; [`transmission`] parses
-//! and validates requests into [`transmission::Command`]s and encodes replies. Nothing here reads
-//! or writes a socket or a disk.
+//! [`handshake`] is the server's side of the fixed-newstyle negotiation as a state machine;
+//! [`transmission`] parses and validates requests into [`transmission::Command`]s and encodes
+//! replies; [`option`] encodes a client's option requests. Nothing in them reads or writes a
+//! socket or a disk. [`client`] is a small blocking client built on them, for the agent.
 #![forbid(unsafe_code)]
 
+pub mod client;
 pub mod consts;
 pub mod handshake;
 pub mod transmission;

@@ -8,7 +8,6 @@
 //! `valid_end..served` fails with EIO, checked with one atomic load. It only moves down, once
 //! per change found; each change is logged at error level and handed to the listener (the
 //! tracker, which requires a resync and reports it in `status`).
-#![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,7 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tracker::{ImageChange, ImageChangeKind};
 
-use crate::proto::Errno;
+use nbd_proto::Errno;
 
 /// How often the shim looks at its image ([`crate::Backend::spawn_watcher`]).
 pub const PERIOD: Duration = Duration::from_millis(100);

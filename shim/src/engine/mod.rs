@@ -3,12 +3,14 @@
 //! [`uring`] drives the socket and the image through one io_uring per connection: requests are
 //! pipelined and answered in completion order. [`sync`] is the fallback where io_uring is
 //! unavailable: plain pread/pwrite, one request at a time. Both validate every request with
-//! [`crate::proto::transmission::Session::validate`] before touching the image and mark the
+//! [`nbd_proto::transmission::Session::validate`] before touching the image and mark the
 //! dirty map before a modifying command's reply is queued.
 
+#[allow(unsafe_code)]
 pub mod poll;
 mod punt;
 pub mod sync;
+#[allow(unsafe_code)]
 pub mod uring;
 
 /// Which engine serves connections.
@@ -59,7 +61,7 @@ pub enum ConnError {
     #[error("socket error")]
     Socket(#[source] std::io::Error),
     #[error("protocol violation")]
-    Protocol(#[from] crate::proto::transmission::BadMagic),
+    Protocol(#[from] nbd_proto::transmission::BadMagic),
     #[error("client disconnected in the middle of a request")]
     Truncated,
     #[error("io_uring error")]

@@ -1,7 +1,6 @@
 //! Exports: the protected disk (tracked) and its frozen generations (`gen-N`, read-only, read
 //! as the disk was at the cut), the catalog that lists them, and the commands every engine
 //! runs the same way (TRIM, WRITE_ZEROES, CACHE, BLOCK_STATUS).
-#![forbid(unsafe_code)]
 
 use std::collections::HashMap;
 use std::io;
@@ -10,9 +9,9 @@ use std::sync::{Arc, Mutex};
 use tracker::{BlockState, Extent, Generation, Tracker, WriteTicket};
 
 use crate::backend::Backend;
-use crate::proto::consts::{STATE_DIRTY, STATE_HOLE, STATE_ZERO};
-use crate::proto::transmission::{self, Command};
-use crate::proto::{BlockSizes, Errno, ExportInfo, MetaContext, MAX_EXTENTS, MAX_PAYLOAD};
+use nbd_proto::consts::{STATE_DIRTY, STATE_HOLE, STATE_ZERO};
+use nbd_proto::transmission::{self, Command};
+use nbd_proto::{BlockSizes, Errno, ExportInfo, MetaContext, MAX_EXTENTS, MAX_PAYLOAD};
 
 /// `siterep:changes:*` status flag: the block is dirty and known to read as zeroes.
 pub const STATE_CHANGED_ZERO: u32 = 1 << 1;

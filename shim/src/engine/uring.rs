@@ -31,11 +31,11 @@ use super::punt::PuntPolicy;
 use super::{ConnError, Ending};
 use crate::buf::{AlignedBuf, BufPool};
 use crate::export::{Conn, ExportKind, SPARSE_READ_MIN};
-use crate::proto::consts::REQUEST_LEN;
-use crate::proto::transmission::{self, Command, RawRequest};
-use crate::proto::Errno;
 use crate::server::Shutdown;
 use crate::sys;
+use nbd_proto::consts::REQUEST_LEN;
+use nbd_proto::transmission::{self, Command, RawRequest};
+use nbd_proto::Errno;
 use tracker::WriteTicket;
 
 const RING_ENTRIES: u32 = 256;

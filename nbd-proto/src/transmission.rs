@@ -2,8 +2,8 @@
 //! parsed, then validated against the export into a typed [`Command`] before any engine sees
 //! them; replies are encoded here, simple or structured as negotiated.
 
-use super::consts::*;
-use super::{Errno, ExportInfo, MAX_PAYLOAD};
+use crate::consts::*;
+use crate::{Errno, ExportInfo, MAX_PAYLOAD};
 
 /// A request header as it came off the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -240,8 +240,8 @@ pub fn block_status(out: &mut Vec<u8>, cookie: u64, id: u32, extents: &[(u32, u3
 
 #[cfg(test)]
 mod tests {
-    use super::super::{BlockSizes, MetaContext};
     use super::*;
+    use crate::{BlockSizes, MetaContext};
     use proptest::prelude::*;
 
     fn session(read_only: bool, structured: bool, min: u32) -> Session {

@@ -1,5 +1,4 @@
 //! The pread/pwrite engine: one request at a time, in order, on the connection's thread.
-#![forbid(unsafe_code)]
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
@@ -11,10 +10,10 @@ use super::poll::IdlePoll;
 use super::{ConnError, Ending};
 use crate::buf::BufPool;
 use crate::export::Conn;
-use crate::proto::consts::REQUEST_LEN;
-use crate::proto::transmission::{self, Command, RawRequest};
-use crate::proto::Errno;
 use crate::server::Shutdown;
+use nbd_proto::consts::REQUEST_LEN;
+use nbd_proto::transmission::{self, Command, RawRequest};
+use nbd_proto::Errno;
 
 fn read_err(e: io::Error) -> ConnError {
     if e.kind() == io::ErrorKind::UnexpectedEof {

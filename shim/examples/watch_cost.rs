@@ -2,7 +2,7 @@
 //! against an `fstat` (what checking the file's size on every write would add) and a buffered
 //! 4 KiB `pwrite` of a cached page (the write itself), each timed on one thread.
 //!
-//!     cargo run --release -p nbd --example watch_cost [DIR]
+//!     cargo run --release -p shim --example watch_cost [DIR]
 //!
 //! DIR holds the scratch image (default: the temp directory).
 
@@ -10,7 +10,7 @@ use std::hint::black_box;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use nbd::Backend;
+use shim::Backend;
 
 const SIZE: u64 = 64 << 20;
 const BLOCK: u64 = 4096;

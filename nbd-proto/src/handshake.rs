@@ -7,8 +7,8 @@
 //! peer reaches an allocator unchecked: option payloads above [`MAX_OPTION_LEN`] are discarded in
 //! bounded steps and answered with an error.
 
-use super::consts::*;
-use super::{ExportInfo, MetaContext, MAX_CONTEXTS, MAX_OPTION_LEN, MAX_STRING_LEN};
+use crate::consts::*;
+use crate::{ExportInfo, MetaContext, MAX_CONTEXTS, MAX_OPTION_LEN, MAX_STRING_LEN};
 
 /// What the session agreed on, for the transmission phase.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -387,8 +387,8 @@ fn parse_meta_request(data: &[u8]) -> Option<(&str, Vec<&str>)> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::BlockSizes;
     use super::*;
+    use crate::BlockSizes;
 
     fn export(name: &str) -> ExportInfo {
         ExportInfo {
