@@ -8,6 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 
 use crate::consts::*;
+use crate::option::{self, TooLong};
 use crate::transmission::RawRequest;
 use crate::{MAX_EXTENTS, MAX_PAYLOAD, MAX_STRING_LEN};
 
@@ -25,6 +26,8 @@ pub enum ClientError {
     Errno(u32),
     #[error("the export has no metadata context {0}")]
     NoContext(String),
+    #[error("cannot encode the option")]
+    Encode(#[from] TooLong),
 }
 
 fn proto(msg: impl Into<String>) -> ClientError {
@@ -57,6 +60,22 @@ fn read_u64(r: &mut impl Read) -> io::Result<u64> {
     Ok(u64::from_be_bytes(b))
 }
 
+/// The length field of a READ or WRITE of `len` bytes, which must be at most [`MAX_PAYLOAD`].
+fn payload_len(len: usize, what: &str) -> Result<u32, ClientError> {
+    u32::try_from(len)
+        .ok()
+        .filter(|&l| l <= MAX_PAYLOAD)
+        .ok_or_else(|| proto(format!("{what} of {len} bytes is larger than the maximum payload")))
+}
+
+/// The part of a buffer for `len` bytes at `offset` that a reply chunk for `n` bytes at `at`
+/// covers, or None if the chunk reaches outside it.
+fn within(offset: u64, len: usize, at: u64, n: u32) -> Option<std::ops::Range<usize>> {
+    let start = usize::try_from(at.checked_sub(offset)?).ok()?;
+    let end = start.checked_add(usize::try_from(n).ok()?)?;
+    (end <= len).then_some(start..end)
+}
+
 impl Client {
     /// Connects to `export` on the Unix socket `path`, negotiating structured replies and the
     /// metadata `contexts` (all must exist).
@@ -83,10 +102,7 @@ impl Client {
     }
 
     fn option(&mut self, option: u32, data: &[u8]) -> Result<(), ClientError> {
-        self.wr.write_all(&IHAVEOPT.to_be_bytes())?;
-        self.wr.write_all(&option.to_be_bytes())?;
-        self.wr.write_all(&(data.len() as u32).to_be_bytes())?;
-        self.wr.write_all(data)?;
+        self.wr.write_all(&option::frame(option, data)?)?;
         self.wr.flush()?;
         Ok(())
     }
@@ -138,14 +154,7 @@ impl Client {
             return Err(proto("export name too long"));
         }
         if !contexts.is_empty() {
-            let mut d = (export.len() as u32).to_be_bytes().to_vec();
-            d.extend_from_slice(export.as_bytes());
-            d.extend_from_slice(&(contexts.len() as u32).to_be_bytes());
-            for q in contexts {
-                d.extend_from_slice(&(q.len() as u32).to_be_bytes());
-                d.extend_from_slice(q.as_bytes());
-            }
-            self.option(OPT_SET_META_CONTEXT, &d)?;
+            self.option(OPT_SET_META_CONTEXT, &option::meta_context_data(export, contexts)?)?;
             loop {
                 let (kind, data) = self.reply(OPT_SET_META_CONTEXT)?;
                 match kind {
@@ -163,10 +172,7 @@ impl Client {
                 }
             }
         }
-        let mut d = (export.len() as u32).to_be_bytes().to_vec();
-        d.extend_from_slice(export.as_bytes());
-        d.extend_from_slice(&0u16.to_be_bytes());
-        self.option(OPT_GO, &d)?;
+        self.option(OPT_GO, &option::info_data(export, &[])?)?;
         loop {
             let (kind, data) = self.reply(OPT_GO)?;
             match kind {
@@ -218,36 +224,30 @@ impl Client {
         Ok(ClientError::Errno(errno))
     }
 
-    /// Reads `buf.len()` bytes at `offset` (at most 32 MiB).
+    /// Reads `buf.len()` bytes at `offset` (at most [`MAX_PAYLOAD`]).
     pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), ClientError> {
-        if buf.len() > MAX_PAYLOAD as usize {
-            return Err(proto("read larger than the maximum payload"));
-        }
-        let cookie = self.send(CMD_READ, 0, offset, buf.len() as u32)?;
+        let length = payload_len(buf.len(), "read")?;
+        let cookie = self.send(CMD_READ, 0, offset, length)?;
         let mut failure = None;
         loop {
             let (flags, kind, len) = self.chunk_header(cookie)?;
             match kind {
                 REPLY_TYPE_OFFSET_DATA => {
                     let at = read_u64(&mut self.rd)?;
-                    let n = len.checked_sub(8).ok_or_else(|| proto("short data chunk"))? as u64;
-                    if at < offset || at + n > offset + buf.len() as u64 {
-                        return Err(proto("data chunk outside the request"));
-                    }
-                    let s = (at - offset) as usize;
-                    self.rd.read_exact(&mut buf[s..s + n as usize])?;
+                    let n = len.checked_sub(8).ok_or_else(|| proto("short data chunk"))?;
+                    let range = within(offset, buf.len(), at, n)
+                        .ok_or_else(|| proto("data chunk outside the request"))?;
+                    self.rd.read_exact(&mut buf[range])?;
                 }
                 REPLY_TYPE_OFFSET_HOLE => {
                     if len != 12 {
                         return Err(proto("bad hole chunk"));
                     }
                     let at = read_u64(&mut self.rd)?;
-                    let n = u64::from(read_u32(&mut self.rd)?);
-                    if at < offset || at + n > offset + buf.len() as u64 {
-                        return Err(proto("hole chunk outside the request"));
-                    }
-                    let s = (at - offset) as usize;
-                    buf[s..s + n as usize].fill(0);
+                    let n = read_u32(&mut self.rd)?;
+                    let range = within(offset, buf.len(), at, n)
+                        .ok_or_else(|| proto("hole chunk outside the request"))?;
+                    buf[range].fill(0);
                 }
                 REPLY_TYPE_NONE if len == 0 => {}
                 k if k & (1 << 15) != 0 => failure = Some(self.error_chunk(len)?),
@@ -276,12 +276,12 @@ impl Client {
             let (flags, kind, clen) = self.chunk_header(cookie)?;
             match kind {
                 REPLY_TYPE_BLOCK_STATUS => {
-                    if clen < 12 || (clen - 4) % 8 != 0 || (clen - 4) / 8 > MAX_EXTENTS as u32 * 16 {
+                    let n = usize::try_from(clen.saturating_sub(4) / 8).unwrap_or(usize::MAX);
+                    if clen < 12 || (clen - 4) % 8 != 0 || n > MAX_EXTENTS * 16 {
                         return Err(proto("bad block status chunk"));
                     }
                     let cid = read_u32(&mut self.rd)?;
-                    let n = (clen - 4) / 8;
-                    let mut ext = Vec::with_capacity(n as usize);
+                    let mut ext = Vec::with_capacity(n);
                     for _ in 0..n {
                         ext.push((read_u32(&mut self.rd)?, read_u32(&mut self.rd)?));
                     }
@@ -311,7 +311,7 @@ impl Client {
         let mut out: Vec<(u64, u64, u32)> = Vec::new();
         let mut pos = 0u64;
         while pos < self.size {
-            let len = (self.size - pos).min(1 << 31) as u32;
+            let len = u32::try_from(self.size - pos).unwrap_or(u32::MAX).min(1 << 31);
             for (l, f) in self.block_status(pos, len, context)? {
                 let l = u64::from(l).min(self.size - pos);
                 if l == 0 {
@@ -344,14 +344,11 @@ impl Client {
         failure.map_or(Ok(()), Err)
     }
 
-    /// Writes `data` at `offset` (at most 32 MiB).
+    /// Writes `data` at `offset` (at most [`MAX_PAYLOAD`]).
     pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), ClientError> {
-        if data.len() > MAX_PAYLOAD as usize {
-            return Err(proto("write larger than the maximum payload"));
-        }
+        let length = payload_len(data.len(), "write")?;
         self.cookie += 1;
-        let r =
-            RawRequest { flags: 0, kind: CMD_WRITE, cookie: self.cookie, offset, length: data.len() as u32 };
+        let r = RawRequest { flags: 0, kind: CMD_WRITE, cookie: self.cookie, offset, length };
         self.wr.write_all(&r.encode())?;
         self.wr.write_all(data)?;
         self.wr.flush()?;

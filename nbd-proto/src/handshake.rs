@@ -145,7 +145,11 @@ impl Handshake {
             }
             State::OptionData { option, .. } => self.option(option, data),
             State::Discard { option, remaining } => {
-                let remaining = remaining - data.len() as u32;
+                let fed = u32::try_from(data.len())
+                    .ok()
+                    .filter(|&n| n <= remaining)
+                    .expect("input is fed exactly wants() bytes");
+                let remaining = remaining - fed;
                 if remaining > 0 {
                     self.state = State::Discard { option, remaining };
                 } else {
@@ -166,7 +170,7 @@ impl Handshake {
         self.out.extend_from_slice(&REPLY_MAGIC_OPT.to_be_bytes());
         self.out.extend_from_slice(&option.to_be_bytes());
         self.out.extend_from_slice(&rtype.to_be_bytes());
-        self.out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        self.out.extend_from_slice(&short_len(data.len()).to_be_bytes());
         self.out.extend_from_slice(data);
     }
 
@@ -206,7 +210,7 @@ impl Handshake {
                     let name = self.exports[i].name.clone();
                     let desc = self.exports[i].description.clone();
                     let mut d = Vec::with_capacity(4 + name.len() + desc.len());
-                    d.extend_from_slice(&(name.len() as u32).to_be_bytes());
+                    d.extend_from_slice(&short_len(name.len()).to_be_bytes());
                     d.extend_from_slice(name.as_bytes());
                     d.extend_from_slice(desc.as_bytes());
                     self.reply(option, REP_SERVER, &d);
@@ -330,8 +334,8 @@ impl Handshake {
             }
         }
         let mut chosen = Vec::with_capacity(selected.len());
-        for (id, i) in selected.into_iter().enumerate() {
-            let id = if set { id as u32 + 1 } else { 0 };
+        for (id, i) in (1u32..).zip(selected) {
+            let id = if set { id } else { 0 };
             let mut d = id.to_be_bytes().to_vec();
             d.extend_from_slice(names[i].as_bytes());
             self.reply(option, REP_META_CONTEXT, &d);
@@ -343,6 +347,12 @@ impl Handshake {
             self.meta = Some((canonical, chosen));
         }
     }
+}
+
+/// The length field of a reply this side built: from an export's name, description or context
+/// names (strings the server was configured with) or a fixed message, so far below 4 GiB.
+fn short_len(len: usize) -> u32 {
+    u32::try_from(len).expect("option replies are built from short strings")
 }
 
 /// Reads a u32-length-prefixed string at `*pos`.
@@ -388,7 +398,7 @@ fn parse_meta_request(data: &[u8]) -> Option<(&str, Vec<&str>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::BlockSizes;
+    use crate::{option, BlockSizes};
 
     fn export(name: &str) -> ExportInfo {
         ExportInfo {
@@ -429,11 +439,7 @@ mod tests {
             }
         }
         fn option(&mut self, opt: u32, data: &[u8]) -> Outcome {
-            let mut b = IHAVEOPT.to_be_bytes().to_vec();
-            b.extend_from_slice(&opt.to_be_bytes());
-            b.extend_from_slice(&(data.len() as u32).to_be_bytes());
-            b.extend_from_slice(data);
-            self.feed(&b)
+            self.feed(&option::frame(opt, data).unwrap())
         }
         /// Parses the option replies received so far: (option, type, data).
         fn replies(&mut self) -> Vec<(u32, u32, Vec<u8>)> {
@@ -454,24 +460,11 @@ mod tests {
     }
 
     fn info_data(name: &str, reqs: &[u16]) -> Vec<u8> {
-        let mut d = (name.len() as u32).to_be_bytes().to_vec();
-        d.extend_from_slice(name.as_bytes());
-        d.extend_from_slice(&(reqs.len() as u16).to_be_bytes());
-        for r in reqs {
-            d.extend_from_slice(&r.to_be_bytes());
-        }
-        d
+        option::info_data(name, reqs).unwrap()
     }
 
     fn meta_data(name: &str, queries: &[&str]) -> Vec<u8> {
-        let mut d = (name.len() as u32).to_be_bytes().to_vec();
-        d.extend_from_slice(name.as_bytes());
-        d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
-        for q in queries {
-            d.extend_from_slice(&(q.len() as u32).to_be_bytes());
-            d.extend_from_slice(q.as_bytes());
-        }
-        d
+        option::meta_context_data(name, queries).unwrap()
     }
 
     #[test]

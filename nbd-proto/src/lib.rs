@@ -5,10 +5,14 @@
 //! replies; [`option`] encodes a client's option requests. Nothing in them reads or writes a
 //! socket or a disk. [`client`] is a small blocking client built on them, for the agent.
 #![forbid(unsafe_code)]
+// Lengths here come off the wire: a cast that truncates or drops a sign would turn a bad length
+// into a plausible one. Conversions are checked (`try_from`) or provably lossless (`from`).
+#![deny(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
 pub mod client;
 pub mod consts;
 pub mod handshake;
+pub mod option;
 pub mod transmission;
 
 /// The largest READ or WRITE payload we accept: 32 MiB, advertised in `NBD_INFO_BLOCK_SIZE`.

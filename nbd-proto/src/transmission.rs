@@ -3,7 +3,7 @@
 //! them; replies are encoded here, simple or structured as negotiated.
 
 use crate::consts::*;
-use crate::{Errno, ExportInfo, MAX_PAYLOAD};
+use crate::{Errno, ExportInfo, MAX_EXTENTS, MAX_PAYLOAD};
 
 /// A request header as it came off the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -197,9 +197,10 @@ pub fn ok_reply(out: &mut Vec<u8>, cookie: u64, structured: bool) {
 pub fn error_reply(out: &mut Vec<u8>, cookie: u64, structured: bool, errno: Errno) {
     if structured {
         let msg = errno.message().as_bytes();
-        chunk_header(out, cookie, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 6 + msg.len() as u32);
+        let msg_len = u16::try_from(msg.len()).expect("errno messages are short constants");
+        chunk_header(out, cookie, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 6 + u32::from(msg_len));
         out.extend_from_slice(&(errno as u32).to_be_bytes());
-        out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+        out.extend_from_slice(&msg_len.to_be_bytes());
         out.extend_from_slice(msg);
     } else {
         simple_reply(out, cookie, errno as u32);
@@ -227,10 +228,12 @@ pub fn read_hole(out: &mut Vec<u8>, cookie: u64, offset: u64, len: u32, done: bo
 }
 
 /// Appends an `NBD_REPLY_TYPE_BLOCK_STATUS` chunk for context `id` with `(length, flags)`
-/// descriptors (at least one).
+/// descriptors (at least one, at most [`MAX_EXTENTS`]).
 pub fn block_status(out: &mut Vec<u8>, cookie: u64, id: u32, extents: &[(u32, u32)], done: bool) {
+    assert!(extents.len() <= MAX_EXTENTS, "{} descriptors in one chunk", extents.len());
+    let n = u32::try_from(extents.len()).expect("at most MAX_EXTENTS descriptors");
     let flags = if done { REPLY_FLAG_DONE } else { 0 };
-    chunk_header(out, cookie, flags, REPLY_TYPE_BLOCK_STATUS, 4 + 8 * extents.len() as u32);
+    chunk_header(out, cookie, flags, REPLY_TYPE_BLOCK_STATUS, 4 + 8 * n);
     out.extend_from_slice(&id.to_be_bytes());
     for (len, status) in extents {
         out.extend_from_slice(&len.to_be_bytes());

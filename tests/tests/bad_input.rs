@@ -9,9 +9,12 @@
 //!
 //! Every test runs against both engines: `<test>::uring` and `<test>::sync`.
 //!
-//! The protocol numbers are written out below from the spec (NetworkBlockDevice/nbd
-//! `doc/proto.md`) instead of being imported from the server, so that a misreading cannot be
-//! shared by the client and the server.
+//! Option frames, their data and request headers are built with `nbd_proto`'s encoders (the
+//! ones the shim's own client uses; `nbdinfo`, `nbdsh` and the witness prove them against the
+//! server in every test) and then bent here where a test wants them malformed. The protocol
+//! numbers and everything read back from the server are written out below from the spec
+//! (NetworkBlockDevice/nbd `doc/proto.md`) instead of being imported, so that a misreading of
+//! the server's answers cannot be shared by the client and the server.
 
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
@@ -20,6 +23,8 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use nbd_proto::option;
+use nbd_proto::transmission::RawRequest;
 use siterep_tests::image::{self, Rng, KIB, MIB};
 use siterep_tests::{nbdsh, run, scratch_dir, show_output, tool, Serve, Server};
 
@@ -183,19 +188,16 @@ impl Req {
     }
 
     fn encode(&self, cookie: u64) -> [u8; 28] {
-        encode_request(REQUEST_MAGIC, self, cookie)
+        RawRequest { flags: self.flags, kind: self.kind, cookie, offset: self.offset, length: self.len }
+            .encode()
     }
-}
 
-fn encode_request(magic: u32, r: &Req, cookie: u64) -> [u8; 28] {
-    let mut b = [0u8; 28];
-    b[0..4].copy_from_slice(&magic.to_be_bytes());
-    b[4..6].copy_from_slice(&r.flags.to_be_bytes());
-    b[6..8].copy_from_slice(&r.kind.to_be_bytes());
-    b[8..16].copy_from_slice(&cookie.to_be_bytes());
-    b[16..24].copy_from_slice(&r.offset.to_be_bytes());
-    b[24..28].copy_from_slice(&r.len.to_be_bytes());
-    b
+    /// The header with `magic` in place of the request magic.
+    fn encode_with_magic(&self, magic: u32, cookie: u64) -> [u8; 28] {
+        let mut b = self.encode(cookie);
+        b[..4].copy_from_slice(&magic.to_be_bytes());
+        b
+    }
 }
 
 /// One option reply.
@@ -352,12 +354,7 @@ impl Client {
 
     #[track_caller]
     fn option(&mut self, option: u32, data: &[u8]) {
-        let mut b = Vec::with_capacity(16 + data.len());
-        b.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        b.extend_from_slice(&option.to_be_bytes());
-        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        b.extend_from_slice(data);
-        self.send(&b);
+        self.send(&option_frame(option, data));
     }
 
     #[track_caller]
@@ -665,27 +662,19 @@ impl Client {
     }
 }
 
+/// One option request carrying `data` as given.
+fn option_frame(option: u32, data: &[u8]) -> Vec<u8> {
+    option::frame(option, data).expect("option data fits its length field")
+}
+
 /// `NBD_OPT_INFO`/`NBD_OPT_GO` data: name, number of info requests, the requests.
 fn info_request(name: &str, infos: &[u16]) -> Vec<u8> {
-    let mut d = (name.len() as u32).to_be_bytes().to_vec();
-    d.extend_from_slice(name.as_bytes());
-    d.extend_from_slice(&(infos.len() as u16).to_be_bytes());
-    for i in infos {
-        d.extend_from_slice(&i.to_be_bytes());
-    }
-    d
+    option::info_data(name, infos).expect("info request fits its fields")
 }
 
 /// `NBD_OPT_{LIST,SET}_META_CONTEXT` data: export name, number of queries, the queries.
 fn meta_request(name: &str, queries: &[&str]) -> Vec<u8> {
-    let mut d = (name.len() as u32).to_be_bytes().to_vec();
-    d.extend_from_slice(name.as_bytes());
-    d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
-    for q in queries {
-        d.extend_from_slice(&(q.len() as u32).to_be_bytes());
-        d.extend_from_slice(q.as_bytes());
-    }
-    d
+    option::meta_context_data(name, queries).expect("meta context request fits its fields")
 }
 
 fn mode(structured: bool) -> &'static str {
@@ -806,9 +795,8 @@ impl Fixture {
 fn option_with_bad_magic_closes(engine: &str) {
     let mut f = Fixture::start("optmagic", engine);
     let mut c = Client::haggle(&f.server, "bad option magic");
-    let mut b = 0x4948_4156_454f_5055u64.to_be_bytes().to_vec(); // "IHAVEOPU"
-    b.extend_from_slice(&OPT_GO.to_be_bytes());
-    b.extend_from_slice(&0u32.to_be_bytes());
+    let mut b = option_frame(OPT_GO, &[]);
+    b[..8].copy_from_slice(b"IHAVEOPU");
     c.send(&b);
     c.expect_closed("an option header without IHAVEOPT");
     f.check_others();
@@ -976,12 +964,12 @@ fn request_with_bad_magic_closes(engine: &str) {
         let mut c =
             Client::connect(&f.server, &format!("bad request magic ({})", mode(structured)), structured);
         c.verify(&f.model, 0, 4096);
-        c.send(&encode_request(REQUEST_MAGIC + 1, &req(CMD_READ, 0, 4096), 1));
+        c.send(&req(CMD_READ, 0, 4096).encode_with_magic(REQUEST_MAGIC + 1, 1));
         c.expect_closed("a request with a bad magic");
         f.check_others();
     }
     let mut c = Client::connect(&f.server, "simple reply magic as a request", false);
-    c.send(&encode_request(SIMPLE_REPLY_MAGIC, &req(CMD_READ, 0, 4096), 1));
+    c.send(&req(CMD_READ, 0, 4096).encode_with_magic(SIMPLE_REPLY_MAGIC, 1));
     c.expect_closed("a request with the simple reply magic");
     f.finish();
 }
@@ -1398,9 +1386,7 @@ fn stalled_readers(f: &Fixture) -> (Client, Client) {
 
     let mut haggler = Client::haggle(&f.server, "stalled haggler");
     haggler.sock.set_write_timeout(Some(Duration::from_secs(2))).expect("set_write_timeout");
-    let mut list = IHAVEOPT.to_be_bytes().to_vec();
-    list.extend_from_slice(&OPT_LIST.to_be_bytes());
-    list.extend_from_slice(&0u32.to_be_bytes());
+    let list = option_frame(OPT_LIST, &[]);
     let mut sent = 0;
     loop {
         match haggler.sock.write_all(&list) {
