@@ -322,10 +322,10 @@ impl SimMedium {
             if f.current == f.durable {
                 continue;
             }
-            let len = if rng.next() % 2 == 0 { f.durable.len() } else { f.current.len() };
+            let len = if rng.next().is_multiple_of(2) { f.durable.len() } else { f.current.len() };
             let mut torn = vec![0u8; len];
             for (i, sector) in torn.chunks_mut(SECTOR).enumerate() {
-                let from = if rng.next() % 2 == 0 { &f.durable } else { &f.current };
+                let from = if rng.next().is_multiple_of(2) { &f.durable } else { &f.current };
                 let start = i * SECTOR;
                 let end = (start + sector.len()).min(from.len());
                 if start < end {
@@ -346,7 +346,7 @@ impl SimMedium {
                 let keep = (rng.next() % (ops.len() as u64 + 1)) as usize;
                 ops[..keep].iter().copied().collect()
             }
-            _ => ops.into_iter().filter(|_| rng.next() % 2 == 0).collect(),
+            _ => ops.into_iter().filter(|_| rng.next().is_multiple_of(2)).collect(),
         };
         let changes = std::mem::take(&mut s.changes);
         for c in changes.iter().filter(|c| survivors.contains(&c.op)) {

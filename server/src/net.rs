@@ -1269,7 +1269,7 @@ impl PointHashes {
         len: u64,
         block: u32,
     ) -> Result<Frame, StoreError> {
-        if self.reader.as_ref().map_or(true, |r| r.info().id != point) {
+        if self.reader.as_ref().is_none_or(|r| r.info().id != point) {
             self.reader = None;
             self.reader = Some(store.open_point(disk, PointSel::Id(point))?);
         }

@@ -116,11 +116,11 @@ impl PendingPoint {
 
     fn check_range(&self, offset: u64, len: u64) -> Result<(), StoreError> {
         let size = self.disk.size;
-        if offset.checked_add(len).map_or(true, |end| end > size) {
+        if offset.checked_add(len).is_none_or(|end| end > size) {
             return Err(StoreError::OutOfRange { offset, len, size });
         }
         let bs = u64::from(self.disk.block_size);
-        if offset % bs != 0 || len % bs != 0 {
+        if !offset.is_multiple_of(bs) || !len.is_multiple_of(bs) {
             return Err(StoreError::Unaligned { offset, len, block_size: self.disk.block_size });
         }
         Ok(())

@@ -86,7 +86,7 @@ impl PointReader {
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<(), StoreError> {
-        if offset.checked_add(len).map_or(true, |end| end > self.size) {
+        if offset.checked_add(len).is_none_or(|end| end > self.size) {
             return Err(StoreError::OutOfRange { offset, len, size: self.size });
         }
         Ok(())

@@ -547,7 +547,7 @@ pub(crate) fn check_geometry(size: u64, block_size: u32, region_size: u64) -> Re
     if u64::from(block_size) > region_size {
         return bad("the block size exceeds the store's map region size");
     }
-    if size == 0 || size % u64::from(block_size) != 0 {
+    if size == 0 || !size.is_multiple_of(u64::from(block_size)) {
         return bad("the size must be a non-zero multiple of the block size");
     }
     if size > MAX_DISK_SIZE {

@@ -285,7 +285,7 @@ pub fn hash_count(len: u64, block: u32) -> u64 {
 fn check_hash_block(block: u32, offset: u64) -> Result<(), WireError> {
     if !block.is_power_of_two()
         || !(MIN_HASH_BLOCK..=MAX_HASH_BLOCK).contains(&block)
-        || offset % u64::from(block) != 0
+        || !offset.is_multiple_of(u64::from(block))
     {
         return Err(WireError::BadHashBlock { block, offset });
     }
