@@ -12,7 +12,7 @@ use nbd_proto::transmission::Session;
 use siterep_fuzz::check_header;
 
 /// Minimum block sizes to try: the ones exports use, plus degenerate ones.
-const MIN_BLOCKS: [u32; 8] = [0, 1, 512, 4096, 65536, 3, 1 << 25, u32::MAX];
+const MIN_BLOCKS: [u32; 8] = [0, 1, 512, 4096, 65536, 3, 1 << 26, u32::MAX];
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 10 {

@@ -398,7 +398,7 @@ fn parse_meta_request(data: &[u8]) -> Option<(&str, Vec<&str>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{option, BlockSizes};
+    use crate::{option, BlockSizes, MAX_PAYLOAD};
 
     fn export(name: &str) -> ExportInfo {
         ExportInfo {
@@ -407,7 +407,7 @@ mod tests {
             size: 1 << 20,
             read_only: false,
             rotational: false,
-            block_sizes: BlockSizes { minimum: 1, preferred: 4096, maximum: 32 << 20 },
+            block_sizes: BlockSizes { minimum: 1, preferred: 4096, maximum: MAX_PAYLOAD },
             contexts: vec![MetaContext::Allocation, MetaContext::DirtyBitmap("live".into())],
         }
     }
@@ -562,7 +562,7 @@ mod tests {
             r.iter().filter(|x| x.1 == REP_INFO).map(|x| u16::from_be_bytes([x.2[0], x.2[1]])).collect();
         assert_eq!(types, vec![INFO_EXPORT, INFO_BLOCK_SIZE, INFO_NAME, INFO_DESCRIPTION]);
         let bs = &r[1].2;
-        assert_eq!(u32::from_be_bytes(bs[10..14].try_into().unwrap()), 32 << 20);
+        assert_eq!(u32::from_be_bytes(bs[10..14].try_into().unwrap()), MAX_PAYLOAD);
         assert_eq!(r.last().unwrap().1, REP_ACK);
     }
 

@@ -92,7 +92,7 @@ const EINVAL: u32 = 22;
 const ENOSPC: u32 = 28;
 
 /// The largest READ/WRITE payload the server advertises (`NBD_INFO_BLOCK_SIZE` maximum).
-const MAX_PAYLOAD: u32 = 32 << 20;
+const MAX_PAYLOAD: u32 = 64 << 20;
 /// The minimum block size the server advertises for a file opened with `--direct`.
 const DIRECT_BLOCK: u32 = 4096;
 /// `siterep serve`'s default export name; the empty name selects it too.
@@ -1039,11 +1039,11 @@ fn oversize_read_and_write(engine: &str) {
     for structured in [false, true] {
         let mut c = Client::connect(&f.server, &format!("oversize ({})", mode(structured)), structured);
         // Spec "Block size constraints": above the advertised maximum is EINVAL.
-        c.expect_errno("READ of 32 MiB + 1", req(CMD_READ, 0, MAX_PAYLOAD + 1), &[], EINVAL);
+        c.expect_errno("READ of 64 MiB + 1", req(CMD_READ, 0, MAX_PAYLOAD + 1), &[], EINVAL);
         c.expect_errno("READ of 4 GiB - 1", req(CMD_READ, 0, u32::MAX), &[], EINVAL);
         c.verify(&f.model, 0, 4096);
         // The whole oversize payload is read off and discarded; the next request is in step.
-        c.expect_errno("WRITE of 32 MiB + 1", req(CMD_WRITE, 0, MAX_PAYLOAD + 1), &payload, EINVAL);
+        c.expect_errno("WRITE of 64 MiB + 1", req(CMD_WRITE, 0, MAX_PAYLOAD + 1), &payload, EINVAL);
         c.verify(&f.model, 0, 64 * KIB as u32);
         // The maximum itself is fine (a READ of the whole 8 MiB export, within the maximum).
         c.verify(&f.model, 0, SIZE as u32);
@@ -1374,7 +1374,7 @@ print("read", len(h.pread(4096, 4096)))
 // Clients that stop reading
 
 /// Two clients that send requests and never read the replies: one in the transmission phase
-/// (sixteen 32 MiB READs pipelined), one still haggling (NBD_OPT_LIST until the server stops
+/// (sixteen READs of the whole export pipelined), one still haggling (NBD_OPT_LIST until the server stops
 /// reading because its replies cannot be sent). Returns them once the server is stuck on both.
 fn stalled_readers(f: &Fixture) -> (Client, Client) {
     let mut reader = Client::connect(&f.server, "stalled reader", true);

@@ -53,8 +53,8 @@ fn junk_target(dir: &Path) -> std::path::PathBuf {
     img
 }
 
-/// Unaligned pattern writes and reads (plain, FUA, vectored, pipelined aio, ones split by the
-/// 32 MiB request limit) through qemu-io, then the image file checked byte for byte.
+/// Unaligned pattern writes and reads (plain, FUA, vectored, pipelined aio, ones qemu splits at
+/// its 32 MiB request limit) through qemu-io, then the image file checked byte for byte.
 #[test]
 fn qemu_io_unaligned_patterns_reach_the_image() {
     let dir = scratch_dir("qemu-io");
@@ -75,7 +75,8 @@ fn qemu_io_unaligned_patterns_reach_the_image() {
         ("write", 600, 50, 0x09),
         ("write", 2 * MIB - 511, 1023, 0x0a),
         ("write -f", 3 * MIB + 1, 4 * MIB + 3, 0x0b),
-        // Larger than the 32 MiB maximum request: qemu must split it.
+        // Larger than qemu's largest request (32 MiB, whatever the server advertises): qemu
+        // splits it.
         ("write", 9 * MIB + 123, 40 * MIB, 0x0c),
         ("write", 60 * MIB + 511, 513, 0x0d),
     ];
@@ -152,7 +153,7 @@ fn nbdcopy_both_ways(connections: u32) {
     run(tool("nbdcopy").args([&conns, "--flush"]).arg(&src).arg(server.uri()));
     image::assert_same_bytes("served image after nbdcopy file → nbd", &image::read(&img), &contents);
 
-    // Back out again, with the largest request size the server accepts.
+    // Back out again, with the largest request size nbdcopy sends (32 MiB).
     let out = dir.path().join("out.img");
     run(tool("nbdcopy").args([&conns, "--request-size=33554432"]).arg(server.uri()).arg(&out));
     image::assert_same_bytes("nbdcopy nbd → file", &image::read(&out), &contents);

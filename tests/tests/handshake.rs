@@ -25,7 +25,7 @@ fn nbdinfo_reports_capabilities_contexts_and_size() {
     }
     assert!(!info.get("is_read_only").as_bool(), "writable export reported read-only: {info:?}");
     assert_eq!(info.get("export-size").as_u64(), size, "export size: {info:?}");
-    assert_eq!(info.get("block_size_maximum").as_u64(), 32 * MIB, "max block size: {info:?}");
+    assert_eq!(info.get("block_size_maximum").as_u64(), 64 * MIB, "max block size: {info:?}");
     assert_eq!(info.get("block_size_minimum").as_u64(), 1, "min block size without --direct: {info:?}");
     let preferred = info.get("block_size_preferred").as_u64();
     assert!(
@@ -100,7 +100,7 @@ fn direct_io_advertises_block_size_and_serves_unaligned_clients() {
     let info = nbdinfo::export_info(&server.uri());
     let min = info.get("block_size_minimum").as_u64();
     assert!(min == 512 || min == 4096, "--direct min block size should be 512 or 4096, got {min}");
-    assert_eq!(info.get("block_size_maximum").as_u64(), 32 * MIB);
+    assert_eq!(info.get("block_size_maximum").as_u64(), 64 * MIB);
 
     run(tool("qemu-io").args(["-f", "raw", &server.uri()]).args([
         "-c",
