@@ -1,7 +1,8 @@
 //! `siterep`: continuous block-level replication and disaster recovery for Linux.
 //!
 //! One binary, one subcommand per role. This file only parses the command line and wires the
-//! crates together; the work lives in `nbd`, `tracker` and (later) `agent`.
+//! crates together; the work lives in the library crates (`shim`, `nbd-proto`, `tracker`, `agent`,
+//! `server`).
 #![forbid(unsafe_code)]
 
 mod certs;
@@ -23,7 +24,7 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "siterep", version, about = "Continuous block-level replication and disaster recovery")]
 struct Cli {
-    /// Log filter (RUST_LOG syntax), e.g. "info" or "nbd=debug".
+    /// Log filter (RUST_LOG syntax), e.g. "info" or "shim=debug".
     #[arg(long, global = true, default_value = "info", env = "SITEREP_LOG")]
     log: String,
     #[command(subcommand)]

@@ -25,8 +25,9 @@ use std::time::{Duration, Instant};
 pub const PROBE: Duration = Duration::from_millis(100);
 /// How long each way runs before its measurement starts.
 pub const SETTLE: Duration = Duration::from_millis(50);
-/// io-wq completing this many writes a second (each write under 25 µs) is kept untried against
-/// inline-first. Measured here: 80-166k with the image evicted, 13-16k on a fresh image.
+/// io-wq completing this many writes a second (25 µs a write) is kept untried against
+/// inline-first: at that rate no write held the inode lock long. The threshold lies between the
+/// rates io-wq reaches with the image evicted and on a freshly written image (BENCHMARKS.md).
 pub const FAST: f64 = 40_000.0;
 /// How long the faster way is kept before the next measurement, at first.
 pub const EXPLOIT: Duration = Duration::from_secs(2);
