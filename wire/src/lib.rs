@@ -10,6 +10,11 @@
 //! - [`WireError`] says what was wrong with the peer's bytes and whose fault it is ([`Fault`]);
 //!   every decoding error ends the connection.
 //! - [`negotiate`] picks the session's version (§6.1).
+//! - [`session`] holds the order of frames in a session (§6) as two state machines, the
+//!   server's ([`session::ServerSession`]) and the agent's ([`session::AgentSession`]): frames
+//!   and the results of actions in, frames to send, actions and refusals out.
+//! - [`zero_hash`] is what a piece that reads as zeroes hashes to (§4.16), [`ZeroHashes`] the
+//!   few lengths in use, remembered.
 //! - `HashQuery`/`Hashes` (§4.15, §4.16, §6.8) let a resync compare the source's blocks with a
 //!   point's without moving the data: [`MAX_HASHES`] per reply, blocks of [`MIN_HASH_BLOCK`]
 //!   to [`MAX_HASH_BLOCK`].
@@ -30,14 +35,16 @@
 //! assert_eq!(dec.next_frame(), Ok(None));
 //! ```
 //!
-//! Nothing here reads or writes a socket; TLS, timeouts and the order of frames within a session
-//! (§6) belong to the agent and the server.
+//! Nothing here reads or writes a socket, keeps time or touches a disk: bytes, TLS, timeouts,
+//! the store and the shim belong to the agent and the server, which drive these machines.
 #![forbid(unsafe_code)]
 #![deny(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
 mod decoder;
 mod error;
 mod frame;
+mod hash;
+pub mod session;
 
 pub use decoder::Decoder;
 pub use error::{Fault, WireError};
@@ -47,6 +54,7 @@ pub use frame::{
     ERR_DIVERGED, ERR_NO_SUCH_DISK, ERR_OTHER_SOURCE, ERR_RESYNC_REQUIRED, ERR_STORAGE, ERR_TOO_LARGE,
     ERR_VERSION,
 };
+pub use hash::{zero_hash, ZeroHashes, UNREADABLE_HASH};
 
 /// The newest protocol version this crate speaks (§7).
 pub const VERSION: u16 = 2;
