@@ -101,6 +101,21 @@ pub enum Reply {
     CurrentAck { point: u64, as_of_unix_ms: u64 },
 }
 
+impl Reply {
+    /// The name of the frame it came in.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Reply::Welcome { .. } => "Welcome",
+            Reply::DiskState(_) => "DiskState",
+            Reply::HaveReply { .. } => "HaveReply",
+            Reply::Hashes { .. } => "Hashes",
+            Reply::ProgressAck { .. } => "ProgressAck",
+            Reply::Committed { .. } => "Committed",
+            Reply::CurrentAck { .. } => "CurrentAck",
+        }
+    }
+}
+
 /// What the server holds of a registered disk (`DiskState`, §4.4), and what the session does
 /// with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
