@@ -1,7 +1,7 @@
 //! The replication agent (mobility service): drains the shim's tracked generations to the
 //! recovery server as blake3-hashed, zstd-compressed, deduplicated deltas.
 //!
-//! - [`run`] is the loop: connect, register the disk, copy it whole the first time (resumable,
+//! - [`run`](mod@run) is the loop: connect, register the disk, copy it whole the first time (resumable,
 //!   skipping holes), resync when tracking was lost, then every interval cut a generation, ship
 //!   it, wait for the server's durable commit, release it. Transient failures retry with
 //!   backoff; fatal ones stop.

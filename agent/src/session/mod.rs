@@ -1,4 +1,4 @@
-//! One connection's session with the server, from the agent's side: its context ([`Session`]:
+//! One connection's session with the server, from the agent's side: its context (`Session`:
 //! the link, the shim's control socket, what the agent carries from one session to the next)
 //! and what every path of a session does alike (register the disk, commit, report a point to
 //! the shim).
@@ -6,7 +6,7 @@
 //! The paths a session takes are the submodules, peers that use this context and not each
 //! other: [`initial`] (the first full copy), [`incremental`] (a generation cut by the shim, or
 //! the record that nothing changed) and [`resync`] (bringing the latest point level with the
-//! disk by hashes). Which path runs when is decided by [`crate::run`].
+//! disk by hashes). Which path runs when is decided by [`crate::run`](mod@crate::run).
 
 pub mod incremental;
 pub mod initial;

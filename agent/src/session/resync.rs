@@ -10,7 +10,7 @@
 //!    comparison. Equal blocks are skipped; a block that reads as zeroes on the source is sent
 //!    as a `Zero` extent whatever the server holds. The readers read the file or device the
 //!    shim serves directly, with O_DIRECT, when the shim names it (control request `image`) and
-//!    it is the same file here ([`open_image`]); otherwise through the shim's NBD socket.
+//!    it is the same file here (`open_image`); otherwise through the shim's NBD socket.
 //! 2. For each run of differing blocks the agent asks the [`FINE`]-block (4 KiB) hashes and
 //!    compares them with its own; only differing fine blocks go out, zero ones as `Zero`
 //!    extents and the rest as chunks (hashed, deduplicated, compressed: [`ship_chunks`]). Where
