@@ -1,5 +1,7 @@
-//! A framed connection to the recovery server: TLS over TCP, `wire` frames, and the
-//! Hello/Welcome version negotiation.
+//! A framed connection to the recovery server: TLS over TCP and `wire` frames, driving `wire`'s
+//! agent-side session machine ([`AgentSession`]): every frame goes out through it (a frame out
+//! of place is refused before it is sent) and every frame that comes in is checked by it against
+//! the answer due, so the order of the session (`docs/wire.md` §6) lives there, not here.
 
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -8,9 +10,10 @@ use std::time::Duration;
 
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, StreamOwned};
-use wire::{Decoder, ErrorClass, Frame};
+use wire::session::{AgentSession, DiskState, Reply};
+use wire::{Consistency, Decoder, Frame, Hash, PointRef};
 
-use crate::AgentError;
+use crate::error::AgentError;
 
 /// Anything a link can run over (TLS in production; plain sockets in tests).
 pub trait Stream: Read + Write + Send {}
@@ -41,6 +44,8 @@ pub struct Link {
     dec: Decoder,
     out: Vec<u8>,
     buf: Vec<u8>,
+    /// The order of the session.
+    session: AgentSession,
     pub server: String,
     pub version: u16,
     /// Frame bytes queued for the server so far (TLS records not counted).
@@ -128,6 +133,7 @@ impl Link {
             dec: Decoder::new(),
             out: Vec::with_capacity(1 << 20),
             buf: vec![0u8; 256 << 10],
+            session: AgentSession::new(),
             server: String::new(),
             version: 0,
             bytes_out: 0,
@@ -139,16 +145,19 @@ impl Link {
             agent: agent.into(),
         })?;
         match link.recv()? {
-            Frame::Welcome { version, server } => {
-                if !(wire::MIN_VERSION..=wire::VERSION).contains(&version) {
-                    return Err(AgentError::Version(format!("server chose version {version}")));
-                }
+            Reply::Welcome { version, server } => {
                 link.version = version;
                 link.server = server;
                 Ok(link)
             }
-            other => Err(AgentError::Protocol(format!("expected Welcome, got {}", frame_name(&other)))),
+            other => Err(misread("Welcome", &other)),
         }
+    }
+
+    /// The disk's latest point as far as this session knows: `DiskState`'s, then the newest
+    /// generation committed since.
+    pub fn latest(&self) -> Option<PointRef> {
+        self.session.latest()
     }
 
     /// An I/O failure on the stream: a timeout is the server not answering.
@@ -159,11 +168,14 @@ impl Link {
         AgentError::from_tls_io(e)
     }
 
-    /// Queues a frame; it is written at the next `flush` or `recv`.
-    pub fn queue(&mut self, f: &Frame) {
+    /// Queues a frame, once the session's order allows it; it is written at the next `flush`
+    /// or `recv`.
+    pub fn queue(&mut self, f: &Frame) -> Result<(), AgentError> {
+        self.session.send(f)?;
         let before = self.out.len();
         f.encode(&mut self.out);
         self.bytes_out += (self.out.len() - before) as u64;
+        Ok(())
     }
 
     pub fn flush(&mut self) -> Result<(), AgentError> {
@@ -176,19 +188,17 @@ impl Link {
     }
 
     pub fn send(&mut self, f: &Frame) -> Result<(), AgentError> {
-        self.queue(f);
+        self.queue(f)?;
         self.flush()
     }
 
-    /// The next frame from the server; an `Error` frame becomes `AgentError::Server`.
-    pub fn recv(&mut self) -> Result<Frame, AgentError> {
+    /// The next answer from the server, the one due (the session machine checks it); an `Error`
+    /// frame becomes `AgentError::Server`.
+    pub fn recv(&mut self) -> Result<Reply, AgentError> {
         self.flush()?;
         loop {
             if let Some(f) = self.dec.next_frame().map_err(AgentError::Wire)? {
-                if let Frame::Error { class, code, message } = f {
-                    return Err(AgentError::Server { fatal: class == ErrorClass::Fatal, code, message });
-                }
-                return Ok(f);
+                return Ok(self.session.receive(f)?);
             }
             let n = self.stream.read(&mut self.buf).map_err(|e| self.failed(e))?;
             if self.bytes_in == 0 && wire_tls_record(&self.buf[..n]) {
@@ -208,14 +218,78 @@ impl Link {
     }
 }
 
-/// A frame's name, for messages.
-pub fn frame_name(f: &Frame) -> &'static str {
-    f.name()
+impl Link {
+    /// Registers the disk: `RegisterDisk`, answered by what the server holds of it.
+    pub fn register(&mut self, register: &Frame) -> Result<DiskState, AgentError> {
+        self.send(register)?;
+        match self.recv()? {
+            Reply::DiskState(st) => Ok(st),
+            other => Err(misread("DiskState", &other)),
+        }
+    }
+
+    /// Which of `hashes` the server has (`HaveQuery`).
+    pub fn have(&mut self, hashes: Vec<Hash>) -> Result<Vec<bool>, AgentError> {
+        self.send(&Frame::HaveQuery { hashes })?;
+        match self.recv()? {
+            Reply::HaveReply { have } => Ok(have),
+            other => Err(misread("HaveReply", &other)),
+        }
+    }
+
+    /// The answer to the oldest `HashQuery` queued: its hashes.
+    pub fn hashes(&mut self) -> Result<Vec<Hash>, AgentError> {
+        match self.recv()? {
+            Reply::Hashes { hashes, .. } => Ok(hashes),
+            other => Err(misread("Hashes", &other)),
+        }
+    }
+
+    /// Makes everything below `next_offset` durable on the server (`Progress`).
+    pub fn progress(&mut self, next_offset: u64) -> Result<(), AgentError> {
+        self.send(&Frame::Progress { next_offset })?;
+        match self.recv()? {
+            Reply::ProgressAck { .. } => Ok(()),
+            other => Err(misread("ProgressAck", &other)),
+        }
+    }
+
+    /// Commits the open generation; returns its durable point.
+    pub fn commit(
+        &mut self,
+        generation: u64,
+        cut_unix_ms: u64,
+        consistency: Consistency,
+        digest: Option<Hash>,
+    ) -> Result<u64, AgentError> {
+        self.send(&Frame::Commit { generation, cut_unix_ms, consistency, digest })?;
+        match self.recv()? {
+            Reply::Committed { point, .. } => Ok(point),
+            other => Err(misread("Committed", &other)),
+        }
+    }
+
+    /// Records that the latest point still equals the disk as of `as_of_unix_ms` (`Current`).
+    pub fn current(&mut self, point: u64, as_of_unix_ms: u64) -> Result<(), AgentError> {
+        self.send(&Frame::Current { point, as_of_unix_ms })?;
+        match self.recv()? {
+            Reply::CurrentAck { .. } => Ok(()),
+            other => Err(misread("CurrentAck", &other)),
+        }
+    }
+}
+
+/// A reply read where another was awaited: the agent read its answers in another order than it
+/// asked (the session machine checked the server's order).
+fn misread(awaited: &str, got: &Reply) -> AgentError {
+    AgentError::Protocol(format!("awaited {awaited}, read {}", got.name()))
 }
 
 #[cfg(test)]
 mod tests {
     use std::net::TcpListener;
+
+    use wire::ErrorClass;
 
     use super::*;
 

@@ -12,8 +12,8 @@ use crossbeam_channel::bounded;
 use nbd_proto::client::Client;
 use wire::{ChunkData, Frame};
 
-use crate::link::{frame_name, Link};
-use crate::AgentError;
+use crate::error::AgentError;
+use crate::link::Link;
 
 /// Largest chunk the agent ships (raw bytes).
 pub const MAX_CHUNK: u64 = 1 << 20;
@@ -231,17 +231,8 @@ fn send_batch(
     on_done: &mut dyn FnMut(u64),
 ) -> Result<(), AgentError> {
     let ask: Vec<[u8; 32]> = batch.iter().filter(|i| i.compressed.is_some()).map(|i| i.hash).collect();
-    let have: Vec<bool> = if ask.is_empty() {
-        Vec::new()
-    } else {
-        link.send(&Frame::HaveQuery { hashes: ask.clone() })?;
-        match link.recv()? {
-            Frame::HaveReply { have } if have.len() == ask.len() => have,
-            other => {
-                return Err(AgentError::Protocol(format!("expected HaveReply, got {}", frame_name(&other))))
-            }
-        }
-    };
+    // One answer per hash asked, in order (the session machine checks the count).
+    let have: Vec<bool> = if ask.is_empty() { Vec::new() } else { link.have(ask)? };
     let mut answers = have.into_iter();
     let mut done = 0u64;
     for item in batch.drain(..) {
@@ -264,7 +255,7 @@ fn send_batch(
         if let Some(d) = digest.as_deref_mut() {
             d.data(item.offset, u64::from(item.len), item.hash);
         }
-        link.queue(&Frame::Chunk { offset: item.offset, len: item.len, hash: item.hash, data });
+        link.queue(&Frame::Chunk { offset: item.offset, len: item.len, hash: item.hash, data })?;
         known.insert(item.hash);
     }
     link.flush()?;

@@ -275,7 +275,7 @@ mod tests {
     }
 
     fn frame(ty: u8, body: &[u8]) -> Vec<u8> {
-        let mut b = (body.len() as u32 + 1).to_be_bytes().to_vec();
+        let mut b = (u32::try_from(body.len()).unwrap() + 1).to_be_bytes().to_vec();
         b.push(ty);
         b.extend_from_slice(body);
         b
@@ -307,7 +307,7 @@ mod tests {
 
     #[test]
     fn chunk_payload_is_detached() {
-        let data: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+        let data: Vec<u8> = (0..100_000u32).map(|i| i.to_le_bytes()[0]).collect();
         let f = Frame::Chunk { offset: 0, len: 1 << 20, hash: [3; 32], data: ChunkData::Compressed(data) };
         let mut bytes = Vec::new();
         f.encode(&mut bytes);

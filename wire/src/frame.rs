@@ -3,8 +3,8 @@
 
 use crate::error::WireError;
 use crate::{
-    MAGIC, MAX_CHUNK, MAX_COMPRESSED, MAX_FRAME, MAX_HASHES, MAX_HASH_BLOCK, MAX_HAVE, MAX_STRING,
-    MIN_HASH_BLOCK,
+    MAGIC, MAX_CHUNK, MAX_COMPRESSED, MAX_FRAME, MAX_HASHES, MAX_HASHES_COUNT, MAX_HASH_BLOCK, MAX_HAVE,
+    MAX_HAVE_COUNT, MAX_STRING, MAX_STRING_LEN, MIN_HASH_BLOCK,
 };
 
 /// A blake3 hash of a chunk's uncompressed bytes (§1).
@@ -39,7 +39,8 @@ pub(crate) const LEN_FIELD: usize = 4;
 /// A chunk's fields before its data tag, after the type byte: offset, len, hash (§4.6).
 pub(crate) const CHUNK_HEAD: usize = 8 + 4 + 32;
 /// A chunk's type byte and fixed fields up to and including the compressed length (§4.6).
-pub(crate) const CHUNK_FIXED: u32 = 1 + CHUNK_HEAD as u32 + 1 + 4;
+pub(crate) const CHUNK_FIXED: u32 = 1 + (8 + 4 + 32) + 1 + 4;
+const _: () = assert!(CHUNK_FIXED as usize == 1 + CHUNK_HEAD + 1 + 4);
 /// Chunk data tags (§4.6).
 const DATA_COMPRESSED: u8 = 0;
 const DATA_KNOWN: u8 = 1;
@@ -223,7 +224,7 @@ pub(crate) fn type_name(ty: u8) -> Option<&'static str> {
 /// The largest valid length field (type byte plus body) of a frame type (§3), or `None` for a
 /// type byte no frame has. A decoder refuses longer frames before buffering them.
 pub(crate) const fn max_frame_len(ty: u8) -> Option<u32> {
-    const S: u32 = 2 + MAX_STRING as u32;
+    const S: u32 = 2 + MAX_STRING_LEN as u32;
     Some(match ty {
         T_HELLO => 1 + 8 + 2 + 2 + S,
         T_WELCOME => 1 + 2 + S,
@@ -232,15 +233,15 @@ pub(crate) const fn max_frame_len(ty: u8) -> Option<u32> {
         T_BEGIN_GENERATION => 1 + S + 8 + 1 + (1 + 8),
         T_CHUNK => MAX_FRAME,
         T_ZERO => 1 + 8 + 8,
-        T_HAVE_QUERY => 1 + 4 + 32 * MAX_HAVE as u32,
-        T_HAVE_REPLY => 1 + 4 + MAX_HAVE.div_ceil(8) as u32,
+        T_HAVE_QUERY => 1 + 4 + 32 * MAX_HAVE_COUNT,
+        T_HAVE_REPLY => 1 + 4 + MAX_HAVE_COUNT.div_ceil(8),
         T_PROGRESS | T_PROGRESS_ACK => 1 + 8,
         T_COMMIT => 1 + 8 + 8 + 1 + (1 + 32),
         T_CURRENT | T_CURRENT_ACK => 1 + 8 + 8,
         T_COMMITTED => 1 + 8 + 8,
         T_ERROR => 1 + 1 + 2 + S,
         T_HASH_QUERY => 1 + S + 8 + 8 + 8 + 4,
-        T_HASHES => 1 + 8 + 4 + 4 + 32 * MAX_HASHES as u32,
+        T_HASHES => 1 + 8 + 4 + 4 + 32 * MAX_HASHES_COUNT,
         _ => return None,
     })
 }
@@ -498,7 +499,7 @@ impl Frame {
                 match data {
                     ChunkData::Compressed(d) => {
                         out.push(DATA_COMPRESSED);
-                        put_u32(out, d.len() as u32);
+                        put_u32(out, field(d.len(), "Chunk payload"));
                         out.extend_from_slice(d);
                     }
                     ChunkData::Known => out.push(DATA_KNOWN),
@@ -509,13 +510,13 @@ impl Frame {
                 put_u64(out, *len);
             }
             Frame::HaveQuery { hashes } => {
-                put_u32(out, hashes.len() as u32);
+                put_u32(out, field(hashes.len(), "HaveQuery count"));
                 for h in hashes {
                     out.extend_from_slice(h);
                 }
             }
             Frame::HaveReply { have } => {
-                put_u32(out, have.len() as u32);
+                put_u32(out, field(have.len(), "HaveReply count"));
                 for bits in have.chunks(8) {
                     out.push(bits.iter().enumerate().fold(0, |b, (i, &set)| b | (u8::from(set) << i)));
                 }
@@ -552,7 +553,7 @@ impl Frame {
             Frame::Hashes { offset, block, hashes } => {
                 put_u64(out, *offset);
                 put_u32(out, *block);
-                put_u32(out, hashes.len() as u32);
+                put_u32(out, field(hashes.len(), "Hashes count"));
                 for h in hashes {
                     out.extend_from_slice(h);
                 }
@@ -744,6 +745,16 @@ impl ChunkHead {
     }
 }
 
+/// A length or count that [`Frame::check`] has bounded, as the type of the field that carries
+/// it.
+///
+/// # Panics
+///
+/// If it does not fit: `check` let through a value its field cannot carry, a bug here.
+fn field<T: TryFrom<usize>>(n: usize, what: &str) -> T {
+    T::try_from(n).unwrap_or_else(|_| panic!("{what} {n} passed Frame::check but does not fit its field"))
+}
+
 fn put_u16(out: &mut Vec<u8>, v: u16) {
     out.extend_from_slice(&v.to_be_bytes());
 }
@@ -758,7 +769,7 @@ fn put_u64(out: &mut Vec<u8>, v: u64) {
 
 /// §1: `u16` length, then UTF-8; the caller has checked the length.
 fn put_str(out: &mut Vec<u8>, s: &str) {
-    put_u16(out, s.len() as u16);
+    put_u16(out, field(s.len(), "string length"));
     out.extend_from_slice(s.as_bytes());
 }
 
@@ -1056,7 +1067,7 @@ pub(crate) mod tests {
 
     /// A frame of type `ty` with `body` as is.
     fn raw(ty: u8, body: &[u8]) -> Vec<u8> {
-        let mut b = (body.len() as u32 + 1).to_be_bytes().to_vec();
+        let mut b = (u32::try_from(body.len()).unwrap() + 1).to_be_bytes().to_vec();
         b.push(ty);
         b.extend_from_slice(body);
         b
@@ -1151,7 +1162,7 @@ pub(crate) mod tests {
     fn oversize_string() {
         let mut body = MAGIC.to_vec();
         body.extend_from_slice(&[0, 1, 0, 1]);
-        body.extend_from_slice(&(MAX_STRING as u16 + 1).to_be_bytes());
+        body.extend_from_slice(&(MAX_STRING_LEN + 1).to_be_bytes());
         body.extend_from_slice(&vec![b'a'; MAX_STRING + 1]);
         let e = decode(&raw(T_HELLO, &body)).unwrap_err();
         assert_eq!(e, WireError::StringTooLong { len: MAX_STRING + 1 });
@@ -1193,7 +1204,7 @@ pub(crate) mod tests {
 
     #[test]
     fn have_counts_over_max() {
-        let n = MAX_HAVE as u32 + 1;
+        let n = MAX_HAVE_COUNT + 1;
         let e = decode(&raw(T_HAVE_QUERY, &n.to_be_bytes())).unwrap_err();
         assert_eq!(e, WireError::CountTooLarge { frame: "HaveQuery", count: u64::from(n) });
         assert_eq!(e.fault(), Fault::TooLarge);
@@ -1349,7 +1360,7 @@ pub(crate) mod tests {
             Ok(Frame::Hashes { offset: 8192, block: 4096, hashes: vec![[7; 32]; 2] })
         );
         // The count is refused before anything is allocated for it, bytes present or not.
-        let n = MAX_HASHES as u32 + 1;
+        let n = MAX_HASHES_COUNT + 1;
         assert_eq!(
             h(0, 4096, n, 0),
             Err(WireError::HashCountTooLarge { frame: "Hashes", count: u64::from(n) })
@@ -1370,7 +1381,7 @@ pub(crate) mod tests {
             // Every strict prefix of a body, relabelled as a whole frame, is refused.
             for cut in 5..b.len() {
                 let mut short = b[..cut].to_vec();
-                short[..4].copy_from_slice(&(cut as u32 - 4).to_be_bytes());
+                short[..4].copy_from_slice(&(u32::try_from(cut - 4).unwrap()).to_be_bytes());
                 assert!(decode(&short).is_err(), "{f:?} cut at {cut}");
             }
         }

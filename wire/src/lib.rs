@@ -10,6 +10,11 @@
 //! - [`WireError`] says what was wrong with the peer's bytes and whose fault it is ([`Fault`]);
 //!   every decoding error ends the connection.
 //! - [`negotiate`] picks the session's version (§6.1).
+//! - [`session`] holds the order of frames in a session (§6) as two state machines, the
+//!   server's ([`session::ServerSession`]) and the agent's ([`session::AgentSession`]): frames
+//!   and the results of actions in, frames to send, actions and refusals out.
+//! - [`zero_hash`] is what a piece that reads as zeroes hashes to (§4.16), [`ZeroHashes`] the
+//!   few lengths in use, remembered.
 //! - `HashQuery`/`Hashes` (§4.15, §4.16, §6.8) let a resync compare the source's blocks with a
 //!   point's without moving the data: [`MAX_HASHES`] per reply, blocks of [`MIN_HASH_BLOCK`]
 //!   to [`MAX_HASH_BLOCK`].
@@ -30,13 +35,16 @@
 //! assert_eq!(dec.next_frame(), Ok(None));
 //! ```
 //!
-//! Nothing here reads or writes a socket; TLS, timeouts and the order of frames within a session
-//! (§6) belong to the agent and the server.
+//! Nothing here reads or writes a socket, keeps time or touches a disk: bytes, TLS, timeouts,
+//! the store and the shim belong to the agent and the server, which drive these machines.
 #![forbid(unsafe_code)]
+#![deny(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
 mod decoder;
 mod error;
 mod frame;
+mod hash;
+pub mod session;
 
 pub use decoder::Decoder;
 pub use error::{Fault, WireError};
@@ -46,6 +54,7 @@ pub use frame::{
     ERR_DIVERGED, ERR_NO_SUCH_DISK, ERR_OTHER_SOURCE, ERR_RESYNC_REQUIRED, ERR_STORAGE, ERR_TOO_LARGE,
     ERR_VERSION,
 };
+pub use hash::{zero_hash, ZeroHashes, UNREADABLE_HASH};
 
 /// The newest protocol version this crate speaks (§7).
 pub const VERSION: u16 = 2;
@@ -64,11 +73,17 @@ pub const MAX_CHUNK: u32 = 4 << 20;
 /// fixed fields (§4.6).
 pub const MAX_COMPRESSED: u32 = MAX_FRAME - frame::CHUNK_FIXED;
 /// Most hashes in one `HaveQuery`, and answers in one `HaveReply` (§3, §4.8).
-pub const MAX_HAVE: usize = 1024;
+pub const MAX_HAVE: usize = MAX_HAVE_COUNT as usize;
+/// [`MAX_HAVE`] as the type of the `u32` count that carries it (§4.8).
+pub(crate) const MAX_HAVE_COUNT: u32 = 1024;
 /// Longest string, in bytes of UTF-8 (§1, §3).
-pub const MAX_STRING: usize = 1024;
+pub const MAX_STRING: usize = MAX_STRING_LEN as usize;
+/// [`MAX_STRING`] as the type of the `u16` length that carries it (§1).
+pub(crate) const MAX_STRING_LEN: u16 = 1024;
 /// Most hashes in one `Hashes` reply, and so most blocks one `HashQuery` covers (§3, §4.15).
-pub const MAX_HASHES: usize = 4096;
+pub const MAX_HASHES: usize = MAX_HASHES_COUNT as usize;
+/// [`MAX_HASHES`] as the type of the `u32` count that carries it (§4.16).
+pub(crate) const MAX_HASHES_COUNT: u32 = 4096;
 /// Smallest block a `HashQuery` may ask hashes of (§3, §4.15).
 pub const MIN_HASH_BLOCK: u32 = 4 << 10;
 /// Largest block a `HashQuery` may ask hashes of (§3, §4.15).
@@ -78,10 +93,8 @@ pub const MAX_HASH_BLOCK: u32 = 64 << 20;
 const _: () = assert!(MIN_VERSION <= VERSION);
 // A chunk zstd cannot shrink still fits in a frame (zstd's bound is n + n/256 + 64 KiB at most).
 const _: () = assert!(MAX_CHUNK + MAX_CHUNK / 256 + (64 << 10) <= MAX_COMPRESSED);
-// A string's length fits its u16 field; a HaveQuery's count fits its u32.
-const _: () = assert!(MAX_STRING <= u16::MAX as usize && MAX_HAVE <= u32::MAX as usize);
 // A full Hashes reply fits in a frame; the hash blocks are powers of two.
-const _: () = assert!(1 + 8 + 4 + 4 + 32 * MAX_HASHES as u64 <= MAX_FRAME as u64);
+const _: () = assert!(1 + 8 + 4 + 4 + 32 * MAX_HASHES_COUNT as u64 <= MAX_FRAME as u64);
 const _: () = assert!(MIN_HASH_BLOCK.is_power_of_two() && MAX_HASH_BLOCK.is_power_of_two());
 const _: () = assert!(MIN_HASH_BLOCK <= MAX_HASH_BLOCK);
 

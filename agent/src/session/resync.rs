@@ -6,11 +6,11 @@
 //!
 //! 1. Per map region ([`REGION`], 64 MiB) the agent asks the server for the [`COARSE`]-block
 //!    (64 KiB) hashes of the latest point (`HashQuery`, 1024 hashes) and hashes the same blocks
-//!    of the live disk, read by [`AgentConfig::readers`] threads that run ahead of the
+//!    of the live disk, read by [`AgentConfig::readers`](crate::config::AgentConfig::readers) threads that run ahead of the
 //!    comparison. Equal blocks are skipped; a block that reads as zeroes on the source is sent
 //!    as a `Zero` extent whatever the server holds. The readers read the file or device the
 //!    shim serves directly, with O_DIRECT, when the shim names it (control request `image`) and
-//!    it is the same file here ([`open_image`]); otherwise through the shim's NBD socket.
+//!    it is the same file here (`open_image`); otherwise through the shim's NBD socket.
 //! 2. For each run of differing blocks the agent asks the [`FINE`]-block (4 KiB) hashes and
 //!    compares them with its own; only differing fine blocks go out, zero ones as `Zero`
 //!    extents and the rest as chunks (hashed, deduplicated, compressed: [`ship_chunks`]). Where
@@ -23,7 +23,7 @@
 //! the replica consistent, exactly as after the initial copy.
 //!
 //! Reads are rate-limited (`--resync-rate`, a token bucket on bytes read from the source) and
-//! back off while the application writes heavily: see [`ResyncOptions::backoff_rate`].
+//! back off while the application writes heavily: see [`ResyncOptions::backoff_rate`](crate::config::ResyncOptions::backoff_rate).
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -37,12 +37,13 @@ use crossbeam_channel::{bounded, Receiver};
 use nbd_proto::client::Client;
 use tracker::control::{self, Request};
 use tracker::{CutInfo, Status};
-use wire::{Consistency, Frame, GenerationKind, Hash, InitialSync, PointRef};
+use wire::session::DiskState;
+use wire::{Consistency, Frame, GenerationKind, Hash, InitialSync, PointRef, ZeroHashes};
 
-use crate::link::{frame_name, Link};
-use crate::run::{now_ms, summary, Agent, Summary};
+use super::{now_ms, progress_bar, summary, Session};
+use crate::config::Summary;
+use crate::error::AgentError;
 use crate::ship::{ship_chunks, Stats, MAX_CHUNK};
-use crate::AgentError;
 
 /// Bytes of the disk one level-1 query covers: a map region of the store.
 pub const REGION: u64 = 64 << 20;
@@ -68,27 +69,6 @@ const BACKOFF_PAUSE: Duration = Duration::from_secs(1);
 const BACKOFF_MAX_PAUSE: Duration = Duration::from_secs(10);
 const BACKOFF_RUN: Duration = Duration::from_secs(2);
 
-/// How a resync is started and paced.
-#[derive(Clone, Debug)]
-pub struct ResyncOptions {
-    /// Resync at the start even if nothing calls for it (`--resync`).
-    pub force: bool,
-    /// Most bytes per second read from the source (`--resync-rate`); `None`: unlimited.
-    pub rate: Option<u64>,
-    /// Backoff rule (`--resync-backoff`): every second the agent reads the shim's
-    /// `live_dirty_bytes`; when it grew faster than this many bytes per second (the
-    /// application dirtied that much new data), reads pause for a second. After 10 s of pausing
-    /// in a row they run for 2 s regardless, so a busy application slows a resync (to a sixth at
-    /// worst) but never stops it. `0` disables the backoff.
-    pub backoff_rate: u64,
-}
-
-impl Default for ResyncOptions {
-    fn default() -> Self {
-        Self { force: false, rate: None, backoff_rate: 32 << 20 }
-    }
-}
-
 /// Why a resync is due, or `None`. `forced`: `--resync` was given and not yet done.
 pub(crate) fn resync_reason(
     st: &Status,
@@ -99,7 +79,7 @@ pub(crate) fn resync_reason(
     if forced {
         return Some("requested (--resync)".into());
     }
-    if let Some(i) = initial.filter(|i| i.generation > latest.generation) {
+    if let Some(i) = DiskState::interrupted_resync(initial, latest) {
         return Some(format!(
             "the server holds an interrupted resync (generation {}, {} bytes done)",
             i.generation, i.next_offset
@@ -124,41 +104,6 @@ pub(crate) fn resync_reason(
         ));
     }
     None
-}
-
-/// blake3 of `len` zero bytes.
-fn zero_hash(len: u64) -> Hash {
-    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
-    let mut h = blake3::Hasher::new();
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(ZEROS.len() as u64);
-        h.update(&ZEROS[..n as usize]);
-        left -= n;
-    }
-    *h.finalize().as_bytes()
-}
-
-/// Zero hashes of the block sizes in use, computed once; other lengths (a disk's last, short
-/// block) on demand.
-#[derive(Clone, Copy)]
-struct Zeroes {
-    coarse: (u64, Hash),
-    fine: (u64, Hash),
-}
-
-impl Zeroes {
-    fn new(coarse: u64, fine: u64) -> Self {
-        Self { coarse: (coarse, zero_hash(coarse)), fine: (fine, zero_hash(fine)) }
-    }
-
-    fn get(&self, len: u64) -> Hash {
-        match len {
-            l if l == self.coarse.0 => self.coarse.1,
-            l if l == self.fine.0 => self.fine.1,
-            l => zero_hash(l),
-        }
-    }
 }
 
 /// A token bucket on bytes read from the source: up to one second's worth in a burst; a read
@@ -224,7 +169,7 @@ impl Pace {
     }
 }
 
-/// The backoff rule of [`ResyncOptions::backoff_rate`], fed one sample of the shim's
+/// The backoff rule of [`ResyncOptions::backoff_rate`](crate::config::ResyncOptions::backoff_rate), fed one sample of the shim's
 /// `live_dirty_bytes` at a time.
 struct Backoff {
     rate: u64,
@@ -384,7 +329,7 @@ fn compare_fine(
     fine: u64,
     source: &[Hash],
     server: &[Hash],
-    zeroes: &Zeroes,
+    zeroes: &ZeroHashes,
     diff: &mut Diff,
 ) {
     for (j, (src, srv)) in source.iter().zip(server).enumerate() {
@@ -397,37 +342,6 @@ fn compare_fine(
         } else {
             push_extent(&mut diff.data, s, len);
         }
-    }
-}
-
-/// Replies the resync waits for, in the order the server sends them.
-fn expect_hashes(link: &mut Link, offset: u64, block: u64, count: u64) -> Result<Vec<Hash>, AgentError> {
-    match link.recv()? {
-        Frame::Hashes { offset: o, block: b, hashes }
-            if o == offset && u64::from(b) == block && hashes.len() as u64 == count =>
-        {
-            Ok(hashes)
-        }
-        other => Err(AgentError::Protocol(format!(
-            "expected Hashes for {offset}+{count}×{block}, got {}",
-            describe(&other)
-        ))),
-    }
-}
-
-fn describe(f: &Frame) -> String {
-    match f {
-        Frame::Hashes { offset, block, hashes } => {
-            format!("Hashes for {offset}+{}×{block}", hashes.len())
-        }
-        f => frame_name(f).to_string(),
-    }
-}
-
-fn expect_progress_ack(link: &mut Link, next: u64) -> Result<(), AgentError> {
-    match link.recv()? {
-        Frame::ProgressAck { next_offset } if next_offset == next => Ok(()),
-        other => Err(AgentError::Protocol(format!("expected ProgressAck, got {}", frame_name(&other)))),
     }
 }
 
@@ -449,7 +363,7 @@ struct Progress {
 
 impl Progress {
     fn new(show_bar: bool, total: u64) -> Self {
-        let bar = crate::run::progress_bar(show_bar, total, "resync", " {msg}");
+        let bar = progress_bar(show_bar, total, "resync", " {msg}");
         Self { bar, total, start: Instant::now(), last_log: Instant::now() }
     }
 
@@ -476,352 +390,341 @@ impl Progress {
     }
 }
 
-impl Agent<'_> {
-    /// Runs a resync against `latest` (resuming `initial` when it is a resync this shim can
-    /// continue), commits it as an inconsistent point, clears the shim's resync-required and
-    /// returns the summary.
-    pub(crate) fn resync(
-        &mut self,
-        link: &mut Link,
-        latest: PointRef,
-        initial: Option<InitialSync>,
-        why: &str,
-    ) -> Result<Summary, AgentError> {
-        let cfg = self.cfg;
-        let start_time = Instant::now();
-        let (out0, in0) = (link.bytes_out, link.bytes_in);
-        let status = self.status()?;
-        let size = status.size;
-        // Blocks at least as large as the tracking granularity, so every extent is aligned.
-        let fine = FINE.max(status.granularity);
-        let coarse = COARSE.max(fine);
-        let resumable = initial.filter(|i| {
-            // The shim that cut the generation still tracks every write since (its ids went on
-            // from there); a shim that restarted without its state would miss some.
-            i.generation > latest.generation && status.next_generation > i.generation
-        });
-        if let (Some(i), None) = (initial, resumable) {
-            if i.generation > latest.generation {
-                tracing::warn!(
-                    generation = i.generation,
-                    next_offset = i.next_offset,
-                    "the shim no longer tracks since the interrupted resync's cut: starting it over"
-                );
-            }
-        }
-        let (generation, cut_ms, from) = match resumable {
-            Some(i) => {
-                tracing::info!(generation = i.generation, next_offset = i.next_offset, %why, "resuming the resync");
-                (i.generation, now_ms(), i.next_offset.min(size))
-            }
-            None => {
-                let cut = self.start_cut(&latest)?;
-                tracing::info!(generation = cut.generation, base = latest.point, %why, "resync");
-                (cut.generation, cut.cut_unix_ms, 0)
-            }
-        };
-        // Every generation up to this one is covered by the comparison of the live disk, so
-        // they go now; until the resync commits, the shim says a resync is required, or a
-        // resync interrupted before the server kept a checkpoint would leave their writes on
-        // no point at all (the next run would see no reason to resync and ship only newer
-        // generations).
-        self.control::<serde_json::Value>(&Request::RequireResync {
-            why: format!("a resync (generation {generation}) has not committed yet"),
-        })?;
-        for g in self.status()?.generations.iter().filter(|g| g.id <= generation) {
-            self.control::<serde_json::Value>(&Request::Release { generation: g.id })?;
-        }
-        self.consistency.retain(|(g, _)| *g > generation);
-        link.send(&Frame::BeginGeneration {
-            disk: cfg.disk.clone(),
-            generation,
-            kind: GenerationKind::InitialFull,
-            base_point: Some(latest.point),
-        })?;
-        let from = from - from % coarse;
-        let mut stats = Stats::default();
-        let mut counts = Counts::default();
-        let mut progress = Progress::new(cfg.progress, size - from);
-        let pace = Pace {
-            bucket: cfg.resync.rate.map(Bucket::new),
-            start: Instant::now(),
-            paused_until_ms: AtomicU64::new(0),
-            stop: AtomicBool::new(false),
-        };
-        let holes = {
-            let mut client = Client::connect_unix(&cfg.socket, &cfg.export, &["base:allocation"])?;
-            let map = client.map("base:allocation")?;
-            let _ = client.disconnect();
-            Holes(map.into_iter().filter(|e| e.2 & 1 != 0).map(|e| (e.0, e.1)).collect())
-        };
-        let zeroes = Zeroes::new(coarse, fine);
-        let bytes_read = AtomicU64::new(0);
-        // Readers take pieces in order from a shared counter and send them back tagged; the
-        // comparison puts them back in order.
-        let next_piece = AtomicU64::new(0);
-        let pieces: Vec<(u64, u64)> = read_pieces(from, size);
-        let image = open_image(&cfg.control, size);
-        std::thread::scope(|scope| -> Result<(), AgentError> {
-            let (piece_tx, piece_rx) = bounded::<Result<Piece, AgentError>>(LOOKAHEAD);
-            let readers = cfg.readers.max(1).min(pieces.len().max(1));
-            for _ in 0..readers {
-                let (tx, pieces, next, pace, holes, zeroes, read) =
-                    (piece_tx.clone(), &pieces, &next_piece, &pace, &holes, &zeroes, &bytes_read);
-                let image = image.as_ref();
-                scope.spawn(move || {
-                    let client = match Client::connect_unix(&cfg.socket, &cfg.export, &[]) {
-                        Ok(c) => c,
-                        Err(e) => {
-                            let _ = tx.send(Err(e.into()));
-                            return;
-                        }
-                    };
-                    let source = Source { client, image };
-                    read_source(source, pieces, next, coarse, pace, holes, zeroes, read, &tx);
-                });
-            }
-            drop(piece_tx);
-            if cfg.resync.backoff_rate > 0 {
-                let pace = &pace;
-                scope.spawn(move || backoff_monitor(&cfg.control, cfg.resync.backoff_rate, pace));
-            }
-            let r = self.compare_regions(
-                link,
-                latest.point,
-                from,
-                size,
-                (coarse, fine),
-                &zeroes,
-                &pace,
-                &piece_rx,
-                &mut stats,
-                &mut counts,
-                &mut progress,
-            );
-            pace.stop.store(true, Ordering::Relaxed);
-            // Unblock readers waiting to hand over a piece.
-            while piece_rx.try_recv().is_ok() {}
-            drop(piece_rx);
-            r
-        })?;
-        stats.bytes_read += bytes_read.load(Ordering::Relaxed);
-        progress.update(&counts, true);
-        progress.bar.finish_and_clear();
-        let point = self.commit(link, generation, cut_ms, Consistency::Inconsistent, None)?;
-        // The replica now holds the whole disk (fuzzy); the live set covers what changed since.
-        self.control::<serde_json::Value>(&Request::ClearResync)?;
-        self.report(point, generation, cut_ms)?;
-        let mut s =
-            summary("resync", generation, point, Consistency::Inconsistent, &stats, start_time, &cfg.metrics);
-        s.bytes_matched = counts.matched;
-        s.bytes_transferred = counts.transferred;
-        s.wire_bytes_sent = Some(link.bytes_out - out0);
-        s.wire_bytes_received = Some(link.bytes_in - in0);
-        tracing::info!(
-            point,
-            generation,
-            matched = s.bytes_matched,
-            transferred = s.bytes_transferred,
-            read = s.bytes_read,
-            sent = s.bytes_sent,
-            wire_out = s.wire_bytes_sent,
-            wire_in = s.wire_bytes_received,
-            "resync committed"
+/// Runs a resync against `latest` (resuming `initial` when it is a resync this shim can
+/// continue), commits it as an inconsistent point, clears the shim's resync-required and
+/// returns the summary.
+pub(crate) fn resync(
+    session: &mut Session<'_>,
+    latest: PointRef,
+    initial: Option<InitialSync>,
+    why: &str,
+) -> Result<Summary, AgentError> {
+    let cfg = session.cfg;
+    let start_time = Instant::now();
+    let (out0, in0) = (session.link.bytes_out, session.link.bytes_in);
+    let status = session.status()?;
+    let size = status.size;
+    // Blocks at least as large as the tracking granularity, so every extent is aligned.
+    let fine = FINE.max(status.granularity);
+    let coarse = COARSE.max(fine);
+    let resumable = DiskState::resumable_resync(initial, &latest, status.next_generation);
+    if let (Some(i), None) = (DiskState::interrupted_resync(initial, &latest), resumable) {
+        tracing::warn!(
+            generation = i.generation,
+            next_offset = i.next_offset,
+            "the shim no longer tracks since the interrupted resync's cut: starting it over"
         );
-        Ok(s)
     }
-
-    /// Cuts the generation the resync becomes, above the server's latest point: a shim that
-    /// started over numbers its generations from 1 again, and the server only accepts rising
-    /// ones. The generations cut and released on the way carry nothing the resync does not
-    /// cover (it reads the live disk after this cut).
-    fn start_cut(&mut self, latest: &PointRef) -> Result<CutInfo, AgentError> {
-        let mut cut: CutInfo = self.control(&Request::Cut)?;
-        let first = cut.generation;
-        while cut.generation <= latest.generation {
-            self.control::<serde_json::Value>(&Request::Release { generation: cut.generation })?;
-            cut = self.control(&Request::Cut)?;
+    let (generation, cut_ms, from) = match resumable {
+        Some(i) => {
+            tracing::info!(generation = i.generation, next_offset = i.next_offset, %why, "resuming the resync");
+            (i.generation, now_ms(), i.next_offset.min(size))
         }
-        if cut.generation != first {
-            tracing::info!(
-                from = first,
-                to = cut.generation,
-                "advanced the shim's generation ids past the server's latest point"
-            );
+        None => {
+            let cut = start_cut(session, &latest)?;
+            tracing::info!(generation = cut.generation, base = latest.point, %why, "resync");
+            (cut.generation, cut.cut_unix_ms, 0)
         }
-        Ok(cut)
+    };
+    // Every generation up to this one is covered by the comparison of the live disk, so
+    // they go now; until the resync commits, the shim says a resync is required, or a
+    // resync interrupted before the server kept a checkpoint would leave their writes on
+    // no point at all (the next run would see no reason to resync and ship only newer
+    // generations).
+    session.control::<serde_json::Value>(&Request::RequireResync {
+        why: format!("a resync (generation {generation}) has not committed yet"),
+    })?;
+    for g in session.status()?.generations.iter().filter(|g| g.id <= generation) {
+        session.control::<serde_json::Value>(&Request::Release { generation: g.id })?;
     }
-
-    /// The comparison: level-1 queries kept [`DEPTH`] regions ahead so the server hashes the
-    /// next region while this one is compared, level-2 queries behind them, replies taken in
-    /// order. Zero extents go out at once; data extents are shipped at each checkpoint (the
-    /// pipeline drained, so no reply is outstanding), then `Progress`.
-    #[allow(clippy::too_many_arguments)]
-    fn compare_regions(
-        &mut self,
-        link: &mut Link,
-        base: u64,
-        from: u64,
-        size: u64,
-        (coarse, fine): (u64, u64),
-        zeroes: &Zeroes,
-        pace: &Pace,
-        pieces: &Receiver<Result<Piece, AgentError>>,
-        stats: &mut Stats,
-        counts: &mut Counts,
-        progress: &mut Progress,
-    ) -> Result<(), AgentError> {
-        let cfg = self.cfg;
-        let mut source = SourceHashes { rx: pieces, reorder: Default::default() };
-        let mut l2_client: Option<Client> = None;
-        let max_run = (wire::MAX_HASHES as u64 * fine / coarse) as usize;
-        // Replies expected, in order; regions being compared, in order, with their level-2
-        // replies still expected.
-        let mut expect: VecDeque<Expect> = VecDeque::new();
-        let mut regions: VecDeque<(u64, usize)> = VecDeque::new();
-        let mut next_query = from;
-        let mut compared = from;
-        let mut pending_data: Vec<(u64, u64)> = Vec::new();
-        let mut last_progress = (Instant::now(), from);
-        let mut draining = false;
-        loop {
-            while !draining && next_query < size && regions.len() < DEPTH {
-                let end = ((next_query / REGION + 1) * REGION).min(size);
-                link.queue(&Frame::HashQuery {
-                    disk: cfg.disk.clone(),
-                    point: base,
-                    offset: next_query,
-                    len: end - next_query,
-                    block: coarse as u32,
-                });
-                expect.push_back(Expect::Coarse { start: next_query, end });
-                regions.push_back((end, 1));
-                next_query = end;
-            }
-            let Some(want) = expect.pop_front() else {
-                // Drained: everything below `compared` is compared and its zero extents
-                // queued; ship its data, then make it durable (unless the commit does).
-                debug_assert_eq!(compared, next_query);
-                // The data is read once more, under the same pacing.
-                if !pace.before_read(pending_data.iter().map(|c| c.1).sum()) {
-                    return Err(AgentError::Protocol("resync stopped".into()));
-                }
-                self.ship(link, &pending_data, stats)?;
-                counts.transferred += pending_data.iter().map(|c| c.1).sum::<u64>();
-                pending_data.clear();
-                progress.update(counts, false);
-                if compared >= size {
-                    return Ok(());
-                }
-                link.send(&Frame::Progress { next_offset: compared })?;
-                expect_progress_ack(link, compared)?;
-                cfg.metrics.progress_total.fetch_add(1, Ordering::Relaxed);
-                last_progress = (Instant::now(), compared);
-                draining = false;
-                continue;
-            };
-            let mut diff = Diff::default();
-            match want {
-                Expect::Coarse { start, end } => {
-                    link.flush()?;
-                    let count = wire::hash_count(end - start, coarse as u32);
-                    // The source's side first: the readers are usually ahead.
-                    let src = source.take(start, end, coarse)?;
-                    let server = expect_hashes(link, start, coarse, count)?;
-                    let runs = compare_coarse(start, end, coarse, &server, &src, max_run, &mut diff);
-                    let server_zero = |i: usize| {
-                        let s = start + i as u64 * coarse;
-                        server[i] == zeroes.get((s + coarse).min(end) - s)
-                    };
-                    let mut buf = Vec::new();
-                    for (i, n) in runs {
-                        let s = start + i as u64 * coarse;
-                        let e = (s + n as u64 * coarse).min(end);
-                        buf.resize((e - s) as usize, 0);
-                        if !pace.before_read(e - s) {
-                            return Err(AgentError::Protocol("resync stopped".into()));
-                        }
-                        let client = match &mut l2_client {
-                            Some(c) => c,
-                            None => l2_client.insert(Client::connect_unix(&cfg.socket, &cfg.export, &[])?),
-                        };
-                        client.read(s, &mut buf)?;
-                        stats.bytes_read += e - s;
-                        let src_fine = fine_hashes(&buf, fine);
-                        if (i..i + n).all(server_zero) {
-                            // The server's blocks read as zeroes: so do all their pieces.
-                            let n = src_fine.len() as u64;
-                            let srv: Vec<Hash> = (0..n)
-                                .map(|j| zeroes.get((s + (j + 1) * fine).min(e) - (s + j * fine)))
-                                .collect();
-                            compare_fine(s, e, fine, &src_fine, &srv, zeroes, &mut diff);
-                        } else {
-                            link.queue(&Frame::HashQuery {
-                                disk: cfg.disk.clone(),
-                                point: base,
-                                offset: s,
-                                len: e - s,
-                                block: fine as u32,
-                            });
-                            expect.push_back(Expect::Fine { start: s, end: e, source: src_fine });
-                            regions.iter_mut().find(|r| r.0 == end).expect("queried region").1 += 1;
-                        }
+    session.memory.consistency.retain(|(g, _)| *g > generation);
+    session.link.send(&Frame::BeginGeneration {
+        disk: cfg.disk.clone(),
+        generation,
+        kind: GenerationKind::InitialFull,
+        base_point: Some(latest.point),
+    })?;
+    let from = from - from % coarse;
+    let mut stats = Stats::default();
+    let mut counts = Counts::default();
+    let mut progress = Progress::new(cfg.progress, size - from);
+    let pace = Pace {
+        bucket: cfg.resync.rate.map(Bucket::new),
+        start: Instant::now(),
+        paused_until_ms: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+    };
+    let holes = {
+        let mut client = Client::connect_unix(&cfg.socket, &cfg.export, &["base:allocation"])?;
+        let map = client.map("base:allocation")?;
+        let _ = client.disconnect();
+        Holes(map.into_iter().filter(|e| e.2 & 1 != 0).map(|e| (e.0, e.1)).collect())
+    };
+    let zeroes = ZeroHashes::of(&[coarse, fine]);
+    let bytes_read = AtomicU64::new(0);
+    // Readers take pieces in order from a shared counter and send them back tagged; the
+    // comparison puts them back in order.
+    let next_piece = AtomicU64::new(0);
+    let pieces: Vec<(u64, u64)> = read_pieces(from, size);
+    let image = open_image(&cfg.control, size);
+    std::thread::scope(|scope| -> Result<(), AgentError> {
+        let (piece_tx, piece_rx) = bounded::<Result<Piece, AgentError>>(LOOKAHEAD);
+        let readers = cfg.readers.max(1).min(pieces.len().max(1));
+        for _ in 0..readers {
+            let (tx, pieces, next, pace, holes, zeroes, read) =
+                (piece_tx.clone(), &pieces, &next_piece, &pace, &holes, &zeroes, &bytes_read);
+            let image = image.as_ref();
+            scope.spawn(move || {
+                let client = match Client::connect_unix(&cfg.socket, &cfg.export, &[]) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into()));
+                        return;
                     }
-                    let region = regions.iter_mut().find(|r| r.0 == end).expect("queried region");
-                    region.1 -= 1;
-                }
-                Expect::Fine { start, end, source: src } => {
-                    let n = wire::hash_count(end - start, fine as u32);
-                    let server = expect_hashes(link, start, fine, n)?;
-                    compare_fine(start, end, fine, &src, &server, zeroes, &mut diff);
-                    let region = regions.iter_mut().find(|r| r.0 >= end).expect("queried region");
-                    region.1 -= 1;
-                }
-            }
-            for &(o, l) in &diff.zero {
-                link.queue(&Frame::Zero { offset: o, len: l });
-                stats.bytes_zero += l;
-            }
-            counts.matched += diff.matched;
-            counts.transferred += diff.zero.iter().map(|z| z.1).sum::<u64>();
-            pending_data.extend(diff.data);
-            while regions.front().is_some_and(|r| r.1 == 0) {
-                compared = regions.pop_front().expect("checked").0;
-            }
-            progress.update(counts, false);
-            if compared > last_progress.1 && last_progress.0.elapsed() >= PROGRESS_INTERVAL {
-                // Checkpoint: stop asking, let the replies drain, then ship and `Progress`.
-                draining = true;
-            }
-            if next_query >= size {
-                draining = true;
-            }
+                };
+                let source = Source { client, image };
+                read_source(source, pieces, next, coarse, pace, holes, zeroes, read, &tx);
+            });
         }
-    }
+        drop(piece_tx);
+        if cfg.resync.backoff_rate > 0 {
+            let pace = &pace;
+            scope.spawn(move || backoff_monitor(&cfg.control, cfg.resync.backoff_rate, pace));
+        }
+        let r = compare_regions(
+            session,
+            latest.point,
+            from,
+            size,
+            (coarse, fine),
+            &zeroes,
+            &pace,
+            &piece_rx,
+            &mut stats,
+            &mut counts,
+            &mut progress,
+        );
+        pace.stop.store(true, Ordering::Relaxed);
+        // Unblock readers waiting to hand over a piece.
+        while piece_rx.try_recv().is_ok() {}
+        drop(piece_rx);
+        r
+    })?;
+    stats.bytes_read += bytes_read.load(Ordering::Relaxed);
+    progress.update(&counts, true);
+    progress.bar.finish_and_clear();
+    let point = session.commit(generation, cut_ms, Consistency::Inconsistent, None)?;
+    // The replica now holds the whole disk (fuzzy); the live set covers what changed since.
+    session.control::<serde_json::Value>(&Request::ClearResync)?;
+    session.report(point, generation, cut_ms)?;
+    let mut s =
+        summary("resync", generation, point, Consistency::Inconsistent, &stats, start_time, &cfg.metrics);
+    s.bytes_matched = counts.matched;
+    s.bytes_transferred = counts.transferred;
+    s.wire_bytes_sent = Some(session.link.bytes_out - out0);
+    s.wire_bytes_received = Some(session.link.bytes_in - in0);
+    tracing::info!(
+        point,
+        generation,
+        matched = s.bytes_matched,
+        transferred = s.bytes_transferred,
+        read = s.bytes_read,
+        sent = s.bytes_sent,
+        wire_out = s.wire_bytes_sent,
+        wire_in = s.wire_bytes_received,
+        "resync committed"
+    );
+    Ok(s)
+}
 
-    /// Sends data extents (read again from the live disk, hashed, deduplicated, compressed).
-    fn ship(&self, link: &mut Link, data: &[(u64, u64)], stats: &mut Stats) -> Result<(), AgentError> {
-        let cfg = self.cfg;
-        let chunks = split_chunks(data);
-        if chunks.is_empty() {
-            return Ok(());
-        }
-        let before = stats.bytes_read;
-        ship_chunks(
-            link,
-            &cfg.socket,
-            &cfg.export,
-            &chunks,
-            cfg.readers,
-            cfg.zstd_level,
-            &self.known,
-            stats,
-            None,
-            &mut |_| {},
-        )?;
-        debug_assert_eq!(stats.bytes_read - before, chunks.iter().map(|c| c.1).sum::<u64>());
-        Ok(())
+/// Cuts the generation the resync becomes, above the server's latest point: a shim that
+/// started over numbers its generations from 1 again, and the server only accepts rising
+/// ones. The generations cut and released on the way carry nothing the resync does not
+/// cover (it reads the live disk after this cut).
+fn start_cut(session: &Session<'_>, latest: &PointRef) -> Result<CutInfo, AgentError> {
+    let mut cut: CutInfo = session.control(&Request::Cut)?;
+    let first = cut.generation;
+    while cut.generation <= latest.generation {
+        session.control::<serde_json::Value>(&Request::Release { generation: cut.generation })?;
+        cut = session.control(&Request::Cut)?;
     }
+    if cut.generation != first {
+        tracing::info!(
+            from = first,
+            to = cut.generation,
+            "advanced the shim's generation ids past the server's latest point"
+        );
+    }
+    Ok(cut)
+}
+
+/// The comparison: level-1 queries kept [`DEPTH`] regions ahead so the server hashes the
+/// next region while this one is compared, level-2 queries behind them, replies taken in
+/// order. Zero extents go out at once; data extents are shipped at each checkpoint (the
+/// pipeline drained, so no reply is outstanding), then `Progress`.
+#[allow(clippy::too_many_arguments)]
+fn compare_regions(
+    session: &mut Session<'_>,
+    base: u64,
+    from: u64,
+    size: u64,
+    (coarse, fine): (u64, u64),
+    zeroes: &ZeroHashes,
+    pace: &Pace,
+    pieces: &Receiver<Result<Piece, AgentError>>,
+    stats: &mut Stats,
+    counts: &mut Counts,
+    progress: &mut Progress,
+) -> Result<(), AgentError> {
+    let cfg = session.cfg;
+    let mut source = SourceHashes { rx: pieces, reorder: Default::default() };
+    let mut l2_client: Option<Client> = None;
+    let max_run = (wire::MAX_HASHES as u64 * fine / coarse) as usize;
+    // Replies expected, in order; regions being compared, in order, with their level-2
+    // replies still expected.
+    let mut expect: VecDeque<Expect> = VecDeque::new();
+    let mut regions: VecDeque<(u64, usize)> = VecDeque::new();
+    let mut next_query = from;
+    let mut compared = from;
+    let mut pending_data: Vec<(u64, u64)> = Vec::new();
+    let mut last_progress = (Instant::now(), from);
+    let mut draining = false;
+    loop {
+        while !draining && next_query < size && regions.len() < DEPTH {
+            let end = ((next_query / REGION + 1) * REGION).min(size);
+            session.link.queue(&Frame::HashQuery {
+                disk: cfg.disk.clone(),
+                point: base,
+                offset: next_query,
+                len: end - next_query,
+                block: coarse as u32,
+            })?;
+            expect.push_back(Expect::Coarse { start: next_query, end });
+            regions.push_back((end, 1));
+            next_query = end;
+        }
+        let Some(want) = expect.pop_front() else {
+            // Drained: everything below `compared` is compared and its zero extents
+            // queued; ship its data, then make it durable (unless the commit does).
+            debug_assert_eq!(compared, next_query);
+            // The data is read once more, under the same pacing.
+            if !pace.before_read(pending_data.iter().map(|c| c.1).sum()) {
+                return Err(AgentError::Protocol("resync stopped".into()));
+            }
+            ship(session, &pending_data, stats)?;
+            counts.transferred += pending_data.iter().map(|c| c.1).sum::<u64>();
+            pending_data.clear();
+            progress.update(counts, false);
+            if compared >= size {
+                return Ok(());
+            }
+            session.link.progress(compared)?;
+            cfg.metrics.progress_total.fetch_add(1, Ordering::Relaxed);
+            last_progress = (Instant::now(), compared);
+            draining = false;
+            continue;
+        };
+        let mut diff = Diff::default();
+        match want {
+            Expect::Coarse { start, end } => {
+                session.link.flush()?;
+                // The source's side first: the readers are usually ahead.
+                let src = source.take(start, end, coarse)?;
+                // In the order asked: the session machine checked that they answer this query.
+                let server = session.link.hashes()?;
+                let runs = compare_coarse(start, end, coarse, &server, &src, max_run, &mut diff);
+                let server_zero = |i: usize| {
+                    let s = start + i as u64 * coarse;
+                    server[i] == zeroes.get((s + coarse).min(end) - s)
+                };
+                let mut buf = Vec::new();
+                for (i, n) in runs {
+                    let s = start + i as u64 * coarse;
+                    let e = (s + n as u64 * coarse).min(end);
+                    buf.resize((e - s) as usize, 0);
+                    if !pace.before_read(e - s) {
+                        return Err(AgentError::Protocol("resync stopped".into()));
+                    }
+                    let client = match &mut l2_client {
+                        Some(c) => c,
+                        None => l2_client.insert(Client::connect_unix(&cfg.socket, &cfg.export, &[])?),
+                    };
+                    client.read(s, &mut buf)?;
+                    stats.bytes_read += e - s;
+                    let src_fine = fine_hashes(&buf, fine);
+                    if (i..i + n).all(server_zero) {
+                        // The server's blocks read as zeroes: so do all their pieces.
+                        let n = src_fine.len() as u64;
+                        let srv: Vec<Hash> = (0..n)
+                            .map(|j| zeroes.get((s + (j + 1) * fine).min(e) - (s + j * fine)))
+                            .collect();
+                        compare_fine(s, e, fine, &src_fine, &srv, zeroes, &mut diff);
+                    } else {
+                        session.link.queue(&Frame::HashQuery {
+                            disk: cfg.disk.clone(),
+                            point: base,
+                            offset: s,
+                            len: e - s,
+                            block: fine as u32,
+                        })?;
+                        expect.push_back(Expect::Fine { start: s, end: e, source: src_fine });
+                        regions.iter_mut().find(|r| r.0 == end).expect("queried region").1 += 1;
+                    }
+                }
+                let region = regions.iter_mut().find(|r| r.0 == end).expect("queried region");
+                region.1 -= 1;
+            }
+            Expect::Fine { start, end, source: src } => {
+                // The session machine checked that they answer this query.
+                let server = session.link.hashes()?;
+                compare_fine(start, end, fine, &src, &server, zeroes, &mut diff);
+                let region = regions.iter_mut().find(|r| r.0 >= end).expect("queried region");
+                region.1 -= 1;
+            }
+        }
+        for &(o, l) in &diff.zero {
+            session.link.queue(&Frame::Zero { offset: o, len: l })?;
+            stats.bytes_zero += l;
+        }
+        counts.matched += diff.matched;
+        counts.transferred += diff.zero.iter().map(|z| z.1).sum::<u64>();
+        pending_data.extend(diff.data);
+        while regions.front().is_some_and(|r| r.1 == 0) {
+            compared = regions.pop_front().expect("checked").0;
+        }
+        progress.update(counts, false);
+        if compared > last_progress.1 && last_progress.0.elapsed() >= PROGRESS_INTERVAL {
+            // Checkpoint: stop asking, let the replies drain, then ship and `Progress`.
+            draining = true;
+        }
+        if next_query >= size {
+            draining = true;
+        }
+    }
+}
+
+/// Sends data extents (read again from the live disk, hashed, deduplicated, compressed).
+fn ship(session: &mut Session<'_>, data: &[(u64, u64)], stats: &mut Stats) -> Result<(), AgentError> {
+    let cfg = session.cfg;
+    let chunks = split_chunks(data);
+    if chunks.is_empty() {
+        return Ok(());
+    }
+    let before = stats.bytes_read;
+    ship_chunks(
+        &mut session.link,
+        &cfg.socket,
+        &cfg.export,
+        &chunks,
+        cfg.readers,
+        cfg.zstd_level,
+        &session.memory.known,
+        stats,
+        None,
+        &mut |_| {},
+    )?;
+    debug_assert_eq!(stats.bytes_read - before, chunks.iter().map(|c| c.1).sum::<u64>());
+    Ok(())
 }
 
 /// A reply the comparison waits for.
@@ -959,7 +862,7 @@ fn read_source(
     coarse: u64,
     pace: &Pace,
     holes: &Holes,
-    zeroes: &Zeroes,
+    zeroes: &ZeroHashes,
     read: &AtomicU64,
     tx: &crossbeam_channel::Sender<Result<Piece, AgentError>>,
 ) {
@@ -1070,18 +973,18 @@ mod tests {
 
     #[test]
     fn fine_comparison_sends_only_differing_blocks() {
-        let zeroes = Zeroes::new(COARSE, FINE);
+        let zeroes = ZeroHashes::of(&[COARSE, FINE]);
         let mut data = vec![7u8; 5 * FINE as usize + 512];
         data[FINE as usize..2 * FINE as usize].fill(0);
         let hash = |d: &[u8]| *blake3::hash(d).as_bytes();
         let pieces: Vec<&[u8]> = data.chunks(FINE as usize).collect();
         let server = [
-            hash(pieces[0]), // equal
-            [1; 32],         // differs, zero on the source
-            [1; 32],         // differs
-            [1; 32],         // differs, adjacent: merged
-            hash(pieces[4]), // equal
-            zero_hash(512),  // the short last block differs
+            hash(pieces[0]),      // equal
+            [1; 32],              // differs, zero on the source
+            [1; 32],              // differs
+            [1; 32],              // differs, adjacent: merged
+            hash(pieces[4]),      // equal
+            wire::zero_hash(512), // the short last block differs
         ];
         let mut diff = Diff::default();
         let end = (1 << 20) + data.len() as u64;
