@@ -382,7 +382,7 @@ impl AgentSession {
             (Some(Due::Committed { generation, cut_unix_ms }), Frame::Committed { point, generation: g })
                 if g == generation =>
             {
-                if self.latest.map_or(true, |l| generation > l.generation) {
+                if self.latest.is_none_or(|l| generation > l.generation) {
                     self.latest = Some(PointRef { point, generation, cut_unix_ms });
                 }
                 Ok(Reply::Committed { point, generation })

@@ -156,7 +156,7 @@ impl<'a> Conn<'a> {
                 assert_eq!(self.pending.take().map(|p| p.0), Some(generation));
                 let point = st.points.len() as u64 + 1;
                 st.points.insert(generation, (point, digest));
-                if st.latest.map_or(true, |l| generation > l.generation) {
+                if st.latest.is_none_or(|l| generation > l.generation) {
                     st.latest = Some(PointRef { point, generation, cut_unix_ms });
                 }
                 st.checkpoint = None;
