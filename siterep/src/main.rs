@@ -1,8 +1,8 @@
 //! `siterep`: continuous block-level replication and disaster recovery for Linux.
 //!
 //! One binary, one subcommand per role. This file only parses the command line and wires the
-//! crates together; the work lives in the library crates (`shim`, `nbd-proto`, `tracker`, `agent`,
-//! `server`).
+//! crates together; the work lives in the library crates (`shim`, `nbd-proto`, `tracker`,
+//! `agent`, `wire`, `server`).
 #![forbid(unsafe_code)]
 
 mod certs;
