@@ -22,7 +22,7 @@ use rustls::pki_types::CertificateDer;
 use rustls::{ServerConfig, ServerConnection, StreamOwned};
 use wire::{ChunkData, Decoder, ErrorClass, Frame, Hash, InitialSync, PointRef};
 
-use crate::info::{Consistency, GenerationKind, PointSel};
+use crate::{Consistency, GenerationKind, PointSel};
 use crate::{PendingPoint, PointInfo, PointReader, Store, StoreError};
 
 /// How long an authenticated connection may stay silent before the server drops it.

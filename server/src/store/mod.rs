@@ -1,5 +1,24 @@
 //! The [`Store`]: one directory holding chunks, map pages, disks and their recovery points.
 
+mod chunk;
+pub(crate) mod durable;
+pub(crate) mod error;
+pub(crate) mod format;
+mod gc;
+pub(crate) mod info;
+pub(crate) mod map;
+pub mod medium;
+pub(crate) mod pending;
+pub(crate) mod quarantine;
+pub(crate) mod reader;
+pub(crate) mod scrub;
+mod source;
+
+#[cfg(test)]
+mod crash_tests;
+#[cfg(test)]
+mod tests;
+
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::fs::{self, File};
@@ -10,22 +29,20 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 
-use crate::chunk;
-use crate::durable::{self, read_bounded, sync_dir, write_atomic, TmpNames, TMP_PREFIX};
-use crate::error::{FormatError, StoreError};
-use crate::format::{
+use self::durable::{read_bounded, sync_dir, write_atomic, TmpNames, TMP_PREFIX};
+use self::error::{FormatError, StoreError};
+use self::format::{
     check_name, check_region_size, check_tag, decode_disk_record, decode_initial, decode_marker, decode_page,
     decode_point_record, decode_root, encode_marker, encode_page, encode_point_record, hex, max_marker_bytes,
     max_page_bytes, max_root_bytes, region_count, DiskRecord, InitialCheckpoint, Root, DISK_FORMAT,
     MAX_BLOCK_SIZE, MAX_DISK_SIZE, MAX_METADATA_BYTES, MAX_REGIONS, MAX_TAGS, MIN_BLOCK_SIZE, VERSION,
 };
-use crate::gc;
-use crate::map::RegionMap;
-use crate::medium::{DiskMedium, Medium};
-use crate::pending::{PendingPoint, PendingState};
-use crate::quarantine::{self, Object, Quarantined, QUARANTINE};
-use crate::reader::PointReader;
-use crate::scrub::{self, VerifyOptions, VerifyReport};
+use self::map::RegionMap;
+use self::medium::{DiskMedium, Medium};
+use self::pending::{PendingPoint, PendingState};
+use self::quarantine::{Object, Quarantined, QUARANTINE};
+use self::reader::PointReader;
+use self::scrub::{VerifyOptions, VerifyReport};
 use crate::{
     DiskInfo, GcReport, GenerationKind, InitialProgress, PointInfo, PointSel, Retention, StoreOptions,
 };

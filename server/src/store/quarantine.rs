@@ -25,10 +25,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::durable::{self, sync_dir, write_atomic, TMP_PREFIX};
-use crate::error::StoreError;
-use crate::format::{hex, unhex32};
-use crate::store::{now_unix_ms, point_file, Inner};
+use super::durable::{self, sync_dir, write_atomic, TMP_PREFIX};
+use super::error::StoreError;
+use super::format::{hex, unhex32};
+use super::{now_unix_ms, point_file, Inner};
 
 pub(crate) const QUARANTINE: &str = "quarantine";
 const RECORD_FORMAT: &str = "siterep.quarantine";
@@ -91,7 +91,7 @@ impl Object {
             ObjectKind::Page => unhex32(name).map(Object::Page),
             _ => {
                 let (disk, stem) = name.strip_suffix(".root")?.rsplit_once('.')?;
-                let id = crate::store::parse_point_file(&format!("{stem}.root"), "root")?;
+                let id = super::parse_point_file(&format!("{stem}.root"), "root")?;
                 Some(Object::Root(disk.to_string(), id))
             }
         }

@@ -16,11 +16,11 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::chunk;
-use crate::error::StoreError;
-use crate::format::DiskRecord;
-use crate::quarantine::{self, Object, ObjectKind};
-use crate::store::{point_file, Inner};
+use super::chunk;
+use super::error::StoreError;
+use super::format::DiskRecord;
+use super::quarantine::{self, Object, ObjectKind};
+use super::{point_file, Inner};
 
 /// What [`Store::verify`](crate::Store::verify) checks, and how fast.
 #[derive(Debug, Clone, Default)]

@@ -12,12 +12,12 @@ use std::collections::{BTreeSet, HashSet};
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
-use crate::durable::sync_dir;
-use crate::error::StoreError;
-use crate::format::{hex, ChunkHeader, CHUNK_HEADER, MAX_CHUNK_RAW, MAX_CHUNK_STORED};
-use crate::medium::Medium;
-use crate::quarantine::{self, Object};
-use crate::store::{Inner, CHUNKS};
+use super::durable::sync_dir;
+use super::error::StoreError;
+use super::format::{hex, ChunkHeader, CHUNK_HEADER, MAX_CHUNK_RAW, MAX_CHUNK_STORED};
+use super::medium::Medium;
+use super::quarantine::{self, Object};
+use super::{Inner, CHUNKS};
 
 /// A promotion touching at most this many shard directories fsyncs each of them; one touching
 /// more makes the renames durable with a second `syncfs` instead.

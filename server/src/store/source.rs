@@ -12,8 +12,8 @@ use std::sync::PoisonError;
 
 use serde::{Deserialize, Serialize};
 
-use crate::durable::{read_bounded, write_atomic};
-use crate::format::{hex, MAX_METADATA_BYTES};
+use super::durable::{read_bounded, write_atomic};
+use super::format::{hex, MAX_METADATA_BYTES};
 use crate::{FormatError, Store, StoreError};
 
 const SOURCE_FILE: &str = "source.json";
@@ -86,7 +86,7 @@ impl Store {
             version: 1,
             disk: disk.to_string(),
             source: offered,
-            bound_unix_ms: crate::store::now_unix_ms(),
+            bound_unix_ms: super::now_unix_ms(),
             reenrolled_at_point: if existing.is_some() { latest } else { None },
             reenrolled: existing.is_some(),
         };

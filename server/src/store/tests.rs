@@ -10,8 +10,9 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 
-use crate::format::hex;
-use crate::store::{CHUNKS, INCOMING, PAGES};
+use super::format::hex;
+use super::pending;
+use super::{CHUNKS, INCOMING, PAGES};
 use crate::*;
 
 const KIB: u64 = 1024;
@@ -402,7 +403,7 @@ fn invalid_requests_fail_loudly() {
     fs::create_dir(&other).unwrap();
     fs::write(other.join("file"), b"x").unwrap();
     assert!(matches!(Store::open(&other), Err(StoreError::NotAStore(_))));
-    let marker = store.root().join(crate::store::MARKER);
+    let marker = store.root().join(super::MARKER);
     let mut m = fs::read(&marker).unwrap();
     m[8] = 2;
     fs::write(&marker, &m).unwrap();
@@ -462,10 +463,10 @@ fn a_stale_checkpoint_of_a_committed_copy_is_dropped() {
     let mut p = store.begin("d", 1, GenerationKind::InitialFull, None).unwrap();
     p.add_chunk(0, 4096, put(&store, &[3; 4096])).unwrap();
     p.checkpoint(4096).unwrap();
-    let saved = fs::read(store.inner().disk_dir("d").join(crate::store::INITIAL_FILE)).unwrap();
+    let saved = fs::read(store.inner().disk_dir("d").join(super::INITIAL_FILE)).unwrap();
     p.commit(1, Consistency::Crash).unwrap();
     // A crash between the commit and the checkpoint's removal.
-    fs::write(store.inner().disk_dir("d").join(crate::store::INITIAL_FILE), saved).unwrap();
+    fs::write(store.inner().disk_dir("d").join(super::INITIAL_FILE), saved).unwrap();
     assert!(store.resume_initial("d").unwrap().is_none());
     assert_eq!(store.disk("d").unwrap().initial, None);
 }

@@ -10,10 +10,10 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::error::{FormatError, StoreError};
-use crate::format::Root;
-use crate::map::{DataRef, RegionMap};
-use crate::store::Inner;
+use super::error::{FormatError, StoreError};
+use super::format::Root;
+use super::map::{DataRef, RegionMap};
+use super::Inner;
 use crate::{ExtentKind, PointInfo, RestoreReport};
 
 /// Pages and chunks a reader keeps decoded (bounds its memory: chunks are at most 4 MiB).

@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::FormatError;
-use crate::map::{DataRef, RegionMap};
+use super::error::FormatError;
+use super::map::{DataRef, RegionMap};
 use crate::PointInfo;
 
 /// The version every format of this crate writes and the only one it reads.

@@ -4,12 +4,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use crate::chunk::{self, Found};
-use crate::durable::{sync_dir, write_atomic};
-use crate::error::StoreError;
-use crate::format::{encode_initial, encode_point_record, encode_root, DiskRecord, InitialCheckpoint, Root};
-use crate::map::{DataRef, RegionMap};
-use crate::store::{now_unix_ms, point_file, Inner, INITIAL_FILE, PAGES};
+use super::chunk::{self, Found};
+use super::durable::{sync_dir, write_atomic};
+use super::error::StoreError;
+use super::format::{encode_initial, encode_point_record, encode_root, DiskRecord, InitialCheckpoint, Root};
+use super::map::{DataRef, RegionMap};
+use super::{now_unix_ms, point_file, Inner, INITIAL_FILE, PAGES};
 use crate::{Consistency, GenerationKind, PointInfo};
 
 /// Regions held in memory before their pages are written out early (bounds a pending point's
@@ -272,7 +272,7 @@ impl PendingPoint {
             created_unix_ms: now_unix_ms(),
             tags: Vec::new(),
             changed_bytes: st.changed_bytes,
-            digest: digest.as_ref().map(|d| crate::format::hex(d)),
+            digest: digest.as_ref().map(|d| super::format::hex(d)),
         };
         let json = encode_point_record(&info, &root_sum);
         write_atomic(store.m(), &store.tmp, &dir, &point_file(id, "json"), &[&json], true)?;

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::format::hex;
+use super::format::hex;
 
 /// Why a stored file cannot be trusted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::format::DEFAULT_REGION_SIZE;
+use super::format::DEFAULT_REGION_SIZE;
 
 /// How a generation was produced by the agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -80,7 +80,7 @@ impl PointInfo {
     /// different one means another source made this point ([`StoreError::Diverged`]). A side
     /// without a digest is not compared.
     pub fn check_digest(&self, digest: Option<&[u8; 32]>) -> Result<(), crate::StoreError> {
-        match (digest.map(|d| crate::format::hex(d)), &self.digest) {
+        match (digest.map(|d| super::format::hex(d)), &self.digest) {
             (Some(sent), Some(have)) if &sent != have => Err(crate::StoreError::Diverged {
                 disk: self.disk.clone(),
                 generation: self.generation,

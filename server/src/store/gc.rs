@@ -16,11 +16,11 @@
 use std::collections::HashSet;
 use std::path::Path;
 
-use crate::durable::{self, sync_dir, TMP_PREFIX};
-use crate::error::StoreError;
-use crate::format::unhex32;
-use crate::quarantine::{self, Object};
-use crate::store::{parse_point_file, point_file, Inner, CHUNKS, PAGES};
+use super::durable::{self, sync_dir, TMP_PREFIX};
+use super::error::StoreError;
+use super::format::unhex32;
+use super::quarantine::{self, Object};
+use super::{parse_point_file, point_file, Inner, CHUNKS, PAGES};
 use crate::{GcReport, Retention};
 
 pub(crate) fn retain(inner: &Inner, policy: &Retention, now_unix_ms: u64) -> Result<GcReport, StoreError> {

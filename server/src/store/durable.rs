@@ -5,8 +5,8 @@ use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::error::{FormatError, StoreError};
-use crate::medium::Medium;
+use super::error::{FormatError, StoreError};
+use super::medium::Medium;
 
 /// Temporary files start with this; a sweep removes any it finds (none are in use then).
 pub(crate) const TMP_PREFIX: &str = ".tmp.";
@@ -103,7 +103,7 @@ pub(crate) fn list(m: &dyn Medium, dir: &Path) -> Result<Vec<String>, StoreError
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::medium::DiskMedium;
+    use crate::store::medium::DiskMedium;
     use std::fs;
 
     #[test]
