@@ -23,15 +23,15 @@
 pub mod net;
 mod store;
 
-pub use store::error::{FormatError, StoreError};
+pub use store::error::StoreError;
 pub use store::format::{
-    max_page_extents, DEFAULT_REGION_SIZE, MAX_BLOCK_SIZE, MAX_CHUNK_RAW, MAX_CHUNK_STORED, MAX_DISK_SIZE,
+    max_page_extents, FormatError, MAX_BLOCK_SIZE, MAX_CHUNK_RAW, MAX_CHUNK_STORED, MAX_DISK_SIZE,
     MAX_METADATA_BYTES, MAX_NAME_LEN, MAX_REGIONS, MAX_REGION_SIZE, MAX_TAGS, MAX_TAG_LEN, MIN_BLOCK_SIZE,
     MIN_REGION_SIZE, VERSION,
 };
 pub use store::info::{
     Consistency, DiskInfo, ExtentKind, GcReport, GenerationKind, InitialProgress, PointInfo, PointSel,
-    RestoreReport, Retention, StoreOptions,
+    RestoreReport, Retention, StoreOptions, DEFAULT_REGION_SIZE,
 };
 pub use store::medium::{self, DiskMedium, Medium, SimMedium};
 pub use store::pending::PendingPoint;

@@ -5,7 +5,8 @@ use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::error::{FormatError, StoreError};
+use super::error::StoreError;
+use super::format::FormatError;
 use super::medium::Medium;
 
 /// Temporary files start with this; a sweep removes any it finds (none are in use then).

@@ -49,7 +49,8 @@ use std::sync::{Arc, PoisonError};
 
 use self::damage::Damage;
 use self::durable::{read_bounded, sync_dir, write_atomic};
-use self::error::{FormatError, StoreError};
+use self::error::StoreError;
+use self::format::FormatError;
 use self::format::{
     check_name, check_region_size, check_tag, decode_marker, encode_point_record, max_marker_bytes,
     DiskRecord, Root, DISK_FORMAT, MAX_TAGS, VERSION,

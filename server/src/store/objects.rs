@@ -6,7 +6,8 @@ use std::path::Path;
 
 use super::chunk;
 use super::durable::{self, read_bounded, sync_dir, write_atomic};
-use super::error::{FormatError, StoreError};
+use super::error::StoreError;
+use super::format::FormatError;
 use super::format::{
     check_name, decode_disk_record, decode_initial, decode_page, decode_point_record, decode_root,
     encode_page, hex, max_page_bytes, max_root_bytes, region_count, DiskRecord, InitialCheckpoint, Root,

@@ -6,14 +6,14 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use super::chunk::{self, Found};
 use super::durable::{sync_dir, write_atomic};
 use super::error::StoreError;
-use super::format::{encode_initial, encode_point_record, encode_root, DiskRecord, InitialCheckpoint};
+use super::format::{encode_initial, encode_point_record, encode_root, hex, DiskRecord, InitialCheckpoint};
 use super::info::now_unix_ms;
+use super::info::{Consistency, GenerationKind, PointInfo};
 use super::layout::{point_file, INITIAL_FILE, PAGES};
 use super::live::PendingState;
 use super::map::{DataRef, RegionMap};
 use super::objects;
 use super::parts::Parts;
-use crate::{Consistency, GenerationKind, PointInfo};
 
 /// Regions held in memory before their pages are written out early (bounds a pending point's
 /// memory: a region's map is at most `region_size / 512` extents).
@@ -261,7 +261,7 @@ impl PendingPoint {
             created_unix_ms: now_unix_ms(),
             tags: Vec::new(),
             changed_bytes: st.changed_bytes,
-            digest: digest.as_ref().map(|d| super::format::hex(d)),
+            digest: digest.as_ref().map(|d| hex(d)),
         };
         let json = encode_point_record(&info, &root_sum);
         write_atomic(parts.m(), &parts.tmp, &dir, &point_file(id, "json"), &[&json], true)?;
@@ -284,6 +284,24 @@ impl PendingPoint {
             }
         }
         Ok(info)
+    }
+}
+
+impl PointInfo {
+    /// Checks that `digest`, the digest of a generation sent again, is this point's: a
+    /// different one means another source made this point ([`StoreError::Diverged`]). A side
+    /// without a digest is not compared.
+    pub fn check_digest(&self, digest: Option<&[u8; 32]>) -> Result<(), StoreError> {
+        match (digest.map(|d| hex(d)), &self.digest) {
+            (Some(sent), Some(have)) if &sent != have => Err(StoreError::Diverged {
+                disk: self.disk.clone(),
+                generation: self.generation,
+                point: self.id,
+                committed: have.clone(),
+                sent,
+            }),
+            _ => Ok(()),
+        }
     }
 }
 

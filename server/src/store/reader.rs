@@ -10,12 +10,13 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use super::error::{FormatError, StoreError};
+use super::error::StoreError;
+use super::format::FormatError;
 use super::format::Root;
+use super::info::{ExtentKind, PointInfo, RestoreReport};
 use super::map::{DataRef, RegionMap};
 use super::objects;
 use super::parts::Parts;
-use crate::{ExtentKind, PointInfo, RestoreReport};
 
 /// Pages and chunks a reader keeps decoded (bounds its memory: chunks are at most 4 MiB).
 const PAGE_CACHE: usize = 8;

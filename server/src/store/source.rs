@@ -13,7 +13,8 @@ use std::sync::PoisonError;
 use serde::{Deserialize, Serialize};
 
 use super::durable::{read_bounded, write_atomic};
-use super::error::{FormatError, StoreError};
+use super::error::StoreError;
+use super::format::FormatError;
 use super::format::{hex, MAX_METADATA_BYTES};
 use super::info::now_unix_ms;
 use super::layout::{CURRENT_FILE, SOURCE_FILE};
