@@ -29,6 +29,7 @@ pub use store::format::{
     MAX_METADATA_BYTES, MAX_NAME_LEN, MAX_REGIONS, MAX_REGION_SIZE, MAX_TAGS, MAX_TAG_LEN, MIN_BLOCK_SIZE,
     MIN_REGION_SIZE, VERSION,
 };
+pub use store::hashes::UNREADABLE_HASH;
 pub use store::info::{
     Consistency, DiskInfo, ExtentKind, GcReport, GenerationKind, InitialProgress, PointInfo, PointSel,
     RestoreReport, Retention, StoreOptions, DEFAULT_REGION_SIZE,

@@ -23,6 +23,7 @@ pub(crate) mod error;
 mod fault;
 pub(crate) mod format;
 mod gc;
+pub(crate) mod hashes;
 pub(crate) mod info;
 mod layout;
 mod live;
