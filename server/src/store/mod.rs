@@ -2,8 +2,8 @@
 //!
 //! The modules, bottom up (each uses only those above it in this list):
 //!
-//! - values and formats: `info` (public value types), `error`, `map` (a region's extents),
-//!   `format` (every on-disk format);
+//! - values and formats: `info` (public value types), `map` (a region's extents), `format`
+//!   (every on-disk format), `error`;
 //! - the lower parts: `medium` (where the files are: the file system, or a crash simulator),
 //!   `durable` (atomic writes and bounded reads over a medium), `layout` (the path of
 //!   everything), `lock` (in-process locks and the writer's and readers' lock files), `live`
@@ -18,7 +18,7 @@
 
 mod chunk;
 mod damage;
-pub(crate) mod durable;
+mod durable;
 pub(crate) mod error;
 mod fault;
 pub(crate) mod format;
@@ -28,7 +28,7 @@ pub(crate) mod info;
 mod layout;
 mod live;
 mod lock;
-pub(crate) mod map;
+mod map;
 pub mod medium;
 mod objects;
 mod parts;
@@ -51,10 +51,9 @@ use std::sync::{Arc, PoisonError};
 use self::damage::Damage;
 use self::durable::{read_bounded, sync_dir, write_atomic};
 use self::error::StoreError;
-use self::format::FormatError;
 use self::format::{
     check_name, check_region_size, check_tag, decode_marker, encode_point_record, max_marker_bytes,
-    DiskRecord, Root, DISK_FORMAT, MAX_TAGS, VERSION,
+    DiskRecord, FormatError, Root, DISK_FORMAT, MAX_TAGS, VERSION,
 };
 use self::info::{
     now_unix_ms, DiskInfo, GcReport, GenerationKind, InitialProgress, PointInfo, PointSel, Retention,

@@ -7,11 +7,10 @@ use std::path::Path;
 use super::chunk;
 use super::durable::{self, read_bounded, sync_dir, write_atomic};
 use super::error::StoreError;
-use super::format::FormatError;
 use super::format::{
     check_name, decode_disk_record, decode_initial, decode_page, decode_point_record, decode_root,
-    encode_page, hex, max_page_bytes, max_root_bytes, region_count, DiskRecord, InitialCheckpoint, Root,
-    MAX_BLOCK_SIZE, MAX_DISK_SIZE, MAX_METADATA_BYTES, MAX_REGIONS, MIN_BLOCK_SIZE,
+    encode_page, hex, max_page_bytes, max_root_bytes, region_count, DiskRecord, FormatError,
+    InitialCheckpoint, Root, MAX_BLOCK_SIZE, MAX_DISK_SIZE, MAX_METADATA_BYTES, MAX_REGIONS, MIN_BLOCK_SIZE,
 };
 use super::info::PointInfo;
 use super::layout::{parse_point_file, point_file, DISK_FILE, INITIAL_FILE, PAGES, POINTS};

@@ -11,8 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use super::error::StoreError;
-use super::format::FormatError;
-use super::format::Root;
+use super::format::{FormatError, Root};
 use super::info::{ExtentKind, PointInfo, RestoreReport};
 use super::map::{DataRef, RegionMap};
 use super::objects;

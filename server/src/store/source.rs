@@ -14,8 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::durable::{read_bounded, write_atomic};
 use super::error::StoreError;
-use super::format::FormatError;
-use super::format::{hex, MAX_METADATA_BYTES};
+use super::format::{hex, FormatError, MAX_METADATA_BYTES};
 use super::info::now_unix_ms;
 use super::layout::{CURRENT_FILE, SOURCE_FILE};
 use super::objects;
