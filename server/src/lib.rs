@@ -20,40 +20,23 @@
 //! and why garbage collection never removes what a kept point needs.
 #![forbid(unsafe_code)]
 
-mod chunk;
-mod durable;
-mod error;
-mod format;
-mod gc;
-mod info;
-mod map;
-pub mod medium;
 pub mod net;
-mod pending;
-mod quarantine;
-mod reader;
-mod scrub;
-mod source;
 mod store;
 
-pub use error::{FormatError, StoreError};
-pub use format::{
-    max_page_extents, DEFAULT_REGION_SIZE, MAX_BLOCK_SIZE, MAX_CHUNK_RAW, MAX_CHUNK_STORED, MAX_DISK_SIZE,
+pub use store::error::StoreError;
+pub use store::format::{
+    max_page_extents, FormatError, MAX_BLOCK_SIZE, MAX_CHUNK_RAW, MAX_CHUNK_STORED, MAX_DISK_SIZE,
     MAX_METADATA_BYTES, MAX_NAME_LEN, MAX_REGIONS, MAX_REGION_SIZE, MAX_TAGS, MAX_TAG_LEN, MIN_BLOCK_SIZE,
     MIN_REGION_SIZE, VERSION,
 };
-pub use info::{
+pub use store::hashes::UNREADABLE_HASH;
+pub use store::info::{
     Consistency, DiskInfo, ExtentKind, GcReport, GenerationKind, InitialProgress, PointInfo, PointSel,
-    RestoreReport, Retention, StoreOptions,
+    RestoreReport, Retention, StoreOptions, DEFAULT_REGION_SIZE,
 };
-pub use medium::{DiskMedium, Medium, SimMedium};
-pub use pending::PendingPoint;
-pub use quarantine::ObjectKind;
-pub use reader::{PointReader, DAMAGED_HASH};
-pub use scrub::{Checked, Damaged, Dependent, VerifiedPoint, VerifyOptions, VerifyReport};
+pub use store::medium::{self, DiskMedium, Medium, SimMedium};
+pub use store::pending::PendingPoint;
+pub use store::quarantine::ObjectKind;
+pub use store::reader::{PointReader, DAMAGED_HASH};
+pub use store::scrub::{Checked, Damaged, Dependent, VerifiedPoint, VerifyOptions, VerifyReport};
 pub use store::Store;
-
-#[cfg(test)]
-mod crash_tests;
-#[cfg(test)]
-mod tests;

@@ -10,11 +10,12 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::error::{FormatError, StoreError};
-use crate::format::Root;
-use crate::map::{DataRef, RegionMap};
-use crate::store::Inner;
-use crate::{ExtentKind, PointInfo, RestoreReport};
+use super::error::StoreError;
+use super::format::{FormatError, Root};
+use super::info::{ExtentKind, PointInfo, RestoreReport};
+use super::map::{DataRef, RegionMap};
+use super::objects;
+use super::parts::Parts;
 
 /// Pages and chunks a reader keeps decoded (bounds its memory: chunks are at most 4 MiB).
 const PAGE_CACHE: usize = 8;
@@ -48,7 +49,7 @@ struct ReadCache {
 /// A recovery point open for reading. `Send + Sync`: one reader serves many threads. While it
 /// lives, retention keeps its point.
 pub struct PointReader {
-    store: Arc<Inner>,
+    parts: Arc<Parts>,
     info: PointInfo,
     size: u64,
     /// The root, or why it cannot be read (the file and the check it failed).
@@ -67,13 +68,13 @@ impl std::fmt::Debug for PointReader {
 
 impl PointReader {
     pub(crate) fn new(
-        store: Arc<Inner>,
+        parts: Arc<Parts>,
         size: u64,
         info: PointInfo,
         root: Result<Root, (std::path::PathBuf, FormatError)>,
     ) -> PointReader {
-        *store.live().readers.entry((info.disk.clone(), info.id)).or_default() += 1;
-        PointReader { store, info, size, root, cache: Mutex::new(ReadCache::default()) }
+        parts.live().add_reader(&info.disk, info.id);
+        PointReader { parts, info, size, root, cache: Mutex::new(ReadCache::default()) }
     }
 
     pub fn info(&self) -> &PointInfo {
@@ -99,7 +100,7 @@ impl PointReader {
                 return Ok(p.clone());
             }
         }
-        let page = Arc::new(self.store.read_page(address)?);
+        let page = Arc::new(objects::read_page(&self.parts, address)?);
         let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
         if cache.pages.len() >= PAGE_CACHE {
             cache.pages.pop_front();
@@ -116,7 +117,7 @@ impl PointReader {
                 return Ok(c.clone());
             }
         }
-        let data = Arc::new(self.store.read_chunk(hash)?);
+        let data = Arc::new(objects::read_chunk(&self.parts, hash)?);
         let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
         if cache.chunks.len() >= CHUNK_CACHE {
             cache.chunks.pop_front();
@@ -148,7 +149,7 @@ impl PointReader {
         tolerate: bool,
         mut f: impl FnMut(Segment) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
-        let rs = self.store.region_size;
+        let rs = self.parts.layout.region_size;
         let end = offset + len;
         let root = match &self.root {
             Ok(root) => root,
@@ -438,13 +439,6 @@ impl PointReader {
 
 impl Drop for PointReader {
     fn drop(&mut self) {
-        let mut live = self.store.live();
-        let key = (self.info.disk.clone(), self.info.id);
-        if let Some(n) = live.readers.get_mut(&key) {
-            *n -= 1;
-            if *n == 0 {
-                live.readers.remove(&key);
-            }
-        }
+        self.parts.live().remove_reader(&self.info.disk, self.info.id);
     }
 }

@@ -2,31 +2,8 @@
 
 use std::path::PathBuf;
 
-use crate::format::hex;
-
-/// Why a stored file cannot be trusted.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum FormatError {
-    #[error("truncated")]
-    Truncated,
-    #[error("bad magic")]
-    BadMagic,
-    #[error("unsupported version {0}")]
-    Version(u32),
-    #[error("checksum mismatch")]
-    Checksum,
-    #[error("{0} out of range")]
-    Range(&'static str),
-    #[error("{len} bytes, more than the {max} a {what} may have")]
-    TooLong { what: &'static str, len: u64, max: u64 },
-    #[error("missing")]
-    Missing,
-    #[error("trailing bytes")]
-    Trailing,
-    #[error("invalid metadata: {0}")]
-    Json(String),
-}
+use super::format::{hex, FormatError};
+use super::info::GenerationKind;
 
 /// Everything that can go wrong in the [`Store`](crate::Store).
 #[derive(Debug, thiserror::Error)]
@@ -79,7 +56,7 @@ pub enum StoreError {
     NoPoint(String),
     /// An incremental or resync generation named no base point.
     #[error("a {0:?} generation needs a base point")]
-    BaseRequired(crate::GenerationKind),
+    BaseRequired(GenerationKind),
     /// The base point is not older than the generation built on it.
     #[error("base point {base} (generation {base_generation}) is not older than generation {generation}")]
     InvalidBase { base: u64, base_generation: u64, generation: u64 },

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::tests::Rng;
+use super::tests::Rng;
 use crate::*;
 
 const REGION: u64 = 16 * 1024;

@@ -16,11 +16,13 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::chunk;
-use crate::error::StoreError;
-use crate::format::DiskRecord;
-use crate::quarantine::{self, Object, ObjectKind};
-use crate::store::{point_file, Inner};
+use super::chunk;
+use super::error::StoreError;
+use super::format::DiskRecord;
+use super::layout::point_file;
+use super::objects;
+use super::parts::Parts;
+use super::quarantine::{self, Object, ObjectKind};
 
 /// What [`Store::verify`](crate::Store::verify) checks, and how fast.
 #[derive(Debug, Clone, Default)]
@@ -149,7 +151,7 @@ enum Check<T> {
     Collected,
 }
 
-pub(crate) fn verify(inner: &Inner, opts: &VerifyOptions) -> Result<VerifyReport, StoreError> {
+pub(crate) fn verify(parts: &Parts, opts: &VerifyOptions) -> Result<VerifyReport, StoreError> {
     let started = Instant::now();
     let stop = opts.stop.clone().unwrap_or_default();
     let pace = Pace::new(opts.rate);
@@ -157,10 +159,10 @@ pub(crate) fn verify(inner: &Inner, opts: &VerifyOptions) -> Result<VerifyReport
         0 => std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8),
         n => n,
     };
-    let q = quarantine::list(inner)?;
+    let q = quarantine::list(parts)?;
     let names = match &opts.disk {
         Some(d) => vec![d.clone()],
-        None => inner.disk_names()?,
+        None => objects::disk_names(parts)?,
     };
     let mut disks: Vec<DiskRecord> = Vec::new();
     let mut slots: Vec<Slot> = Vec::new();
@@ -172,10 +174,10 @@ pub(crate) fn verify(inner: &Inner, opts: &VerifyOptions) -> Result<VerifyReport
     let mut pages: BTreeMap<[u8; 32], Vec<(usize, u32)>> = BTreeMap::new();
     {
         // Roots are small; read under the gate, a point's root is there while its metadata is.
-        let _gate = inner.shared();
+        let _gate = parts.locks.shared();
         for name in names {
-            let record = inner.disk_record(&name)?;
-            let mut ids = inner.point_ids(&name)?;
+            let record = objects::disk_record(parts, &name)?;
+            let mut ids = objects::point_ids(parts, &name)?;
             if let Some(p) = opts.point {
                 if !ids.contains(&p) {
                     return Err(StoreError::UnknownPoint { disk: name, id: p });
@@ -188,8 +190,8 @@ pub(crate) fn verify(inner: &Inner, opts: &VerifyOptions) -> Result<VerifyReport
                 points.push(VerifiedPoint { disk: name.clone(), id, generation: None, intact: true });
                 checked.points += 1;
                 let whole = vec![(slot, 0, record.size)];
-                let meta = inner.points_dir(&name).join(point_file(id, "json"));
-                let sum = match inner.point_record(&name, id) {
+                let meta = parts.layout.points_dir(&name).join(point_file(id, "json"));
+                let sum = match objects::point_record(parts, &name, id) {
                     Ok((info, sum)) => {
                         points[slot].generation = Some(info.generation);
                         sum
@@ -203,11 +205,11 @@ pub(crate) fn verify(inner: &Inner, opts: &VerifyOptions) -> Result<VerifyReport
                 };
                 checked.roots += 1;
                 let o = Object::Root(name.clone(), id);
-                let path = o.home(inner);
+                let path = o.home(&parts.layout);
                 let root = if q.contains(&o) {
-                    Err(quarantine::reason(inner, &o))
+                    Err(quarantine::reason(parts, &o))
                 } else {
-                    match inner.load_root(&record, id, &sum) {
+                    match objects::load_root(parts, &record, id, &sum) {
                         Ok(root) => Ok(root),
                         Err(e) if e.is_damage() => Err(e.to_string()),
                         Err(e) => return Err(e),
@@ -215,7 +217,7 @@ pub(crate) fn verify(inner: &Inner, opts: &VerifyOptions) -> Result<VerifyReport
                 };
                 match root {
                     Ok(root) => {
-                        pace.take(inner.m().len(&path).ok().flatten().unwrap_or(0));
+                        pace.take(parts.m().len(&path).ok().flatten().unwrap_or(0));
                         for (region, page) in root {
                             pages.entry(page).or_default().push((slot, region));
                         }
@@ -230,7 +232,7 @@ pub(crate) fn verify(inner: &Inner, opts: &VerifyOptions) -> Result<VerifyReport
     }
     let exists = |slot: usize| {
         let s = &slots[slot];
-        inner.m().exists(&inner.points_dir(&disks[s.disk].name).join(point_file(s.id, "json")))
+        parts.m().exists(&parts.layout.points_dir(&disks[s.disk].name).join(point_file(s.id, "json")))
     };
 
     // Pages: each read once; the chunks each names.
@@ -238,8 +240,8 @@ pub(crate) fn verify(inner: &Inner, opts: &VerifyOptions) -> Result<VerifyReport
     let page_checks = parallel(&page_list, threads, &stop, |addr| {
         let o = Object::Page(*addr);
         let users = || pages[addr].iter().map(|(slot, _)| *slot);
-        check(inner, &o, &q, users, &exists, |p| {
-            let (map, len) = inner.page_at(p, addr)?;
+        check(parts, &o, &q, users, &exists, |p| {
+            let (map, len) = objects::page_at(parts, p, addr)?;
             pace.take(len);
             let mut chunks: Vec<[u8; 32]> = map.chunks().copied().collect();
             chunks.sort_unstable();
@@ -260,7 +262,7 @@ pub(crate) fn verify(inner: &Inner, opts: &VerifyOptions) -> Result<VerifyReport
             Some(Check::Damaged { reason, quarantined }) => {
                 checked.pages += 1;
                 let o = Object::Page(*addr);
-                let rs = inner.region_size;
+                let rs = parts.layout.region_size;
                 let ranges = pages[addr]
                     .iter()
                     .map(|&(slot, region)| {
@@ -269,8 +271,10 @@ pub(crate) fn verify(inner: &Inner, opts: &VerifyOptions) -> Result<VerifyReport
                         (slot, start, (start + rs).min(size) - start)
                     })
                     .collect();
-                damaged
-                    .push((damage(ObjectKind::Page, o.name(), o.home(inner), reason, quarantined), ranges));
+                damaged.push((
+                    damage(ObjectKind::Page, o.name(), o.home(&parts.layout), reason, quarantined),
+                    ranges,
+                ));
             }
             Some(Check::Collected) | None => {}
         }
@@ -282,8 +286,8 @@ pub(crate) fn verify(inner: &Inner, opts: &VerifyOptions) -> Result<VerifyReport
         let o = Object::Chunk(*hash);
         let users =
             || chunks[hash].iter().flat_map(|&p| pages[&page_list[p as usize]].iter().map(|(slot, _)| *slot));
-        check(inner, &o, &q, users, &exists, |p| {
-            let len = chunk::verify(inner.m(), p, hash)?;
+        check(parts, &o, &q, users, &exists, |p| {
+            let len = chunk::verify(parts.m(), p, hash)?;
             pace.take(len);
             Ok(())
         })
@@ -303,17 +307,18 @@ pub(crate) fn verify(inner: &Inner, opts: &VerifyOptions) -> Result<VerifyReport
         for &p in &chunks[hash] {
             let addr = page_list[p as usize];
             if let std::collections::hash_map::Entry::Vacant(e) = maps.entry(addr) {
-                e.insert(inner.page_at(&inner.page_path(&addr), &addr)?.0);
+                e.insert(objects::page_at(parts, &parts.layout.page_path(&addr), &addr)?.0);
             }
             for (start, d) in maps[&addr].iter().filter(|(_, d)| d.chunk == *hash) {
                 for &(slot, region) in &pages[&addr] {
-                    let at = u64::from(region) * inner.region_size + u64::from(start);
+                    let at = u64::from(region) * parts.layout.region_size + u64::from(start);
                     ranges.push((slot, at, u64::from(d.len)));
                 }
             }
         }
         let o = Object::Chunk(*hash);
-        damaged.push((damage(ObjectKind::Chunk, o.name(), o.home(inner), reason, quarantined), ranges));
+        damaged
+            .push((damage(ObjectKind::Chunk, o.name(), o.home(&parts.layout), reason, quarantined), ranges));
     }
 
     checked.bytes = pace.bytes();
@@ -348,7 +353,7 @@ fn damage(kind: ObjectKind, object: String, path: PathBuf, reason: String, quara
 /// being read. One that fails is read again under the gate, and quarantined if it still fails
 /// while a point that names it (`users`) still exists.
 fn check<T, I: Iterator<Item = usize>>(
-    inner: &Inner,
+    parts: &Parts,
     o: &Object,
     q: &quarantine::Quarantined,
     users: impl Fn() -> I,
@@ -356,20 +361,20 @@ fn check<T, I: Iterator<Item = usize>>(
     read: impl Fn(&Path) -> Result<T, StoreError>,
 ) -> Result<Check<T>, StoreError> {
     if q.contains(o) {
-        return Ok(Check::Damaged { reason: quarantine::reason(inner, o), quarantined: true });
+        return Ok(Check::Damaged { reason: quarantine::reason(parts, o), quarantined: true });
     }
-    let home = o.home(inner);
+    let home = o.home(&parts.layout);
     if let Ok(v) = read(&home) {
         return Ok(Check::Ok(v));
     }
-    let _gate = inner.shared();
+    let _gate = parts.locks.shared();
     if !users().any(exists) {
         return Ok(Check::Collected);
     }
     match read(&home) {
         Ok(v) => Ok(Check::Ok(v)),
         Err(e) if e.is_damage() => {
-            quarantine::quarantine(inner, o, &e.to_string(), |p| read(p).is_ok());
+            quarantine::quarantine(parts, o, &e.to_string(), |p| read(p).is_ok());
             Ok(Check::Damaged { reason: e.to_string(), quarantined: true })
         }
         // An I/O error reading it: reported, not quarantined (it may pass).

@@ -10,8 +10,10 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 
-use crate::format::hex;
-use crate::store::{CHUNKS, INCOMING, PAGES};
+use super::format::hex;
+use super::layout::{CHUNKS, INCOMING, INITIAL_FILE, MARKER, PAGES};
+use super::objects;
+use super::pending;
 use crate::*;
 
 const KIB: u64 = 1024;
@@ -76,7 +78,7 @@ fn incoming(store: &Store) -> Vec<String> {
 }
 
 fn staged_count(store: &Store) -> usize {
-    store.inner().live().staged.len()
+    store.parts().live().staged.len()
 }
 
 fn hexes<'a>(hashes: impl IntoIterator<Item = &'a [u8; 32]>) -> HashSet<String> {
@@ -275,7 +277,7 @@ fn corruption_on_disk_is_detected_on_read() {
     p.add_chunk(0, 8192, h).unwrap();
     p.commit(1, Consistency::Crash).unwrap();
 
-    let path = store.inner().chunk_path(&h);
+    let path = store.parts().layout.chunk_path(&h);
     let good = fs::read(&path).unwrap();
     let reader = store.open_point("d", PointSel::Latest).unwrap();
     let mut buf = vec![0u8; 512];
@@ -402,7 +404,7 @@ fn invalid_requests_fail_loudly() {
     fs::create_dir(&other).unwrap();
     fs::write(other.join("file"), b"x").unwrap();
     assert!(matches!(Store::open(&other), Err(StoreError::NotAStore(_))));
-    let marker = store.root().join(crate::store::MARKER);
+    let marker = store.root().join(MARKER);
     let mut m = fs::read(&marker).unwrap();
     m[8] = 2;
     fs::write(&marker, &m).unwrap();
@@ -462,10 +464,10 @@ fn a_stale_checkpoint_of_a_committed_copy_is_dropped() {
     let mut p = store.begin("d", 1, GenerationKind::InitialFull, None).unwrap();
     p.add_chunk(0, 4096, put(&store, &[3; 4096])).unwrap();
     p.checkpoint(4096).unwrap();
-    let saved = fs::read(store.inner().disk_dir("d").join(crate::store::INITIAL_FILE)).unwrap();
+    let saved = fs::read(store.parts().layout.disk_dir("d").join(INITIAL_FILE)).unwrap();
     p.commit(1, Consistency::Crash).unwrap();
     // A crash between the commit and the checkpoint's removal.
-    fs::write(store.inner().disk_dir("d").join(crate::store::INITIAL_FILE), saved).unwrap();
+    fs::write(store.parts().layout.disk_dir("d").join(INITIAL_FILE), saved).unwrap();
     assert!(store.resume_initial("d").unwrap().is_none());
     assert_eq!(store.disk("d").unwrap().initial, None);
 }
@@ -523,7 +525,7 @@ fn retention_keeps_the_latest_and_collects_exactly_the_unreferenced() {
     assert_eq!(point_image(&store, "d", 5)[..4096], [5u8; 4096]);
     // Pages and roots of pruned points are gone too: one point, one page, one root.
     assert_eq!(objects(&store, PAGES).len(), 1);
-    let points_dir = store.inner().points_dir("d");
+    let points_dir = store.parts().layout.points_dir("d");
     assert_eq!(fs::read_dir(points_dir).unwrap().count(), 2);
     // New ids continue after the latest.
     assert_eq!(one_chunk_point(&store, "d", 6, 6, now).0.id, 6);
@@ -613,11 +615,11 @@ fn gc_fixture(store: &Store) -> (Kept, HashSet<String>) {
     // The chunks the two latest points reference (read back from their pages).
     let mut referenced = HashSet::new();
     for disk in ["a", "b"] {
-        let record = store.inner().disk_record(disk).unwrap();
-        let (_, sum) = store.inner().point_record(disk, 3).unwrap();
-        let root = store.inner().load_root(&record, 3, &sum).unwrap();
+        let record = objects::disk_record(store.parts(), disk).unwrap();
+        let (_, sum) = objects::point_record(store.parts(), disk, 3).unwrap();
+        let root = objects::load_root(store.parts(), &record, 3, &sum).unwrap();
         for page in root.values() {
-            referenced.extend(hexes(store.inner().read_page(page).unwrap().chunks()));
+            referenced.extend(hexes(objects::read_page(store.parts(), page).unwrap().chunks()));
         }
     }
     (kept, referenced)
@@ -656,13 +658,13 @@ fn retention_refuses_a_disk_whose_record_is_missing() {
     let (_d, store) = new_store(64 * KIB);
     store.register_disk("d", 128 * KIB, 512).unwrap();
     let (_, h) = one_chunk_point(&store, "d", 1, 1, 1);
-    fs::remove_file(store.inner().disk_dir("d").join("disk.json")).unwrap();
+    fs::remove_file(store.parts().layout.disk_dir("d").join("disk.json")).unwrap();
     let e = store.retain(&Retention::default()).unwrap_err();
     assert!(matches!(e, StoreError::Format { source: FormatError::Missing, .. }), "{e}");
     assert!(store.has_chunk(&h), "nothing swept");
     // An interrupted registration (no record, no points) is skipped.
-    fs::create_dir_all(store.inner().points_dir("half")).unwrap();
-    fs::write(store.inner().disk_dir("d").join("disk.json"), b"{}").unwrap();
+    fs::create_dir_all(store.parts().layout.points_dir("half")).unwrap();
+    fs::write(store.parts().layout.disk_dir("d").join("disk.json"), b"{}").unwrap();
     assert!(matches!(store.retain(&Retention::default()), Err(StoreError::Format { .. })));
 }
 
@@ -675,7 +677,7 @@ fn an_upload_replaces_a_stored_copy_with_a_bad_header() {
     let h = put(&store, &data);
     p.add_chunk(0, 4096, h).unwrap();
     let first = p.commit(1, Consistency::Crash).unwrap();
-    let path = store.inner().chunk_path(&h);
+    let path = store.parts().layout.chunk_path(&h);
     fs::write(&path, b"garbage").unwrap();
     // The damaged copy does not count as stored: it is quarantined, the upload is staged, and
     // the next commit that references it (a resync: the latest point is damaged) heals it.
@@ -684,7 +686,7 @@ fn an_upload_replaces_a_stored_copy_with_a_bad_header() {
     let mut p = store.begin("d", 2, GenerationKind::InitialFull, Some(first.id)).unwrap();
     p.add_chunk(4096, 4096, h).unwrap();
     p.commit(2, Consistency::Crash).unwrap();
-    assert_eq!(store.inner().read_chunk(&h).unwrap(), data);
+    assert_eq!(objects::read_chunk(store.parts(), &h).unwrap(), data);
     assert!(point_image(&store, "d", 1)[..4096] == data[..], "the older point reads it too");
 }
 
@@ -727,7 +729,7 @@ fn a_crash_before_the_point_metadata_leaves_no_point() {
     let r = store.retain(&Retention::default()).unwrap();
     assert_eq!((r.chunks_removed, r.pages_removed), (1, 1));
     assert_eq!(objects(&store, PAGES), pages_before);
-    assert_eq!(fs::read_dir(store.inner().points_dir("d")).unwrap().count(), 2, "orphan root removed");
+    assert_eq!(fs::read_dir(store.parts().layout.points_dir("d")).unwrap().count(), 2, "orphan root removed");
     // The generation can be sent again and gets the next id.
     let mut p = store.begin("d", 2, GenerationKind::Incremental, Some(first.id)).unwrap();
     p.add_chunk(65536, 4096, put(&store, &[2; 4096])).unwrap();
@@ -1328,14 +1330,14 @@ fn flip(path: &Path, from_end: usize) {
 }
 
 fn page_file(store: &Store, page: &[u8; 32]) -> std::path::PathBuf {
-    store.inner().page_path(page)
+    store.parts().layout.page_path(page)
 }
 
 /// The page of `region` in point `id` of `disk`.
 fn page_of(store: &Store, disk: &str, id: u64, region: u32) -> [u8; 32] {
-    let record = store.inner().disk_record(disk).unwrap();
-    let (_, sum) = store.inner().point_record(disk, id).unwrap();
-    store.inner().load_root(&record, id, &sum).unwrap()[&region]
+    let record = objects::disk_record(store.parts(), disk).unwrap();
+    let (_, sum) = objects::point_record(store.parts(), disk, id).unwrap();
+    objects::load_root(store.parts(), &record, id, &sum).unwrap()[&region]
 }
 
 /// Two points on a 256 KiB disk (64 KiB regions, 4 KiB blocks): point 1 has chunk `a` (16 KiB)
@@ -1373,7 +1375,7 @@ fn verify_names_a_damaged_chunk_with_its_points_and_ranges_and_an_upload_heals_i
     assert_eq!((clean.checked.points, clean.checked.roots, clean.checked.chunks), (2, 2, 3));
     assert!(store.needs_resync("d").unwrap().is_none());
 
-    flip(&store.inner().chunk_path(&a), 3);
+    flip(&store.parts().layout.chunk_path(&a), 3);
     let r = store.verify(&VerifyOptions::default()).unwrap();
     assert_eq!(r.damaged.len(), 1, "{r:?}");
     let d = &r.damaged[0];
@@ -1414,7 +1416,7 @@ fn verify_names_a_damaged_chunk_with_its_points_and_ranges_and_an_upload_heals_i
 fn a_read_that_finds_damage_quarantines_it_and_dedup_then_stores_a_new_copy() {
     let (_d, store) = new_store(64 * KIB);
     let ([a, ..], first, _) = damage_fixture(&store);
-    flip(&store.inner().chunk_path(&a), 1);
+    flip(&store.parts().layout.chunk_path(&a), 1);
     let reader = store.open_point("d", PointSel::Id(1)).unwrap();
     let mut buf = vec![0u8; 4096];
     assert!(matches!(reader.read_at(&mut buf, 0), Err(StoreError::CorruptChunk { .. })));
@@ -1434,7 +1436,7 @@ fn block_hashes_answer_damaged_for_every_piece_of_a_damaged_chunk() {
     assert_eq!(reader.block_hashes(0, 256 * KIB, 4096, zero).unwrap(), want);
     // One bit of the compressed bytes (a literal: it still decompresses, and only one block's
     // bytes change): every block of the chunk is sent again.
-    flip(&store.inner().chunk_path(&a), 2000);
+    flip(&store.parts().layout.chunk_path(&a), 2000);
     let reader = store.open_point("d", PointSel::Latest).unwrap(); // no cached copy
     let got = reader.block_hashes(0, 256 * KIB, 4096, zero).unwrap();
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
@@ -1477,7 +1479,7 @@ fn a_resync_on_a_base_with_a_damaged_page_or_root_makes_a_whole_point() {
         let (_, _, image) = damage_fixture(&store);
         let path = match damaged {
             "page" => page_file(&store, &page_of(&store, "d", 2, 1)),
-            _ => store.inner().points_dir("d").join("00000000000000000002.root"),
+            _ => store.parts().layout.points_dir("d").join("00000000000000000002.root"),
         };
         flip(&path, 40);
         let r = store.verify(&VerifyOptions::default()).unwrap();
@@ -1529,7 +1531,7 @@ fn retention_keeps_the_newest_intact_point_while_newer_ones_are_damaged() {
         chunks.push(one_chunk_point(&store, "d", g, g as u8, g).1);
     }
     for h in &chunks[2..] {
-        flip(&store.inner().chunk_path(h), 1);
+        flip(&store.parts().layout.chunk_path(h), 1);
     }
     let r = store.verify(&VerifyOptions::default()).unwrap();
     let intact: Vec<u64> = r.points.iter().filter(|p| p.intact).map(|p| p.id).collect();

@@ -1,10 +1,16 @@
 //! The store's public value types: what callers pass in and get back.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::format::DEFAULT_REGION_SIZE;
+/// The time now, as the records of the store keep it: milliseconds since the Unix epoch.
+pub(crate) fn now_unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Size of a map region unless the store was created with another.
+pub const DEFAULT_REGION_SIZE: u64 = 64 << 20;
 
 /// How a generation was produced by the agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -73,24 +79,6 @@ pub struct PointInfo {
     /// a generation sent again must carry the same one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,
-}
-
-impl PointInfo {
-    /// Checks that `digest`, the digest of a generation sent again, is this point's: a
-    /// different one means another source made this point ([`StoreError::Diverged`]). A side
-    /// without a digest is not compared.
-    pub fn check_digest(&self, digest: Option<&[u8; 32]>) -> Result<(), crate::StoreError> {
-        match (digest.map(|d| crate::format::hex(d)), &self.digest) {
-            (Some(sent), Some(have)) if &sent != have => Err(crate::StoreError::Diverged {
-                disk: self.disk.clone(),
-                generation: self.generation,
-                point: self.id,
-                committed: have.clone(),
-                sent,
-            }),
-            _ => Ok(()),
-        }
-    }
 }
 
 /// Progress of an interrupted initial full copy, as of its last checkpoint.

@@ -1,40 +1,28 @@
 //! A generation being received: extents applied copy-on-write to the base point's map, then
 //! committed as a new recovery point.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use crate::chunk::{self, Found};
-use crate::durable::{sync_dir, write_atomic};
-use crate::error::StoreError;
-use crate::format::{encode_initial, encode_point_record, encode_root, DiskRecord, InitialCheckpoint, Root};
-use crate::map::{DataRef, RegionMap};
-use crate::store::{now_unix_ms, point_file, Inner, INITIAL_FILE, PAGES};
-use crate::{Consistency, GenerationKind, PointInfo};
+use super::chunk::{self, Found};
+use super::durable::{sync_dir, write_atomic};
+use super::error::StoreError;
+use super::format::{encode_initial, encode_point_record, encode_root, hex, DiskRecord, InitialCheckpoint};
+use super::info::now_unix_ms;
+use super::info::{Consistency, GenerationKind, PointInfo};
+use super::layout::{point_file, INITIAL_FILE, PAGES};
+use super::live::PendingState;
+use super::map::{DataRef, RegionMap};
+use super::objects;
+use super::parts::Parts;
 
 /// Regions held in memory before their pages are written out early (bounds a pending point's
 /// memory: a region's map is at most `region_size / 512` extents).
 pub(crate) const MAX_DIRTY_REGIONS: usize = 32;
 
-/// What a pending point references; the sweep reads it (see `gc.rs`).
-#[derive(Debug, Default)]
-pub(crate) struct PendingState {
-    /// The page of every region not in `dirty` (copied from the base, or written early).
-    pub(crate) root: Root,
-    /// Regions changed by this generation, in memory.
-    pub(crate) dirty: BTreeMap<u32, RegionMap>,
-    pub(crate) changed_bytes: u64,
-    /// Chunks this generation referenced while they were staged: promoted (made durable) by
-    /// the next checkpoint or the commit. The sweep keeps them.
-    pub(crate) staged: BTreeSet<[u8; 32]>,
-    /// Page shard directories whose new names are not yet synced.
-    unsynced: BTreeSet<u8>,
-}
-
 /// A generation being received. Dropping it without [`PendingPoint::commit`] abandons it
 /// (an initial full copy can be resumed from its last [`PendingPoint::checkpoint`]).
 pub struct PendingPoint {
-    store: Arc<Inner>,
+    parts: Arc<Parts>,
     token: u64,
     disk: DiskRecord,
     generation: u64,
@@ -57,16 +45,10 @@ impl std::fmt::Debug for PendingPoint {
     }
 }
 
-impl PendingState {
-    pub(crate) fn new(root: Root, changed_bytes: u64) -> PendingState {
-        PendingState { root, changed_bytes, ..PendingState::default() }
-    }
-}
-
 impl PendingPoint {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn start(
-        store: Arc<Inner>,
+        parts: Arc<Parts>,
         disk: DiskRecord,
         generation: u64,
         kind: GenerationKind,
@@ -76,9 +58,9 @@ impl PendingPoint {
         state: PendingState,
     ) -> PendingPoint {
         let state = Arc::new(Mutex::new(state));
-        let token = store.live().add_pending(state.clone());
+        let token = parts.live().add_pending(state.clone());
         tracing::debug!(disk = %disk.name, generation, ?kind, ?base, next_offset, "generation begun");
-        PendingPoint { store, token, disk, generation, kind, base, started_unix_ms, next_offset, state }
+        PendingPoint { parts, token, disk, generation, kind, base, started_unix_ms, next_offset, state }
     }
 
     pub fn disk(&self) -> &str {
@@ -134,11 +116,11 @@ impl PendingPoint {
         if len == 0 {
             return Err(StoreError::ChunkLength { hash, stored: 0, given: 0 });
         }
-        let store = &*self.store;
+        let parts = &*self.parts;
         // Held from the existence check until the reference is recorded, so a retention run
         // cannot remove the chunk in between.
-        let _gate = store.shared();
-        let (raw_len, staged) = match chunk::find(store, &hash)? {
+        let _gate = parts.locks.shared();
+        let (raw_len, staged) = match chunk::find(parts, &hash)? {
             Some(Found::Durable(n)) => (n, false),
             Some(Found::Staged(n)) => (n, true),
             None => return Err(StoreError::MissingChunk(hash)),
@@ -150,33 +132,33 @@ impl PendingPoint {
         if staged {
             st.staged.insert(hash);
         }
-        for (region, start, end, delta) in pieces(store.region_size, offset, len.into()) {
-            let map = region_mut(store, &mut st, region, self.on_damage())?;
+        for (region, start, end, delta) in pieces(parts.layout.region_size, offset, len.into()) {
+            let map = region_mut(parts, &mut st, region, self.on_damage())?;
             let chunk_offset = u32::try_from(delta).expect("within a chunk");
             map.put(start, DataRef { len: end - start, chunk: hash, chunk_offset });
         }
         st.changed_bytes += u64::from(len);
-        spill_if_large(store, &mut st)
+        spill_if_large(parts, &mut st)
     }
 
     /// Makes `[offset, offset + len)` read as zeroes, overriding earlier data.
     pub fn add_zero(&mut self, offset: u64, len: u64) -> Result<(), StoreError> {
         self.check_range(offset, len)?;
-        let store = &*self.store;
-        let _gate = store.shared();
+        let parts = &*self.parts;
+        let _gate = parts.locks.shared();
         let mut st = self.lock()?;
-        for (region, start, end, _) in pieces(store.region_size, offset, len) {
+        for (region, start, end, _) in pieces(parts.layout.region_size, offset, len) {
             if !st.dirty.contains_key(&region) && !st.root.contains_key(&region) {
                 continue; // already reads as zeroes
             }
-            if start == 0 && u64::from(end) == store.region_size {
+            if start == 0 && u64::from(end) == parts.layout.region_size {
                 st.dirty.insert(region, RegionMap::default());
             } else {
-                region_mut(store, &mut st, region, self.on_damage())?.punch(start, end);
+                region_mut(parts, &mut st, region, self.on_damage())?.punch(start, end);
             }
         }
         st.changed_bytes += len;
-        spill_if_large(store, &mut st)
+        spill_if_large(parts, &mut st)
     }
 
     /// Initial full copies only: durably records the extents so far and `next_offset`, so
@@ -189,15 +171,15 @@ impl PendingPoint {
         if next_offset > self.disk.size {
             return Err(StoreError::OutOfRange { offset: next_offset, len: 0, size: self.disk.size });
         }
-        let store = &*self.store;
-        let _gate = store.shared();
-        let lock = store.disk_lock(&self.disk.name);
+        let parts = &*self.parts;
+        let _gate = parts.locks.shared();
+        let lock = parts.locks.disk(&self.disk.name);
         let _disk = lock.lock().unwrap_or_else(PoisonError::into_inner);
         let mut st = self.lock()?;
         // The checkpoint outlives this process: everything it references must be durable.
-        chunk::promote(store, &st.staged)?;
+        chunk::promote(parts, &st.staged)?;
         st.staged.clear();
-        flush(store, &mut st)?;
+        flush(parts, &mut st)?;
         let cp = InitialCheckpoint {
             generation: self.generation,
             base: self.base,
@@ -206,8 +188,15 @@ impl PendingPoint {
             changed_bytes: st.changed_bytes,
             root: st.root.clone(),
         };
-        let buf = encode_initial(&cp, self.disk.size, store.region_size);
-        write_atomic(store.m(), &store.tmp, &store.disk_dir(&self.disk.name), INITIAL_FILE, &[&buf], true)?;
+        let buf = encode_initial(&cp, self.disk.size, parts.layout.region_size);
+        write_atomic(
+            parts.m(),
+            &parts.tmp,
+            &parts.layout.disk_dir(&self.disk.name),
+            INITIAL_FILE,
+            &[&buf],
+            true,
+        )?;
         drop(st);
         self.next_offset = next_offset;
         tracing::debug!(disk = %self.disk.name, generation = self.generation, next_offset, "initial copy checkpoint");
@@ -232,17 +221,17 @@ impl PendingPoint {
         consistency: Consistency,
         digest: Option<[u8; 32]>,
     ) -> Result<PointInfo, StoreError> {
-        let store = &*self.store;
+        let parts = &*self.parts;
         let disk = &self.disk.name;
-        let _gate = store.shared();
-        let lock = store.disk_lock(disk);
+        let _gate = parts.locks.shared();
+        let lock = parts.locks.disk(disk);
         let _disk = lock.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(existing) = store.point_for_generation(disk, self.generation)? {
+        if let Some(existing) = objects::point_for_generation(parts, disk, self.generation)? {
             existing.check_digest(digest.as_ref())?;
             tracing::info!(disk = %disk, generation = self.generation, id = existing.id, "generation already committed");
             return Ok(existing);
         }
-        let latest = store.latest_point(disk)?;
+        let latest = objects::latest_point(parts, disk)?;
         if let Some(l) = &latest {
             if l.generation > self.generation {
                 return Err(StoreError::StaleGeneration {
@@ -254,13 +243,13 @@ impl PendingPoint {
         }
         let id = latest.map_or(1, |l| l.id + 1);
         let mut st = self.lock()?;
-        chunk::promote(store, &st.staged)?;
+        chunk::promote(parts, &st.staged)?;
         st.staged.clear();
-        flush(store, &mut st)?;
-        let dir = store.points_dir(disk);
-        let (root, root_sum) = encode_root(self.disk.size, store.region_size, &st.root);
-        write_atomic(store.m(), &store.tmp, &dir, &point_file(id, "root"), &[&root], true)?;
-        store.fault("commit.before_metadata")?;
+        flush(parts, &mut st)?;
+        let dir = parts.layout.points_dir(disk);
+        let (root, root_sum) = encode_root(self.disk.size, parts.layout.region_size, &st.root);
+        write_atomic(parts.m(), &parts.tmp, &dir, &point_file(id, "root"), &[&root], true)?;
+        parts.faults.step("commit.before_metadata")?;
         let info = PointInfo {
             disk: disk.clone(),
             id,
@@ -272,10 +261,10 @@ impl PendingPoint {
             created_unix_ms: now_unix_ms(),
             tags: Vec::new(),
             changed_bytes: st.changed_bytes,
-            digest: digest.as_ref().map(|d| crate::format::hex(d)),
+            digest: digest.as_ref().map(|d| hex(d)),
         };
         let json = encode_point_record(&info, &root_sum);
-        write_atomic(store.m(), &store.tmp, &dir, &point_file(id, "json"), &[&json], true)?;
+        write_atomic(parts.m(), &parts.tmp, &dir, &point_file(id, "json"), &[&json], true)?;
         tracing::info!(
             disk = %disk, id, generation = self.generation, kind = ?self.kind,
             changed_bytes = st.changed_bytes, regions = st.root.len(), "recovery point committed"
@@ -284,9 +273,9 @@ impl PendingPoint {
         if self.kind == GenerationKind::InitialFull {
             // The point is durable; the checkpoint of its copy is no longer needed. A failure
             // here leaves a stale checkpoint that resume_initial removes.
-            match store.read_initial(&self.disk) {
+            match objects::read_initial(parts, &self.disk) {
                 Ok(Some(cp)) if cp.generation == self.generation => {
-                    if let Err(e) = store.remove_initial(disk) {
+                    if let Err(e) = objects::remove_initial(parts, disk) {
                         tracing::warn!(disk = %disk, "removing the initial checkpoint: {e}");
                     }
                 }
@@ -298,9 +287,27 @@ impl PendingPoint {
     }
 }
 
+impl PointInfo {
+    /// Checks that `digest`, the digest of a generation sent again, is this point's: a
+    /// different one means another source made this point ([`StoreError::Diverged`]). A side
+    /// without a digest is not compared.
+    pub fn check_digest(&self, digest: Option<&[u8; 32]>) -> Result<(), StoreError> {
+        match (digest.map(|d| hex(d)), &self.digest) {
+            (Some(sent), Some(have)) if &sent != have => Err(StoreError::Diverged {
+                disk: self.disk.clone(),
+                generation: self.generation,
+                point: self.id,
+                committed: have.clone(),
+                sent,
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
 impl Drop for PendingPoint {
     fn drop(&mut self) {
-        self.store.live().remove_pending(self.token);
+        self.parts.live().remove_pending(self.token);
     }
 }
 
@@ -339,14 +346,14 @@ enum OnDamage<'a> {
 
 /// The in-memory map of a region, loaded from its page on first change.
 fn region_mut<'a>(
-    store: &Inner,
+    parts: &Parts,
     st: &'a mut PendingState,
     region: u32,
     on_damage: OnDamage<'_>,
 ) -> Result<&'a mut RegionMap, StoreError> {
     if !st.dirty.contains_key(&region) {
         let map = match st.root.get(&region) {
-            Some(page) => match (store.read_page(page), on_damage) {
+            Some(page) => match (objects::read_page(parts, page), on_damage) {
                 (Ok(map), _) => map,
                 (Err(e), OnDamage::StartEmpty) if e.is_damage() => {
                     tracing::warn!(
@@ -372,12 +379,12 @@ fn region_mut<'a>(
 }
 
 /// Writes out the pages of the changed regions into the root (data durable, names not yet).
-fn write_pages(store: &Inner, st: &mut PendingState) -> Result<(), StoreError> {
+fn write_pages(parts: &Parts, st: &mut PendingState) -> Result<(), StoreError> {
     while let Some((&region, map)) = st.dirty.first_key_value() {
         if map.is_empty() {
             st.root.remove(&region);
         } else {
-            let page = store.write_page(map)?;
+            let page = objects::write_page(parts, map)?;
             st.unsynced.insert(page[0]);
             st.root.insert(region, page);
         }
@@ -388,18 +395,18 @@ fn write_pages(store: &Inner, st: &mut PendingState) -> Result<(), StoreError> {
 
 /// Writes out the changed regions and syncs the page directories: every page the root names is
 /// durable on return.
-fn flush(store: &Inner, st: &mut PendingState) -> Result<(), StoreError> {
-    write_pages(store, st)?;
+fn flush(parts: &Parts, st: &mut PendingState) -> Result<(), StoreError> {
+    write_pages(parts, st)?;
     while let Some(&shard) = st.unsynced.first() {
-        sync_dir(store.m(), &store.shard_dir(PAGES, shard))?;
+        sync_dir(parts.m(), &parts.layout.shard_dir(PAGES, shard))?;
         st.unsynced.remove(&shard);
     }
     Ok(())
 }
 
-fn spill_if_large(store: &Inner, st: &mut PendingState) -> Result<(), StoreError> {
+fn spill_if_large(parts: &Parts, st: &mut PendingState) -> Result<(), StoreError> {
     if st.dirty.len() > MAX_DIRTY_REGIONS {
-        write_pages(store, st)?;
+        write_pages(parts, st)?;
     }
     Ok(())
 }

@@ -11,9 +11,32 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::FormatError;
-use crate::map::{DataRef, RegionMap};
-use crate::PointInfo;
+use super::info::PointInfo;
+use super::map::{DataRef, RegionMap};
+
+/// Why a stored file cannot be trusted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FormatError {
+    #[error("truncated")]
+    Truncated,
+    #[error("bad magic")]
+    BadMagic,
+    #[error("unsupported version {0}")]
+    Version(u32),
+    #[error("checksum mismatch")]
+    Checksum,
+    #[error("{0} out of range")]
+    Range(&'static str),
+    #[error("{len} bytes, more than the {max} a {what} may have")]
+    TooLong { what: &'static str, len: u64, max: u64 },
+    #[error("missing")]
+    Missing,
+    #[error("trailing bytes")]
+    Trailing,
+    #[error("invalid metadata: {0}")]
+    Json(String),
+}
 
 /// The version every format of this crate writes and the only one it reads.
 pub const VERSION: u32 = 1;
@@ -33,8 +56,6 @@ pub const MAX_CHUNK_STORED: u32 = MAX_CHUNK_RAW + MAX_CHUNK_RAW / 128;
 /// Smallest and largest block size of a disk (powers of two); extents are aligned to it.
 pub const MIN_BLOCK_SIZE: u32 = 512;
 pub const MAX_BLOCK_SIZE: u32 = 1 << 20;
-/// Size of a map region unless the store was created with another.
-pub const DEFAULT_REGION_SIZE: u64 = 64 << 20;
 /// Bounds of a store's map region size (a power of two).
 pub const MIN_REGION_SIZE: u64 = 4 << 10;
 pub const MAX_REGION_SIZE: u64 = 1 << 30;
@@ -559,6 +580,7 @@ pub(crate) fn encode_point_record(info: &PointInfo, root: &[u8; 32]) -> Vec<u8> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::info::DEFAULT_REGION_SIZE;
 
     fn sample_map() -> RegionMap {
         let mut m = RegionMap::default();

@@ -25,12 +25,13 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::durable::{self, sync_dir, write_atomic, TMP_PREFIX};
-use crate::error::StoreError;
-use crate::format::{hex, unhex32};
-use crate::store::{now_unix_ms, point_file, Inner};
+use super::durable::{self, sync_dir, write_atomic, TMP_PREFIX};
+use super::error::StoreError;
+use super::format::{hex, unhex32, MAX_METADATA_BYTES};
+use super::info::now_unix_ms;
+use super::layout::{parse_point_file, point_file, Layout};
+use super::parts::Parts;
 
-pub(crate) const QUARANTINE: &str = "quarantine";
 const RECORD_FORMAT: &str = "siterep.quarantine";
 
 /// What kind of object of the store.
@@ -91,23 +92,23 @@ impl Object {
             ObjectKind::Page => unhex32(name).map(Object::Page),
             _ => {
                 let (disk, stem) = name.strip_suffix(".root")?.rsplit_once('.')?;
-                let id = crate::store::parse_point_file(&format!("{stem}.root"), "root")?;
+                let id = parse_point_file(&format!("{stem}.root"), "root")?;
                 Some(Object::Root(disk.to_string(), id))
             }
         }
     }
 
     /// Where the object lives when it is not quarantined.
-    pub(crate) fn home(&self, inner: &Inner) -> PathBuf {
+    pub(crate) fn home(&self, layout: &Layout) -> PathBuf {
         match self {
-            Object::Chunk(h) => inner.chunk_path(h),
-            Object::Page(h) => inner.page_path(h),
-            Object::Root(disk, id) => inner.points_dir(disk).join(point_file(*id, "root")),
+            Object::Chunk(h) => layout.chunk_path(h),
+            Object::Page(h) => layout.page_path(h),
+            Object::Root(disk, id) => layout.points_dir(disk).join(point_file(*id, "root")),
         }
     }
 
-    fn entry(&self, inner: &Inner) -> PathBuf {
-        inner.root.join(QUARANTINE).join(Object::dir(self.kind())).join(self.file_name())
+    fn entry(&self, layout: &Layout) -> PathBuf {
+        layout.quarantine_dir().join(Object::dir(self.kind())).join(self.file_name())
     }
 }
 
@@ -144,14 +145,14 @@ impl Quarantined {
 }
 
 /// Every quarantine file (healed or not) with its object.
-fn entries(inner: &Inner) -> Result<Vec<(Object, PathBuf)>, StoreError> {
+fn entries(parts: &Parts) -> Result<Vec<(Object, PathBuf)>, StoreError> {
     let mut out = Vec::new();
     for kind in [ObjectKind::Chunk, ObjectKind::Page, ObjectKind::Root] {
-        let dir = inner.root.join(QUARANTINE).join(Object::dir(kind));
-        if !inner.m().is_dir(&dir) {
+        let dir = parts.layout.quarantine_dir().join(Object::dir(kind));
+        if !parts.m().is_dir(&dir) {
             continue;
         }
-        for name in durable::list(inner.m(), &dir)? {
+        for name in durable::list(parts.m(), &dir)? {
             if name.starts_with(TMP_PREFIX) || name.ends_with(".json") {
                 continue;
             }
@@ -164,10 +165,10 @@ fn entries(inner: &Inner) -> Result<Vec<(Object, PathBuf)>, StoreError> {
 }
 
 /// The objects quarantined now.
-pub(crate) fn list(inner: &Inner) -> Result<Quarantined, StoreError> {
+pub(crate) fn list(parts: &Parts) -> Result<Quarantined, StoreError> {
     let mut q = Quarantined::default();
-    for (o, _) in entries(inner)? {
-        if o.home(inner).exists() {
+    for (o, _) in entries(parts)? {
+        if o.home(&parts.layout).exists() {
             continue; // healed
         }
         match o {
@@ -180,9 +181,9 @@ pub(crate) fn list(inner: &Inner) -> Result<Quarantined, StoreError> {
 }
 
 /// Why `o` was quarantined, from its record.
-pub(crate) fn reason(inner: &Inner, o: &Object) -> String {
-    let path = json_path(&o.entry(inner));
-    durable::read_bounded(inner.m(), &path, crate::MAX_METADATA_BYTES, "quarantine record")
+pub(crate) fn reason(parts: &Parts, o: &Object) -> String {
+    let path = json_path(&o.entry(&parts.layout));
+    durable::read_bounded(parts.m(), &path, MAX_METADATA_BYTES, "quarantine record")
         .ok()
         .flatten()
         .and_then(|b| serde_json::from_slice::<Record>(&b).ok())
@@ -202,36 +203,36 @@ fn json_path(entry: &Path) -> PathBuf {
 /// missing one), then writes the record. `intact` re-checks a file: if the file moved turns out
 /// to pass (a new copy replaced the damaged one meanwhile), it is put back. Failures are
 /// logged, not returned: the caller reports the damage either way.
-pub(crate) fn quarantine(inner: &Inner, o: &Object, reason: &str, intact: impl Fn(&Path) -> bool) {
-    if let Err(e) = try_quarantine(inner, o, reason, intact) {
+pub(crate) fn quarantine(parts: &Parts, o: &Object, reason: &str, intact: impl Fn(&Path) -> bool) {
+    if let Err(e) = try_quarantine(parts, o, reason, intact) {
         tracing::error!(object = %o.name(), kind = ?o.kind(), "cannot quarantine a damaged object: {e}");
     }
 }
 
 fn try_quarantine(
-    inner: &Inner,
+    parts: &Parts,
     o: &Object,
     reason: &str,
     intact: impl Fn(&Path) -> bool,
 ) -> Result<(), StoreError> {
-    let home = o.home(inner);
-    let entry = o.entry(inner);
+    let home = o.home(&parts.layout);
+    let entry = o.entry(&parts.layout);
     let dir = entry.parent().expect("an entry has a directory");
-    if !inner.m().is_dir(dir) {
-        inner.m().create_dir_all(dir).map_err(StoreError::io("create directory", dir))?;
-        sync_dir(inner.m(), &inner.root.join(QUARANTINE))?;
-        sync_dir(inner.m(), &inner.root)?;
+    if !parts.m().is_dir(dir) {
+        parts.m().create_dir_all(dir).map_err(StoreError::io("create directory", dir))?;
+        sync_dir(parts.m(), &parts.layout.quarantine_dir())?;
+        sync_dir(parts.m(), &parts.layout.root)?;
     }
-    match inner.m().rename(&home, &entry) {
+    match parts.m().rename(&home, &entry) {
         Ok(()) => {
             if intact(&entry) {
                 // Replaced by a good copy after the damaged one was read: put it back.
-                inner.m().rename(&entry, &home).map_err(StoreError::io("rename", &home))?;
+                parts.m().rename(&entry, &home).map_err(StoreError::io("rename", &home))?;
                 return Ok(());
             }
         }
         Err(e) if e.kind() == ErrorKind::NotFound => {
-            match inner.m().create(&entry, &[], true) {
+            match parts.m().create(&entry, &[], true) {
                 Ok(()) => {}
                 // Quarantined already (by another reader).
                 Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(()),
@@ -240,9 +241,9 @@ fn try_quarantine(
         }
         Err(e) => return Err(StoreError::io("rename", &entry)(e)),
     }
-    sync_dir(inner.m(), dir)?;
-    if let Some(parent) = home.parent().filter(|p| inner.m().is_dir(p)) {
-        sync_dir(inner.m(), parent)?;
+    sync_dir(parts.m(), dir)?;
+    if let Some(parent) = home.parent().filter(|p| parts.m().is_dir(p)) {
+        sync_dir(parts.m(), parent)?;
     }
     let record = Record {
         format: RECORD_FORMAT.into(),
@@ -254,19 +255,19 @@ fn try_quarantine(
     };
     let json = serde_json::to_vec_pretty(&record).expect("a quarantine record serializes");
     let name = json_path(&entry).file_name().expect("a file name").to_string_lossy().into_owned();
-    write_atomic(inner.m(), &inner.tmp, dir, &name, &[&json], true)?;
+    write_atomic(parts.m(), &parts.tmp, dir, &name, &[&json], true)?;
     tracing::warn!(kind = ?o.kind(), object = %o.name(), %reason, "damaged object quarantined");
     Ok(())
 }
 
 /// Removes the quarantine files of `o` after its home was made durable again (healed). Not
 /// synced: should the removal be lost, the home still says the object is healed.
-pub(crate) fn clear(inner: &Inner, o: &Object) -> Result<(), StoreError> {
-    let entry = o.entry(inner);
+pub(crate) fn clear(parts: &Parts, o: &Object) -> Result<(), StoreError> {
+    let entry = o.entry(&parts.layout);
     let json = json_path(&entry);
-    if inner.m().exists(&entry) || inner.m().exists(&json) {
-        durable::remove(inner.m(), &entry)?;
-        durable::remove(inner.m(), &json)?;
+    if parts.m().exists(&entry) || parts.m().exists(&json) {
+        durable::remove(parts.m(), &entry)?;
+        durable::remove(parts.m(), &json)?;
         tracing::info!(kind = ?o.kind(), object = %o.name(), "quarantined object healed by a new copy");
     }
     Ok(())
@@ -274,23 +275,23 @@ pub(crate) fn clear(inner: &Inner, o: &Object) -> Result<(), StoreError> {
 
 /// Sweep: removes the quarantine files of objects that are healed or that `keep` does not
 /// name any more (no remaining point references them), and records without a file.
-pub(crate) fn sweep(inner: &Inner, keep: impl Fn(&Object) -> bool) -> Result<u64, StoreError> {
+pub(crate) fn sweep(parts: &Parts, keep: impl Fn(&Object) -> bool) -> Result<u64, StoreError> {
     let mut bytes = 0;
-    for (o, path) in entries(inner)? {
-        if inner.m().exists(&o.home(inner)) || !keep(&o) {
-            bytes += durable::remove(inner.m(), &path)?;
-            bytes += durable::remove(inner.m(), &json_path(&path))?;
+    for (o, path) in entries(parts)? {
+        if parts.m().exists(&o.home(&parts.layout)) || !keep(&o) {
+            bytes += durable::remove(parts.m(), &path)?;
+            bytes += durable::remove(parts.m(), &json_path(&path))?;
         }
     }
     for kind in [ObjectKind::Chunk, ObjectKind::Page, ObjectKind::Root] {
-        let dir = inner.root.join(QUARANTINE).join(Object::dir(kind));
-        if !inner.m().is_dir(&dir) {
+        let dir = parts.layout.quarantine_dir().join(Object::dir(kind));
+        if !parts.m().is_dir(&dir) {
             continue;
         }
-        for name in durable::list(inner.m(), &dir)? {
-            let orphan = name.strip_suffix(".json").is_some_and(|stem| !inner.m().exists(&dir.join(stem)));
+        for name in durable::list(parts.m(), &dir)? {
+            let orphan = name.strip_suffix(".json").is_some_and(|stem| !parts.m().exists(&dir.join(stem)));
             if orphan || name.starts_with(TMP_PREFIX) {
-                bytes += durable::remove(inner.m(), &dir.join(name))?;
+                bytes += durable::remove(parts.m(), &dir.join(name))?;
             }
         }
     }
@@ -315,21 +316,23 @@ mod tests {
     fn a_home_that_exists_again_means_healed_and_the_sweep_removes_the_leftovers() {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::Store::open(&dir.path().join("s")).unwrap();
-        let inner = store.inner();
+        let parts = store.parts();
         let o = Object::Chunk([5; 32]);
-        let home = o.home(inner);
+        let home = o.home(&parts.layout);
         fs::write(&home, b"damaged").unwrap();
-        quarantine(inner, &o, "test", |_| false);
-        assert!(!home.exists() && o.entry(inner).exists() && json_path(&o.entry(inner)).exists());
-        assert!(list(inner).unwrap().contains(&o));
-        assert!(reason(inner, &o).contains("test"));
+        quarantine(parts, &o, "test", |_| false);
+        assert!(
+            !home.exists() && o.entry(&parts.layout).exists() && json_path(&o.entry(&parts.layout)).exists()
+        );
+        assert!(list(parts).unwrap().contains(&o));
+        assert!(reason(parts, &o).contains("test"));
         // A crash after a promotion made the home durable, before the files were removed.
         fs::write(&home, b"a good copy").unwrap();
-        assert!(!list(inner).unwrap().contains(&o), "the home wins");
-        sweep(inner, |_| true).unwrap();
-        assert!(!o.entry(inner).exists() && !json_path(&o.entry(inner)).exists());
+        assert!(!list(parts).unwrap().contains(&o), "the home wins");
+        sweep(parts, |_| true).unwrap();
+        assert!(!o.entry(&parts.layout).exists() && !json_path(&o.entry(&parts.layout)).exists());
         // A copy that passes after the move (replaced meanwhile) is put back.
-        quarantine(inner, &o, "test", |_| true);
-        assert!(home.exists() && !o.entry(inner).exists());
+        quarantine(parts, &o, "test", |_| true);
+        assert!(home.exists() && !o.entry(&parts.layout).exists());
     }
 }

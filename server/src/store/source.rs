@@ -12,13 +12,15 @@ use std::sync::PoisonError;
 
 use serde::{Deserialize, Serialize};
 
-use crate::durable::{read_bounded, write_atomic};
-use crate::format::{hex, MAX_METADATA_BYTES};
-use crate::{FormatError, Store, StoreError};
+use super::durable::{read_bounded, write_atomic};
+use super::error::StoreError;
+use super::format::{hex, FormatError, MAX_METADATA_BYTES};
+use super::info::now_unix_ms;
+use super::layout::{CURRENT_FILE, SOURCE_FILE};
+use super::objects;
+use super::Store;
 
-const SOURCE_FILE: &str = "source.json";
 const SOURCE_FORMAT: &str = "siterep.source";
-const CURRENT_FILE: &str = "current.json";
 const CURRENT_FORMAT: &str = "siterep.current";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -58,12 +60,12 @@ impl Store {
     /// exists. A disk with no binding yet (created before bindings existed, or never) is bound
     /// now.
     pub fn bind_source(&self, disk: &str, source: &[u8; 16], reenroll: bool) -> Result<(), StoreError> {
-        self.inner.writable("binding a disk's source")?;
-        let inner = &*self.inner;
-        let _gate = inner.shared();
-        let lock = inner.disk_lock(disk);
+        self.parts.locks.writable("binding a disk's source")?;
+        let parts = &*self.parts;
+        let _gate = parts.locks.shared();
+        let lock = parts.locks.disk(disk);
         let _disk = lock.lock().unwrap_or_else(PoisonError::into_inner);
-        inner.disk_record(disk)?;
+        objects::disk_record(parts, disk)?;
         let offered = hex(source);
         let existing = read_source(self, disk)?;
         match &existing {
@@ -80,18 +82,18 @@ impl Store {
             }
             None => tracing::info!(disk, source = %offered, "disk bound to its source"),
         }
-        let latest = inner.latest_point(disk)?.map(|p| p.id);
+        let latest = objects::latest_point(parts, disk)?.map(|p| p.id);
         let record = SourceRecord {
             format: SOURCE_FORMAT.into(),
             version: 1,
             disk: disk.to_string(),
             source: offered,
-            bound_unix_ms: crate::store::now_unix_ms(),
+            bound_unix_ms: now_unix_ms(),
             reenrolled_at_point: if existing.is_some() { latest } else { None },
             reenrolled: existing.is_some(),
         };
         let json = serde_json::to_vec_pretty(&record).expect("a source record serializes");
-        write_atomic(inner.m(), &inner.tmp, &inner.disk_dir(disk), SOURCE_FILE, &[&json], true)
+        write_atomic(parts.m(), &parts.tmp, &parts.layout.disk_dir(disk), SOURCE_FILE, &[&json], true)
     }
 
     /// The source a disk is bound to (32 hex digits), if any.
@@ -110,7 +112,7 @@ impl Store {
         if !r.reenrolled {
             return Ok(None);
         }
-        let latest = self.inner.latest_point(disk)?.map(|p| p.id);
+        let latest = objects::latest_point(&self.parts, disk)?.map(|p| p.id);
         Ok((latest.is_some() && latest == r.reenrolled_at_point).then(|| {
             format!(
                 "disk {disk} was re-enrolled to source {}: its tracking says nothing about the points here",
@@ -123,12 +125,12 @@ impl Store {
     /// `as_of_unix_ms`. Refused for any other point. Not synced: losing it on a crash only
     /// shows an older time.
     pub fn record_current(&self, disk: &str, point: u64, as_of_unix_ms: u64) -> Result<(), StoreError> {
-        self.inner.writable("recording a current point")?;
-        let inner = &*self.inner;
-        let _gate = inner.shared();
-        let lock = inner.disk_lock(disk);
+        self.parts.locks.writable("recording a current point")?;
+        let parts = &*self.parts;
+        let _gate = parts.locks.shared();
+        let lock = parts.locks.disk(disk);
         let _disk = lock.lock().unwrap_or_else(PoisonError::into_inner);
-        let latest = inner.latest_point(disk)?;
+        let latest = objects::latest_point(parts, disk)?;
         match &latest {
             Some(l) if l.id == point && as_of_unix_ms >= l.cut_unix_ms => {}
             _ => {
@@ -145,15 +147,15 @@ impl Store {
             current: CurrentRecord { point, as_of_unix_ms },
         };
         let json = serde_json::to_vec_pretty(&file).expect("a current record serializes");
-        write_atomic(inner.m(), &inner.tmp, &inner.disk_dir(disk), CURRENT_FILE, &[&json], false)
+        write_atomic(parts.m(), &parts.tmp, &parts.layout.disk_dir(disk), CURRENT_FILE, &[&json], false)
     }
 
     /// When the disk was last known to equal its latest point: the latest `record_current`
     /// for that point, else the point's cut. `None` without a point.
     pub fn current_unix_ms(&self, disk: &str) -> Result<Option<u64>, StoreError> {
-        let Some(latest) = self.inner.latest_point(disk)? else { return Ok(None) };
-        let path = self.inner.disk_dir(disk).join(CURRENT_FILE);
-        let recorded = match read_bounded(self.inner.m(), &path, MAX_METADATA_BYTES, "current record")? {
+        let Some(latest) = objects::latest_point(&self.parts, disk)? else { return Ok(None) };
+        let path = self.parts.layout.disk_dir(disk).join(CURRENT_FILE);
+        let recorded = match read_bounded(self.parts.m(), &path, MAX_METADATA_BYTES, "current record")? {
             Some(buf) => match serde_json::from_slice::<CurrentFile>(&buf) {
                 Ok(f) if f.format == CURRENT_FORMAT && f.version == 1 => Some(f.current),
                 _ => {
@@ -171,8 +173,8 @@ impl Store {
 }
 
 fn read_source(store: &Store, disk: &str) -> Result<Option<SourceRecord>, StoreError> {
-    let path = store.inner.disk_dir(disk).join(SOURCE_FILE);
-    let Some(buf) = read_bounded(store.inner.m(), &path, MAX_METADATA_BYTES, "source record")? else {
+    let path = store.parts.layout.disk_dir(disk).join(SOURCE_FILE);
+    let Some(buf) = read_bounded(store.parts.m(), &path, MAX_METADATA_BYTES, "source record")? else {
         return Ok(None);
     };
     let bad = |source: FormatError| StoreError::Format { path: path.clone(), source };

@@ -12,12 +12,13 @@ use std::collections::{BTreeSet, HashSet};
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
-use crate::durable::sync_dir;
-use crate::error::StoreError;
-use crate::format::{hex, ChunkHeader, CHUNK_HEADER, MAX_CHUNK_RAW, MAX_CHUNK_STORED};
-use crate::medium::Medium;
-use crate::quarantine::{self, Object};
-use crate::store::{Inner, CHUNKS};
+use super::durable::sync_dir;
+use super::error::StoreError;
+use super::format::{hex, ChunkHeader, CHUNK_HEADER, MAX_CHUNK_RAW, MAX_CHUNK_STORED};
+use super::layout::CHUNKS;
+use super::medium::Medium;
+use super::parts::Parts;
+use super::quarantine::{self, Object};
 
 /// A promotion touching at most this many shard directories fsyncs each of them; one touching
 /// more makes the renames durable with a second `syncfs` instead.
@@ -147,7 +148,7 @@ fn read_stored(m: &dyn Medium, path: &Path, hash: &[u8; 32]) -> Result<(ChunkHea
 /// returns the file's path; the caller records it in the staged set (or removes it). Nobody
 /// reads the file before it is recorded, so no temporary name is needed.
 pub(crate) fn stage(
-    inner: &Inner,
+    parts: &Parts,
     hash: &[u8; 32],
     raw_len: u32,
     compressed: &[u8],
@@ -158,11 +159,11 @@ pub(crate) fn stage(
         hash: *hash,
     }
     .encode();
-    let path = inner.incoming_dir().join(format!("{}.{}", hex(hash), inner.tmp.next_id()));
-    match inner.m().create(&path, &[&header, compressed], false) {
+    let path = parts.layout.incoming_dir().join(format!("{}.{}", hex(hash), parts.tmp.next_id()));
+    match parts.m().create(&path, &[&header, compressed], false) {
         Ok(()) => Ok(path),
         Err(e) => {
-            let _ = inner.m().remove_file(&path);
+            let _ = parts.m().remove_file(&path);
             Err(StoreError::io("create", &path)(e))
         }
     }
@@ -184,10 +185,10 @@ pub(crate) enum Found {
 /// durable. A promotion may move the file between the two looks (absent from `chunks/`, then
 /// no longer staged); hence one more look. A second miss is real: after a promotion the chunk
 /// is stored, and an upload does not stage a stored chunk.
-pub(crate) fn find(inner: &Inner, hash: &[u8; 32]) -> Result<Option<Found>, StoreError> {
+pub(crate) fn find(parts: &Parts, hash: &[u8; 32]) -> Result<Option<Found>, StoreError> {
     for _ in 0..2 {
-        let header = read_header(inner.m(), &inner.chunk_path(hash), hash);
-        if let Some(s) = inner.live().staged.get(hash) {
+        let header = read_header(parts.m(), &parts.layout.chunk_path(hash), hash);
+        if let Some(s) = parts.live().staged.get(hash) {
             return Ok(Some(Found::Staged(s.raw_len)));
         }
         if let Some(h) = header? {
@@ -202,22 +203,22 @@ pub(crate) fn find(inner: &Inner, hash: &[u8; 32]) -> Result<Option<Found>, Stor
 /// (promoted by another commit), or this fails with [`StoreError::MissingChunk`] (a failed
 /// sync discarded them). The caller holds the gate; on success every chunk of `refs` is
 /// durable, contents and name.
-pub(crate) fn promote(inner: &Inner, refs: &BTreeSet<[u8; 32]>) -> Result<(), StoreError> {
+pub(crate) fn promote(parts: &Parts, refs: &BTreeSet<[u8; 32]>) -> Result<(), StoreError> {
     if refs.is_empty() {
         return Ok(());
     }
     // One promotion at a time: a chunk staged once and needed by several commits is moved by
     // the first, and the others find it stored (and, holding this lock, finished).
-    let _promotion = inner.promotion();
+    let _promotion = parts.locks.promotion();
     let todo: Vec<([u8; 32], PathBuf)> = {
-        let live = inner.live();
+        let live = parts.live();
         refs.iter().filter_map(|h| live.staged.get(h).map(|s| (*h, s.path.clone()))).collect()
     };
     if todo.len() < refs.len() {
         let staged: HashSet<[u8; 32]> = todo.iter().map(|(h, _)| *h).collect();
         for h in refs.iter().filter(|h| !staged.contains(*h)) {
             // Not staged and no promotion under way: a file here is durable.
-            if read_header(inner.m(), &inner.chunk_path(h), h)?.is_none() {
+            if read_header(parts.m(), &parts.layout.chunk_path(h), h)?.is_none() {
                 return Err(StoreError::MissingChunk(*h));
             }
         }
@@ -226,43 +227,43 @@ pub(crate) fn promote(inner: &Inner, refs: &BTreeSet<[u8; 32]>) -> Result<(), St
         return Ok(());
     }
     // Contents: everything staged before this call is durable after it.
-    if let Err(e) = inner.fault("promote.syncfs").and_then(|()| inner.syncfs()) {
-        discard_staged(inner, &e);
+    if let Err(e) = parts.faults.step("promote.syncfs").and_then(|()| parts.syncfs()) {
+        discard_staged(parts, &e);
         return Err(e);
     }
     let mut shards = BTreeSet::new();
     for (hash, from) in &todo {
-        let to = inner.chunk_path(hash);
-        match inner.m().rename(from, &to) {
+        let to = parts.layout.chunk_path(hash);
+        match parts.m().rename(from, &to) {
             Ok(()) => {}
             // Moved by an earlier promotion whose directory sync failed; sync it now.
             Err(e)
                 if e.kind() == ErrorKind::NotFound
-                    && matches!(read_header(inner.m(), &to, hash), Ok(Some(_))) => {}
+                    && matches!(read_header(parts.m(), &to, hash), Ok(Some(_))) => {}
             Err(e) => return Err(StoreError::io("rename", &to)(e)),
         }
         shards.insert(hash[0]);
     }
     // Names. Until this succeeds the chunks stay in the staged set, so every commit that
     // needs them comes here (and tolerates their absence from `incoming/`).
-    inner.fault("promote.names")?;
+    parts.faults.step("promote.names")?;
     if shards.len() <= MAX_DIR_SYNCS {
         for shard in &shards {
-            sync_dir(inner.m(), &inner.shard_dir(CHUNKS, *shard))?;
+            sync_dir(parts.m(), &parts.layout.shard_dir(CHUNKS, *shard))?;
         }
-    } else if let Err(e) = inner.syncfs() {
-        discard_staged(inner, &e);
+    } else if let Err(e) = parts.syncfs() {
+        discard_staged(parts, &e);
         return Err(e);
     }
     {
-        let mut live = inner.live();
+        let mut live = parts.live();
         for (hash, _) in &todo {
             live.staged.remove(hash);
         }
     }
     // A promoted chunk that was quarantined is healed: its home is durable again.
     for (hash, _) in &todo {
-        if let Err(e) = quarantine::clear(inner, &Object::Chunk(*hash)) {
+        if let Err(e) = quarantine::clear(parts, &Object::Chunk(*hash)) {
             tracing::warn!("a healed chunk keeps its quarantine files until the next sweep: {e}");
         }
     }
@@ -276,11 +277,11 @@ pub(crate) fn promote(inner: &Inner, refs: &BTreeSet<[u8; 32]>) -> Result<(), St
 /// pending point that references one fails with [`StoreError::MissingChunk`] and the agent
 /// sends it again. Chunks an earlier promotion already moved to `chunks/` (their contents
 /// synced by an earlier, successful `syncfs`; their names not yet) stay staged.
-fn discard_staged(inner: &Inner, cause: &StoreError) {
-    let mut live = inner.live();
+fn discard_staged(parts: &Parts, cause: &StoreError) {
+    let mut live = parts.live();
     live.stage_epoch += 1;
     let before = live.staged.len();
-    live.staged.retain(|_, s| match inner.m().remove_file(&s.path) {
+    live.staged.retain(|_, s| match parts.m().remove_file(&s.path) {
         Ok(()) => false,
         Err(e) if e.kind() == ErrorKind::NotFound => true,
         // Not trusted either way; the next sweep or open removes the file.

@@ -5,8 +5,9 @@ use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::error::{FormatError, StoreError};
-use crate::medium::Medium;
+use super::error::StoreError;
+use super::format::FormatError;
+use super::medium::Medium;
 
 /// Temporary files start with this; a sweep removes any it finds (none are in use then).
 pub(crate) const TMP_PREFIX: &str = ".tmp.";
@@ -103,7 +104,7 @@ pub(crate) fn list(m: &dyn Medium, dir: &Path) -> Result<Vec<String>, StoreError
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::medium::DiskMedium;
+    use crate::store::medium::DiskMedium;
     use std::fs;
 
     #[test]
