@@ -12,6 +12,9 @@
 //! - [`image`], [`nbdinfo`]: scratch images and their SEEK_DATA layout, and what nbdinfo says
 //!   about an export.
 //! - [`wait_until`] / [`poll`]: the one loop that waits for a condition.
+//! - [`parse_json`], [`json_u64`], [`json_str`], [`json_array`]: a command's JSON as a
+//!   `serde_json::Value`, and its members, failing the test with the document when one is
+//!   absent or of another type.
 //! - [`control`]: `siterep cut | release | status` against a running shim, and raw requests to
 //!   its control socket.
 //! - [`blockdev`]: an export as a block device without the kernel NBD driver (nbdfuse, then a
