@@ -12,7 +12,8 @@ child processes (`spawn` in their own process group, killed with this script; `s
 `nbd_greets`, `tcp_up`, `free_port`); tools (`have`, `fio_has_nbd`, `nbdkit_has_file`,
 `ensure_packages`, `cargo_build`, `siterep_binary`, `siterep_version`, `first_line`); /proc
 readers (`proc_cpu`, `proc_status`); the page cache (`evict`); the scratch directory
-(`scratch_dir`, `dir_fs`) and the statistics of the tables (`med`, `spread`, `percentile`).
+(`scratch_dir`, `dir_fs`), the order of the contenders in a round (`rotated`, `round_order`)
+and the statistics of the tables (`med`, `spread`, `percentile`).
 """
 
 import ctypes
@@ -395,6 +396,23 @@ def rotated(items, k):
     """`items` rotated left by k (mod its length): each round starts with another contender."""
     k %= len(items)
     return items[k:] + items[:k]
+
+
+def round_order(contenders, rnd, twin_suffix=None):
+    """The contenders' order in round `rnd` (from 0): rotated by `rnd`, so each round starts
+    with another one. With `twin_suffix`, a contender followed in the list by its twin (its
+    name + the suffix) swaps places with it in odd rounds, so neither always runs right after
+    the other."""
+    order = list(contenders)
+    if twin_suffix and rnd % 2:
+        i = 0
+        while i + 1 < len(order):
+            if order[i + 1] == order[i] + twin_suffix:
+                order[i], order[i + 1] = order[i + 1], order[i]
+                i += 2
+            else:
+                i += 1
+    return rotated(order, rnd)
 
 
 # ---------------------------------------------------------------- main
