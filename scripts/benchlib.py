@@ -400,10 +400,10 @@ def rotated(items, k):
 
 def round_order(contenders, rnd, twin_suffix=None):
     """The contenders' order in round `rnd` (from 0): rotated by `rnd`, so each round starts
-    with another one. With `twin_suffix`, a contender followed in the list by its twin (its
-    name + the suffix) swaps places with it in odd rounds, so neither always runs right after
-    the other."""
-    order = list(contenders)
+    with another one. With `twin_suffix`, in odd rounds a contender then followed by its twin
+    (its name + the suffix) swaps places with it, so the twin does not always run right after
+    the contender."""
+    order = rotated(list(contenders), rnd)
     if twin_suffix and rnd % 2:
         i = 0
         while i + 1 < len(order):
@@ -412,7 +412,7 @@ def round_order(contenders, rnd, twin_suffix=None):
                 i += 2
             else:
                 i += 1
-    return rotated(order, rnd)
+    return order
 
 
 # ---------------------------------------------------------------- main
