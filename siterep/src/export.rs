@@ -66,6 +66,14 @@ impl std::fmt::Debug for PointImage {
     }
 }
 
+impl Overlay {
+    /// An empty overlay for a disk of `size` bytes, kept in `file` (sized here).
+    fn new(file: File, size: u64) -> Result<Overlay> {
+        file.set_len(size)?;
+        Ok(Overlay { file, present: DirtyMap::new(size, BLOCK)?, lock: Mutex::new(()) })
+    }
+}
+
 fn store_err(e: server::StoreError) -> io::Error {
     io::Error::other(e)
 }
@@ -179,8 +187,7 @@ pub fn export(args: ExportArgs) -> Result<()> {
             .custom_flags(libc::O_TMPFILE)
             .open(&dir)
             .with_context(|| format!("creating the overlay in {}", dir.display()))?;
-        file.set_len(reader.size())?;
-        Some(Overlay { file, present: DirtyMap::new(reader.size(), BLOCK)?, lock: Mutex::new(()) })
+        Some(Overlay::new(file, reader.size())?)
     } else {
         None
     };
@@ -220,4 +227,205 @@ pub fn export(args: ExportArgs) -> Result<()> {
         let _ = std::fs::remove_file(p);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::path::Path;
+
+    use server::{Consistency, GenerationKind};
+
+    use super::*;
+
+    const SIZE: u64 = 1 << 20;
+    /// Where the point holds data (the rest of it reads as zeroes).
+    const DATA: std::ops::Range<u64> = (256 << 10)..(512 << 10);
+
+    /// A store with one point of a 1 MiB disk: 256 KiB of data at 256 KiB, zeroes elsewhere.
+    /// Returns the store and the point's whole content.
+    fn store_with_point(root: &Path) -> (Store, Vec<u8>) {
+        let store = Store::open(root).unwrap();
+        store.register_disk("d", SIZE, 4096).unwrap();
+        let data: Vec<u8> = (0..DATA.end - DATA.start).map(|i| (i * 7 % 251) as u8 + 1).collect();
+        let hash = *blake3::hash(&data).as_bytes();
+        store.put_chunk(&hash, data.len() as u32, &zstd::bulk::compress(&data, 1).unwrap()).unwrap();
+        let mut p = store.begin("d", 1, GenerationKind::InitialFull, None).unwrap();
+        p.add_chunk(DATA.start, data.len() as u32, hash).unwrap();
+        p.commit(1, Consistency::Crash).unwrap();
+        let mut content = vec![0u8; SIZE as usize];
+        content[DATA.start as usize..DATA.end as usize].copy_from_slice(&data);
+        (store, content)
+    }
+
+    /// The point served writable, as `siterep export --writable` does.
+    fn writable(store: &Store) -> PointImage {
+        let reader = store.open_point("d", PointSel::Latest).unwrap();
+        let overlay = Overlay::new(tempfile::tempfile().unwrap(), reader.size()).unwrap();
+        PointImage { reader, overlay: Some(overlay) }
+    }
+
+    fn read_all(image: &dyn VirtualImage) -> Vec<u8> {
+        let mut buf = vec![0u8; image.size() as usize];
+        image.read_at(&mut buf, 0).unwrap();
+        buf
+    }
+
+    /// Every file under `dir` and its bytes.
+    fn files(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+        let mut out = BTreeMap::new();
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                out.extend(files(&p));
+            } else {
+                out.insert(p.clone(), std::fs::read(&p).unwrap());
+            }
+        }
+        out
+    }
+
+    /// The point, read afresh from the store, is still `base`, and no file of the store changed.
+    fn assert_point_unchanged(store: &Store, root: &Path, base: &[u8], before: &BTreeMap<PathBuf, Vec<u8>>) {
+        let reader = store.open_point("d", PointSel::Latest).unwrap();
+        let mut buf = vec![0u8; SIZE as usize];
+        reader.read_at(&mut buf, 0).unwrap();
+        assert!(buf == base, "the point's content changed");
+        assert!(files(root) == *before, "a file of the store changed");
+    }
+
+    fn write(image: &PointImage, model: &mut [u8], offset: u64, data: &[u8]) {
+        image.write_at(data, offset).unwrap();
+        model[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+    }
+
+    fn zero(image: &PointImage, model: &mut [u8], offset: u64, len: u64) {
+        image.zero(offset, len).unwrap();
+        model[offset as usize..(offset + len) as usize].fill(0);
+    }
+
+    #[test]
+    fn writes_land_in_the_overlay_and_reads_merge_it_over_the_point() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let (store, base) = store_with_point(&root);
+        let before = files(&root);
+        let image = writable(&store);
+        assert!(read_all(&image) == base, "an untouched overlay reads as the point");
+
+        let mut model = base.clone();
+        // Whole blocks: over data, over zeroes, and the last block of the disk.
+        write(&image, &mut model, DATA.start + 4096, &[0xa1; 4096]);
+        write(&image, &mut model, 0, &[0xa2; 8192]);
+        write(&image, &mut model, SIZE - 4096, &[0xa3; 4096]);
+        assert!(read_all(&image) == model, "reads merge the overlay over the point");
+        // Reads that start and end inside overlaid and point blocks.
+        for (offset, len) in [(DATA.start + 4000, 200), (8000, 300), (DATA.start + 4096 + 4095, 2), (100, 50)]
+        {
+            let mut buf = vec![0u8; len];
+            image.read_at(&mut buf, offset).unwrap();
+            assert!(buf[..] == model[offset as usize..offset as usize + len], "read {offset}+{len}");
+        }
+        // A second write over the same blocks replaces the first.
+        write(&image, &mut model, 0, &[0xb2; 4096]);
+        assert!(read_all(&image) == model);
+        image.flush().unwrap();
+        assert_point_unchanged(&store, &root, &base, &before);
+    }
+
+    #[test]
+    fn partial_block_writes_keep_the_rest_of_the_block_from_the_point() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let (store, base) = store_with_point(&root);
+        let before = files(&root);
+        let image = writable(&store);
+        let mut model = base.clone();
+        // Inside one block of data, across two blocks of data, across the data's edge (point
+        // zeroes and point data in one write), one byte, and a block written twice in part.
+        write(&image, &mut model, DATA.start + 8192 + 50, &[0xc1; 100]);
+        write(&image, &mut model, DATA.start + 3 * 4096 - 10, &[0xc2; 20]);
+        write(&image, &mut model, DATA.start - 3000, &[0xc3; 6000]);
+        write(&image, &mut model, DATA.end - 1, &[0xc4]);
+        write(&image, &mut model, DATA.start + 40960 + 10, &[0xc5; 10]);
+        write(&image, &mut model, DATA.start + 40960 + 4000, &[0xc6; 10]);
+        assert!(read_all(&image) == model, "partial writes merge with the point's bytes");
+        assert_point_unchanged(&store, &root, &base, &before);
+    }
+
+    #[test]
+    fn zeroes_land_in_the_overlay() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let (store, base) = store_with_point(&root);
+        let before = files(&root);
+        let image = writable(&store);
+        let mut model = base.clone();
+        zero(&image, &mut model, DATA.start + 100, 10_000);
+        zero(&image, &mut model, DATA.start + 65536, 65536);
+        // More than the 1 MiB zero buffer: the whole disk, after writing to it.
+        write(&image, &mut model, 4096, &[0xd1; 4096]);
+        assert!(read_all(&image) == model);
+        zero(&image, &mut model, 0, SIZE);
+        assert!(read_all(&image) == vec![0u8; SIZE as usize], "the whole disk zeroed");
+        assert_point_unchanged(&store, &root, &base, &before);
+    }
+
+    #[test]
+    fn overlaid_blocks_are_data_in_the_allocation_map() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = store_with_point(&dir.path().join("store"));
+        let image = writable(&store);
+        // (length, hole) runs: zeroes, the point's data, zeroes.
+        let point_map = vec![(DATA.start, true), (DATA.end - DATA.start, false), (SIZE - DATA.end, true)];
+        assert_eq!(image.allocation(0, SIZE, usize::MAX).unwrap(), point_map);
+        write(&image, &mut vec![0u8; SIZE as usize], 8192, &[1; 10]);
+        assert_eq!(
+            image.allocation(0, SIZE, usize::MAX).unwrap(),
+            vec![
+                (8192, true),
+                (4096, false),
+                (DATA.start - 12288, true),
+                (DATA.end - DATA.start, false),
+                (SIZE - DATA.end, true)
+            ]
+        );
+    }
+
+    #[test]
+    fn random_writes_and_zeroes_match_a_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let (store, base) = store_with_point(&root);
+        let before = files(&root);
+        let image = writable(&store);
+        let mut model = base.clone();
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: u64| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (state >> 33) % n
+        };
+        // Few enough that much of the point is still showing through at the end.
+        for i in 0..60u64 {
+            let len = 1 + next(20_000);
+            let offset = next(SIZE - len + 1);
+            if i % 5 == 4 {
+                zero(&image, &mut model, offset, len);
+            } else {
+                write(&image, &mut model, offset, &vec![(i % 250) as u8 + 1; len as usize]);
+            }
+        }
+        assert!(read_all(&image) == model, "the overlay disagrees with the model");
+        assert_point_unchanged(&store, &root, &base, &before);
+    }
+
+    #[test]
+    fn without_an_overlay_the_point_is_read_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, base) = store_with_point(&dir.path().join("store"));
+        let image = PointImage { reader: store.open_point("d", PointSel::Latest).unwrap(), overlay: None };
+        assert_eq!(image.write_at(&[1; 4096], 0).unwrap_err().raw_os_error(), Some(libc::EROFS));
+        assert_eq!(image.zero(0, 4096).unwrap_err().raw_os_error(), Some(libc::EROFS));
+        assert!(read_all(&image) == base);
+    }
 }

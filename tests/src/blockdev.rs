@@ -4,9 +4,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::{run, run_unchecked, tool, wait_timeout};
+use crate::{poll, run, run_unchecked, tool, wait_timeout};
 
 /// `nbdfuse -P PIDFILE DIR URI`: the export as the file `DIR/nbd`. Dropping unmounts it.
 #[derive(Debug)]
@@ -38,15 +38,14 @@ impl FuseExport {
             .spawn()
             .expect("start nbdfuse");
         let mut export = FuseExport { dir: dir.to_owned(), child: Some(child) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !pidfile.exists() {
+        let ready = poll(Duration::from_secs(10), || {
             if let Some(status) = export.child.as_mut().expect("running").try_wait().expect("try_wait") {
                 export.child = None;
                 panic!("nbdfuse exited with {status} before it was ready:\n{}", export.log());
             }
-            assert!(Instant::now() < deadline, "nbdfuse not ready after 10 s:\n{}", export.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            pidfile.exists()
+        });
+        assert!(ready.is_some(), "nbdfuse not ready after 10 s:\n{}", export.log());
         export
     }
 

@@ -7,8 +7,9 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::json::Json;
-use crate::{run, siterep};
+use serde_json::Value;
+
+use crate::{parse_json, run, siterep};
 
 /// The default control socket of a shim serving on `socket`: `socket` + `.ctl`.
 pub fn control_path(socket: &Path) -> PathBuf {
@@ -17,24 +18,19 @@ pub fn control_path(socket: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-fn parse(what: &str, stdout: &[u8]) -> Json {
-    let text = String::from_utf8_lossy(stdout);
-    Json::parse(text.trim()).unwrap_or_else(|e| panic!("{what} printed unparsable JSON ({e}):\n{text}"))
-}
-
 /// `siterep status --socket SOCKET --json`, parsed.
 #[track_caller]
-pub fn status(socket: &Path) -> Json {
+pub fn status(socket: &Path) -> Value {
     let out = run(siterep().arg("status").arg("--socket").arg(socket).arg("--json"));
-    parse("siterep status --json", &out.stdout)
+    parse_json("siterep status --json", &out.stdout)
 }
 
 /// `siterep cut --socket SOCKET --json`: the new generation (`generation`, `cut_unix_ms`,
 /// `dirty_bytes`, `zero_bytes`).
 #[track_caller]
-pub fn cut(socket: &Path) -> Json {
+pub fn cut(socket: &Path) -> Value {
     let out = run(siterep().arg("cut").arg("--socket").arg(socket).arg("--json"));
-    parse("siterep cut --json", &out.stdout)
+    parse_json("siterep cut --json", &out.stdout)
 }
 
 /// `siterep release N --socket SOCKET`.
@@ -46,21 +42,21 @@ pub fn release(socket: &Path, generation: u64) {
 /// Sends one JSON request line (e.g. `{"cmd":"status"}`) to the control socket `control` and
 /// returns the whole reply object (`{"ok":true,"result":…}` or `{"ok":false,"error":…}`).
 #[track_caller]
-pub fn request(control: &Path, line: &str) -> Json {
+pub fn request(control: &Path, line: &str) -> Value {
     let stream = UnixStream::connect(control)
         .unwrap_or_else(|e| panic!("connect to the control socket {}: {e}", control.display()));
     stream.set_read_timeout(Some(Duration::from_secs(30))).expect("set_read_timeout");
     (&stream).write_all(format!("{line}\n").as_bytes()).expect("send a control request");
     let mut reply = String::new();
     BufReader::new(&stream).read_line(&mut reply).expect("read the control reply");
-    Json::parse(reply.trim())
+    serde_json::from_str(reply.trim())
         .unwrap_or_else(|e| panic!("control socket answered {line} with unparsable JSON ({e}): {reply:?}"))
 }
 
 /// The `result` of a raw request that must succeed.
 #[track_caller]
-pub fn request_ok(control: &Path, line: &str) -> Json {
+pub fn request_ok(control: &Path, line: &str) -> Value {
     let reply = request(control, line);
-    assert_eq!(reply.get("ok"), &Json::Bool(true), "control request {line} failed: {reply:?}");
-    reply.get("result").clone()
+    assert_eq!(reply["ok"], true, "control request {line} failed: {reply}");
+    reply.get("result").cloned().unwrap_or_else(|| panic!("control request {line}: no result in {reply}"))
 }

@@ -9,8 +9,12 @@
 //! - [`tool`] / [`run`]: find a client program or fail naming the Debian package that provides
 //!   it (a missing tool is a failure, never a skip: CI installs them all), and run a command,
 //!   failing with its output when it exits non-zero or hangs.
-//! - [`image`], [`nbdinfo`], [`json`]: scratch images and their SEEK_DATA layout, and nbdinfo's
-//!   JSON as typed values.
+//! - [`image`], [`nbdinfo`]: scratch images and their SEEK_DATA layout, and what nbdinfo says
+//!   about an export.
+//! - [`wait_until`] / [`poll`]: the one loop that waits for a condition.
+//! - [`parse_json`], [`json_u64`], [`json_str`], [`json_array`]: a command's JSON as a
+//!   `serde_json::Value`, and its members, failing the test with the document when one is
+//!   absent or of another type.
 //! - [`control`]: `siterep cut | release | status` against a running shim, and raw requests to
 //!   its control socket.
 //! - [`blockdev`]: an export as a block device without the kernel NBD driver (nbdfuse, then a
@@ -28,7 +32,6 @@
 pub mod blockdev;
 pub mod control;
 pub mod image;
-pub mod json;
 pub mod nbdinfo;
 pub mod recovery;
 pub mod replication;
@@ -44,6 +47,8 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+use serde_json::Value;
 
 /// How long a server gets to accept its first connection, and to exit after SIGTERM.
 pub const SERVER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -181,16 +186,7 @@ pub fn run_unchecked(cmd: &mut Command, timeout: Duration) -> Output {
 
 /// Waits for `child` up to `timeout`; `None` if it is still running.
 pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return Some(status);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    poll(timeout, || child.try_wait().expect("try_wait"))
 }
 
 fn capture_file() -> File {
@@ -234,17 +230,105 @@ pub fn show_output(out: &Output) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Scratch space
+// JSON output
 
-/// Polls `cond` every 10 ms until it holds; fails the test naming `what` after `timeout`.
+/// Parses `stdout`, what `what` printed, as one JSON document; fails the test with the text if
+/// it is not one.
 #[track_caller]
-pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting until {what}");
-        std::thread::sleep(Duration::from_millis(10));
+pub fn parse_json(what: &str, stdout: &[u8]) -> Value {
+    let text = String::from_utf8_lossy(stdout);
+    serde_json::from_str(text.trim())
+        .unwrap_or_else(|e| panic!("{what} printed unparsable JSON ({e}):\n{text}"))
+}
+
+/// Member `key` of the JSON object `doc` as an unsigned integer; fails the test with the
+/// document if it is absent or not one.
+#[track_caller]
+pub fn json_u64(doc: &Value, key: &str) -> u64 {
+    doc.get(key)
+        .and_then(Value::as_u64)
+        .unwrap_or_else(|| panic!("JSON member {key:?} is not an unsigned integer: {doc}"))
+}
+
+/// Member `key` of the JSON object `doc` as a string; fails the test with the document if it
+/// is absent or not one.
+#[track_caller]
+pub fn json_str<'a>(doc: &'a Value, key: &str) -> &'a str {
+    doc.get(key)
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("JSON member {key:?} is not a string: {doc}"))
+}
+
+/// Member `key` of the JSON object `doc` as an array; fails the test with the document if it
+/// is absent or not one.
+#[track_caller]
+pub fn json_array<'a>(doc: &'a Value, key: &str) -> &'a [Value] {
+    doc.get(key)
+        .and_then(Value::as_array)
+        .unwrap_or_else(|| panic!("JSON member {key:?} is not an array: {doc}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Waiting for something to happen
+
+/// What a probe polled by [`poll`] or [`wait_until`] answers: `true`, or `Some(value)`, once
+/// the awaited thing has happened.
+pub trait Probe {
+    /// What the wait returns: `()` for a `bool` probe, the value for an `Option` probe.
+    type Found;
+    fn found(self) -> Option<Self::Found>;
+}
+
+impl Probe for bool {
+    type Found = ();
+    fn found(self) -> Option<()> {
+        self.then_some(())
     }
 }
+
+impl<T> Probe for Option<T> {
+    type Found = T;
+    fn found(self) -> Option<T> {
+        self
+    }
+}
+
+/// The pause between two probes is a tenth of the time waited so far, within these bounds: an
+/// event is seen at most 10 % (or 1 ms) late, and a long wait does not keep a core busy.
+const POLL_MIN_PAUSE: Duration = Duration::from_millis(1);
+const POLL_MAX_PAUSE: Duration = Duration::from_millis(100);
+
+/// Calls `probe` until it answers found and returns what it found; `None` if `timeout` passes
+/// first (the probe is called once more at the deadline). The one polling loop of the tests:
+/// every wait for a condition goes through here or [`wait_until`].
+pub fn poll<P: Probe>(timeout: Duration, mut probe: impl FnMut() -> P) -> Option<P::Found> {
+    let start = Instant::now();
+    let deadline = start + timeout;
+    loop {
+        if let Some(found) = probe().found() {
+            return Some(found);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return None;
+        }
+        let pause = ((now - start) / 10).clamp(POLL_MIN_PAUSE, POLL_MAX_PAUSE);
+        std::thread::sleep(pause.min(deadline - now));
+    }
+}
+
+/// [`poll`] that fails the test naming `what` when `timeout` passes first. A probe may panic
+/// itself with more context (a process that exited, the last status seen).
+#[track_caller]
+pub fn wait_until<P: Probe>(what: &str, timeout: Duration, probe: impl FnMut() -> P) -> P::Found {
+    match poll(timeout, probe) {
+        Some(found) => found,
+        None => panic!("timed out after {timeout:?} waiting until {what}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scratch space
 
 /// A per-test scratch directory on a disk filesystem (removed on drop).
 ///
@@ -612,23 +696,21 @@ impl Server {
     }
 
     fn wait_ready(&mut self) {
-        let deadline = Instant::now() + SERVER_TIMEOUT;
-        loop {
-            let child = self.child.as_mut().expect("running");
-            if let Some(status) = child.try_wait().expect("try_wait") {
+        let mut last_error = String::new();
+        let ready = poll(SERVER_TIMEOUT, || {
+            if let Some(status) = self.child.as_mut().expect("running").try_wait().expect("try_wait") {
                 self.child = None;
                 panic!("server exited with {status} before accepting connections\n{}", self.context());
             }
-            let Err(last_error) = self.greets() else { return };
-            if Instant::now() >= deadline {
-                let (status, _) = self.terminate();
-                panic!(
-                    "server did not accept an NBD connection within {SERVER_TIMEOUT:?} ({last_error}); \
-                     after SIGTERM: {status:?}\n{}",
-                    self.context()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
+            self.greets().map_err(|e| last_error = e).is_ok()
+        });
+        if ready.is_none() {
+            let (status, _) = self.terminate();
+            panic!(
+                "server did not accept an NBD connection within {SERVER_TIMEOUT:?} ({last_error}); \
+                 after SIGTERM: {status:?}\n{}",
+                self.context()
+            );
         }
     }
 

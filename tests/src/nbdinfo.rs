@@ -1,33 +1,35 @@
 //! `nbdinfo` (libnbd-bin) as a typed oracle: export flags and block-status maps.
 
-use crate::json::Json;
-use crate::{run, tool};
+use serde::Deserialize;
+use serde_json::Value;
 
-/// The single export `nbdinfo --json URI` describes.
-pub fn export_info(uri: &str) -> Json {
+use crate::{parse_json, run, tool};
+
+/// The single export `nbdinfo --json URI` describes (its members as nbdinfo names them:
+/// `export-size`, `is_read_only`, `can_trim`, `block_size_minimum`, `contexts`, …).
+#[track_caller]
+pub fn export_info(uri: &str) -> Value {
     let out = run(tool("nbdinfo").arg("--json").arg(uri));
-    let doc = parse(&out.stdout);
-    let exports = doc.get("exports").as_array();
-    assert_eq!(exports.len(), 1, "nbdinfo --json {uri} should describe exactly one export: {doc:?}");
+    let doc = parse_json("nbdinfo --json", &out.stdout);
+    let exports =
+        doc["exports"].as_array().unwrap_or_else(|| panic!("nbdinfo --json {uri}: no exports: {doc}"));
+    assert_eq!(exports.len(), 1, "nbdinfo --json {uri} should describe exactly one export: {doc}");
     exports[0].clone()
 }
 
 /// The whole document `nbdinfo --list --json URI` prints.
-pub fn list(uri: &str) -> Json {
+#[track_caller]
+pub fn list(uri: &str) -> Value {
     let out = run(tool("nbdinfo").args(["--list", "--json"]).arg(uri));
-    parse(&out.stdout)
-}
-
-pub fn parse(stdout: &[u8]) -> Json {
-    let text = String::from_utf8_lossy(stdout);
-    Json::parse(&text).unwrap_or_else(|e| panic!("nbdinfo printed unparsable JSON ({e}):\n{text}"))
+    parse_json("nbdinfo --list --json", &out.stdout)
 }
 
 /// One block-status extent: `kind` is the context's flags (`type` in nbdinfo's JSON).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub struct Extent {
     pub offset: u64,
     pub length: u64,
+    #[serde(rename = "type")]
     pub kind: u64,
 }
 
@@ -49,12 +51,7 @@ pub fn map(uri: &str, context: Option<&str>, export_size: u64) -> Vec<Extent> {
         None => "--map".to_owned(),
     };
     let out = run(tool("nbdinfo").arg(&flag).arg("--json").arg(uri));
-    let doc = parse(&out.stdout);
-    let extents: Vec<Extent> = doc
-        .as_array()
-        .iter()
-        .map(|e| Extent::new(e.get("offset").as_u64(), e.get("length").as_u64(), e.get("type").as_u64()))
-        .collect();
+    let extents = parse_extents(&format!("nbdinfo {flag} --json"), &out.stdout);
     let mut pos = 0;
     for e in &extents {
         assert_eq!(e.offset, pos, "nbdinfo {flag}: extents do not tile the export: {extents:?}");
@@ -63,6 +60,14 @@ pub fn map(uri: &str, context: Option<&str>, export_size: u64) -> Vec<Extent> {
     }
     assert_eq!(pos, export_size, "nbdinfo {flag}: extents do not cover the export: {extents:?}");
     extents
+}
+
+/// The extents of a map printed as JSON (`nbdinfo --map --json`), in order.
+#[track_caller]
+pub fn parse_extents(what: &str, stdout: &[u8]) -> Vec<Extent> {
+    let text = String::from_utf8_lossy(stdout);
+    serde_json::from_str(text.trim())
+        .unwrap_or_else(|e| panic!("{what} printed no list of extents ({e}):\n{text}"))
 }
 
 /// Merges adjacent extents of the same kind (servers may legitimately split runs anywhere).

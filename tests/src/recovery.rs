@@ -19,9 +19,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::json::Json;
+use serde_json::Value;
+
 use crate::replication::{Certs, RecoveryServer};
-use crate::{describe, image, nbdsh, run, run_unchecked, siterep, sys, tool, Serve, Server, SERVER_TIMEOUT};
+use crate::{
+    describe, image, nbdsh, poll, run, run_unchecked, siterep, sys, tool, Serve, Server, SERVER_TIMEOUT,
+};
 
 // ---------------------------------------------------------------------------------------------
 // The two sites of a failover test
@@ -72,19 +75,16 @@ impl NbdProcess {
     #[track_caller]
     pub fn wait_ready(&mut self, timeout: Duration) -> Duration {
         let start = Instant::now();
-        loop {
-            let child = self.child.as_mut().expect("running");
-            if let Some(status) = child.try_wait().expect("try_wait") {
+        let serving = poll(timeout, || {
+            if let Some(status) = self.child.as_mut().expect("running").try_wait().expect("try_wait") {
                 self.child = None;
                 panic!("exited with {status} before serving\n{}", self.context());
             }
-            if self.greets() {
-                return start.elapsed();
-            }
-            if start.elapsed() >= timeout {
-                panic!("not serving NBD after {timeout:?}\n{}", self.context());
-            }
-            std::thread::sleep(Duration::from_millis(5));
+            self.greets()
+        });
+        match serving {
+            Some(()) => start.elapsed(),
+            None => panic!("not serving NBD after {timeout:?}\n{}", self.context()),
         }
     }
 
@@ -251,31 +251,34 @@ pub fn failover_to_latest(store: &Path, disk: &str, dir: &Path, point: u64) -> (
 // ---------------------------------------------------------------------------------------------
 // Command-line steps
 
-fn parse_json(what: &str, stdout: &[u8]) -> Json {
+/// The JSON document on the last non-empty line of `stdout` (some commands print a human line
+/// first).
+#[track_caller]
+fn parse_last_line(what: &str, stdout: &[u8]) -> Value {
     let text = String::from_utf8_lossy(stdout);
-    // Only the last line: some commands print a human line first.
     let line = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
-    Json::parse(line.trim()).unwrap_or_else(|e| panic!("{what} printed unparsable JSON ({e}):\n{text}"))
+    serde_json::from_str(line.trim())
+        .unwrap_or_else(|e| panic!("{what} printed unparsable JSON ({e}):\n{text}"))
 }
 
 /// `siterep quiesce --socket SOCKET --timeout 60s --json`: `{"generation","point","cut_unix_ms"}`.
 #[track_caller]
-pub fn quiesce(socket: &Path) -> Json {
+pub fn quiesce(socket: &Path) -> Value {
     let out = run(siterep().args(["quiesce", "--timeout", "60s", "--json", "--socket"]).arg(socket));
-    parse_json("siterep quiesce --json", &out.stdout)
+    parse_last_line("siterep quiesce --json", &out.stdout)
 }
 
 /// `siterep failback --from FROM --to TO --json [--compare-all]`: its report
 /// (`candidate_bytes`, `bytes_sent`, `bytes_zeroed`, `bytes_matched`, `duration_ms`).
 #[track_caller]
-pub fn failback(from: &Path, to: &Path, compare_all: bool) -> Json {
+pub fn failback(from: &Path, to: &Path, compare_all: bool) -> Value {
     let mut cmd = siterep();
     cmd.args(["failback", "--json", "--from"]).arg(from).arg("--to").arg(to);
     if compare_all {
         cmd.arg("--compare-all");
     }
     let out = run(&mut cmd);
-    parse_json("siterep failback --json", &out.stdout)
+    parse_last_line("siterep failback --json", &out.stdout)
 }
 
 /// `siterep points --store STORE --disk DISK tag --point ID TAG`.

@@ -24,9 +24,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::json::Json;
-use crate::{control, describe, free_tcp_port, require_tool, run, show_output, siterep, siterep_bin, sys};
-use crate::{run_unchecked, tool, wait_timeout, COMMAND_TIMEOUT, SERVER_TIMEOUT};
+use serde_json::Value;
+
+use crate::{control, describe, free_tcp_port, json_u64, parse_json, poll, require_tool, run, show_output};
+use crate::{run_unchecked, siterep, siterep_bin, sys, tool, wait_timeout, COMMAND_TIMEOUT, SERVER_TIMEOUT};
 
 /// Milliseconds since the Unix epoch, the clock the shim stamps its cuts with.
 pub fn now_ms() -> u64 {
@@ -197,27 +198,25 @@ impl RecoveryServer {
         cmd.args(&self.args).stdin(Stdio::null()).stdout(log.try_clone().expect("dup")).stderr(log);
         let line = describe(&cmd);
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {line}: {e}"));
-        let deadline = Instant::now() + SERVER_TIMEOUT;
-        loop {
+        let outcome = poll(SERVER_TIMEOUT, || {
             if let Some(status) = child.try_wait().expect("try_wait") {
-                return Err(format!(
-                    "siterep server exited with {status} before listening: {line}\n{}",
-                    self.log()
-                ));
+                return Some(Err(status));
             }
-            if TcpStream::connect_timeout(&self.addr, Duration::from_secs(1)).is_ok() {
+            TcpStream::connect_timeout(&self.addr, Duration::from_secs(1)).is_ok().then_some(Ok(()))
+        });
+        match outcome {
+            Some(Ok(())) => {
                 self.child = Some(child);
-                return Ok(());
+                Ok(())
             }
-            if Instant::now() >= deadline {
+            Some(Err(status)) => {
+                Err(format!("siterep server exited with {status} before listening: {line}\n{}", self.log()))
+            }
+            None => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!(
-                    "siterep server not listening after {SERVER_TIMEOUT:?}: {line}\n{}",
-                    self.log()
-                ));
+                Err(format!("siterep server not listening after {SERVER_TIMEOUT:?}: {line}\n{}", self.log()))
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -368,12 +367,12 @@ impl AgentCmd {
 
     /// `--once`: one cycle; fails the test unless it exits 0 with its JSON summary on stdout.
     #[track_caller]
-    pub fn once(&self) -> Json {
+    pub fn once(&self) -> Value {
         let mut cmd = self.command();
         cmd.arg("--once");
         let out = run(&mut cmd);
         let text = String::from_utf8_lossy(&out.stdout);
-        Json::parse(text.trim()).unwrap_or_else(|e| {
+        serde_json::from_str(text.trim()).unwrap_or_else(|e| {
             panic!("agent --once printed no JSON summary ({e}): {}\n{}", describe(&cmd), show_output(&out))
         })
     }
@@ -462,17 +461,17 @@ pub fn committed_points_in_log(log: &str) -> Vec<u64> {
 
 /// `siterep points --store STORE --disk DISK --json`: the disk's points, oldest first.
 #[track_caller]
-pub fn points(store: &Path, disk: &str) -> Vec<Json> {
+pub fn points(store: &Path, disk: &str) -> Vec<Value> {
     let out = run(siterep().args(["points", "--json", "--store"]).arg(store).args(["--disk", disk]));
-    let text = String::from_utf8_lossy(&out.stdout);
-    let doc = Json::parse(text.trim())
-        .unwrap_or_else(|e| panic!("siterep points --json printed unparsable JSON ({e}):\n{text}"));
-    doc.as_array().to_vec()
+    match parse_json("siterep points --json", &out.stdout) {
+        Value::Array(points) => points,
+        other => panic!("siterep points --json printed no list: {other}"),
+    }
 }
 
 /// Like [`points`], but an empty list when the store does not know the disk (yet).
 #[track_caller]
-pub fn points_if_any(store: &Path, disk: &str) -> Vec<Json> {
+pub fn points_if_any(store: &Path, disk: &str) -> Vec<Value> {
     if !store.join("disks").join(disk).join("disk.json").exists() {
         return Vec::new();
     }
@@ -481,15 +480,13 @@ pub fn points_if_any(store: &Path, disk: &str) -> Vec<Json> {
 
 /// `siterep restore --store STORE --disk DISK --point POINT --output OUT`; its JSON report.
 #[track_caller]
-pub fn restore(store: &Path, disk: &str, point: &str, output: &Path) -> Json {
+pub fn restore(store: &Path, disk: &str, point: &str, output: &Path) -> Value {
     let out = run(siterep()
         .args(["restore", "--store"])
         .arg(store)
         .args(["--disk", disk, "--point", point, "--output"])
         .arg(output));
-    let text = String::from_utf8_lossy(&out.stdout);
-    Json::parse(text.trim())
-        .unwrap_or_else(|e| panic!("siterep restore printed unparsable JSON ({e}):\n{text}"))
+    parse_json("siterep restore", &out.stdout)
 }
 
 /// Asserts two files hold the same bytes, reading them in pieces; names the first and last
@@ -545,7 +542,7 @@ pub fn allocated_bytes(path: &Path) -> u64 {
 
 /// The shim's `status` (raw control request: faster than a process per poll).
 #[track_caller]
-pub fn shim_status(socket: &Path) -> Json {
+pub fn shim_status(socket: &Path) -> Value {
     control::request_ok(&control::control_path(socket), r#"{"cmd":"status"}"#)
 }
 
@@ -554,27 +551,38 @@ pub fn shim_status(socket: &Path) -> Json {
 /// it holds every write acknowledged before then). Returns that status; fails the test after
 /// `timeout` with the last status seen.
 #[track_caller]
-pub fn wait_replicated(socket: &Path, since_ms: u64, timeout: Duration) -> Json {
-    let deadline = Instant::now() + timeout;
-    loop {
+pub fn wait_replicated(socket: &Path, since_ms: u64, timeout: Duration) -> Value {
+    let mut last = Value::Null;
+    let found = poll(timeout, || {
         let st = shim_status(socket);
-        let cut = match st.get("last_replicated") {
-            Json::Null => None,
-            p => Some(p.get("cut_unix_ms").as_u64()),
-        };
-        if st.get("backlog_bytes").as_u64() == 0
-            && st.get("generations").as_array().is_empty()
-            && cut.is_some_and(|c| c >= since_ms)
-        {
-            return st;
+        if replicated_since(&st, since_ms) {
+            return Some(st);
         }
-        assert!(
-            Instant::now() < deadline,
-            "the shim at {} was not fully replicated (cut at or after {since_ms}) within {timeout:?}: {st:?}",
+        last = st;
+        None
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "the shim at {} was not fully replicated (cut at or after {since_ms}) within {timeout:?}: {last}",
             socket.display()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        )
+    })
+}
+
+/// Whether the shim status `st` shows no backlog, no unreleased generation and a last
+/// replicated point cut at or after `since_ms`.
+pub fn replicated_since(st: &Value, since_ms: u64) -> bool {
+    let cut = match &st["last_replicated"] {
+        Value::Null => None,
+        p => Some(json_u64(p, "cut_unix_ms")),
+    };
+    json_u64(st, "backlog_bytes") == 0 && generations(st).is_empty() && cut.is_some_and(|c| c >= since_ms)
+}
+
+/// The `generations` list of a shim status.
+#[track_caller]
+pub fn generations(st: &Value) -> &Vec<Value> {
+    st["generations"].as_array().unwrap_or_else(|| panic!("no generations list in the status {st}"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -728,9 +736,7 @@ impl Proxy {
                         client.set_nonblocking(false).expect("blocking client");
                         s.connect(client);
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(5))
-                    }
+                    // Non-blocking accept, so the loop sees `stop` within 5 ms.
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
             }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use siterep_tests::nbdinfo;
 use siterep_tests::{
-    nbdsh, run, run_expect_failure, run_unchecked, scratch_dir, show_output, tool, Serve, Server,
+    json_u64, nbdsh, run, run_expect_failure, run_unchecked, scratch_dir, show_output, tool, Serve, Server,
 };
 
 const SIZE: u64 = 64 * MIB;
@@ -402,9 +402,9 @@ fn serves_a_block_device() {
         }
         let server = serve.start();
         let info = nbdinfo::export_info(&server.uri());
-        assert_eq!(info.get("export-size").as_u64(), 32 * MIB, "block device size (direct={direct})");
+        assert_eq!(json_u64(&info, "export-size"), 32 * MIB, "block device size (direct={direct})");
         if direct {
-            assert_eq!(info.get("block_size_minimum").as_u64(), 512, "loop device logical block size");
+            assert_eq!(json_u64(&info, "block_size_minimum"), 512, "loop device logical block size");
         }
         let (off, pat) = if direct { (8 * MIB, 0x44) } else { (MIB + 1, 0x33) };
         qemu_io(&server.uri(), &[], &[format!("write -P {pat:#04x} {off} 70000"), "flush".to_owned()]);

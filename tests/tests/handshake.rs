@@ -3,7 +3,9 @@
 
 use siterep_tests::image::{self, MIB};
 use siterep_tests::nbdinfo::{self, Extent};
-use siterep_tests::{run, run_expect_failure, scratch_dir, tool, Serve};
+use siterep_tests::{
+    json_array, json_str, json_u64, parse_json, run, run_expect_failure, scratch_dir, tool, Serve,
+};
 
 const SIZE: u64 = 64 * MIB;
 
@@ -21,26 +23,27 @@ fn nbdinfo_reports_capabilities_contexts_and_size() {
     for flag in
         ["can_flush", "can_fua", "can_trim", "can_zero", "can_fast_zero", "can_multi_conn", "can_cache"]
     {
-        assert!(info.get(flag).as_bool(), "{flag} should be true: {info:?}");
+        assert_eq!(info[flag], true, "{flag} should be true: {info:?}");
     }
-    assert!(!info.get("is_read_only").as_bool(), "writable export reported read-only: {info:?}");
-    assert_eq!(info.get("export-size").as_u64(), size, "export size: {info:?}");
-    assert_eq!(info.get("block_size_maximum").as_u64(), 64 * MIB, "max block size: {info:?}");
-    assert_eq!(info.get("block_size_minimum").as_u64(), 1, "min block size without --direct: {info:?}");
-    let preferred = info.get("block_size_preferred").as_u64();
+    assert_eq!(info["is_read_only"], false, "writable export reported read-only: {info:?}");
+    assert_eq!(json_u64(&info, "export-size"), size, "export size: {info:?}");
+    assert_eq!(json_u64(&info, "block_size_maximum"), 64 * MIB, "max block size: {info:?}");
+    assert_eq!(json_u64(&info, "block_size_minimum"), 1, "min block size without --direct: {info:?}");
+    let preferred = json_u64(&info, "block_size_preferred");
     assert!(
         preferred.is_power_of_two() && (1..=32 * MIB).contains(&preferred),
         "preferred block size {preferred} should be a power of two within [min, max]"
     );
 
     // The contexts list comes from NBD_OPT_LIST_META_CONTEXT.
-    let contexts: Vec<&str> = info.get("contexts").as_array().iter().map(|c| c.as_str()).collect();
+    let contexts: Vec<&str> =
+        json_array(&info, "contexts").iter().map(|c| c.as_str().expect("a context name")).collect();
     for ctx in ["base:allocation", "qemu:dirty-bitmap:live"] {
         assert!(contexts.contains(&ctx), "context {ctx} not advertised: {contexts:?}");
     }
     // Structured replies are negotiated (block status needs them).
-    let doc = nbdinfo::parse(&run(tool("nbdinfo").arg("--json").arg(server.uri())).stdout);
-    assert!(doc.get("structured").as_bool(), "structured replies not negotiated: {doc:?}");
+    let doc = parse_json("nbdinfo --json", &run(tool("nbdinfo").arg("--json").arg(server.uri())).stdout);
+    assert_eq!(doc["structured"], true, "structured replies not negotiated: {doc:?}");
 
     // nbdinfo --can / --is exit 0 for true and 2 for false.
     for can in ["flush", "fua", "trim", "zero", "fast-zero", "multi-conn", "cache", "structured-reply"] {
@@ -53,16 +56,17 @@ fn nbdinfo_reports_capabilities_contexts_and_size() {
     let out = run(tool("nbdinfo").arg("--size").arg(server.uri()));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), size.to_string());
     let listed = nbdinfo::list(&server.uri());
-    let exports = listed.get("exports").as_array();
+    let exports = json_array(&listed, "exports");
     assert!(!exports.is_empty(), "nbdinfo --list shows no exports: {listed:?}");
-    let names: Vec<&str> = exports.iter().map(|e| e.get("export-name").as_str()).collect();
+    let names: Vec<&str> = exports.iter().map(|e| json_str(e, "export-name")).collect();
     assert!(names.contains(&"siterep"), "NBD_OPT_LIST should name the export \"siterep\": {names:?}");
     for export in exports {
-        let contexts: Vec<&str> = export.get("contexts").as_array().iter().map(|c| c.as_str()).collect();
+        let contexts: Vec<&str> =
+            json_array(export, "contexts").iter().map(|c| c.as_str().expect("a context name")).collect();
         for ctx in ["base:allocation", "qemu:dirty-bitmap:live"] {
             assert!(contexts.contains(&ctx), "listed export lacks context {ctx}: {export:?}");
         }
-        assert_eq!(export.get("export-size").as_u64(), size);
+        assert_eq!(json_u64(export, "export-size"), size);
     }
     server.stop();
 }
@@ -76,12 +80,12 @@ fn read_only_export_reports_read_only() {
     let server = Serve::new(&img).read_only().start();
 
     let info = nbdinfo::export_info(&server.uri());
-    assert!(info.get("is_read_only").as_bool(), "--read-only export not reported read-only: {info:?}");
+    assert_eq!(info["is_read_only"], true, "--read-only export not reported read-only: {info:?}");
     for flag in ["can_trim", "can_zero", "can_fast_zero"] {
-        assert!(!info.get(flag).as_bool(), "read-only export should not advertise {flag}: {info:?}");
+        assert_eq!(info[flag], false, "read-only export should not advertise {flag}: {info:?}");
     }
     run(tool("nbdinfo").args(["--is", "read-only"]).arg(server.uri()));
-    assert_eq!(info.get("export-size").as_u64(), SIZE);
+    assert_eq!(json_u64(&info, "export-size"), SIZE);
     // Block status still works on a read-only export.
     let map = nbdinfo::map(&server.uri(), None, SIZE);
     assert_eq!(nbdinfo::merge(&map), vec![Extent::new(0, SIZE, 3)], "a fully sparse image is one hole");
@@ -98,9 +102,9 @@ fn direct_io_advertises_block_size_and_serves_unaligned_clients() {
     let server = Serve::new(&img).direct().start();
 
     let info = nbdinfo::export_info(&server.uri());
-    let min = info.get("block_size_minimum").as_u64();
+    let min = json_u64(&info, "block_size_minimum");
     assert!(min == 512 || min == 4096, "--direct min block size should be 512 or 4096, got {min}");
-    assert_eq!(info.get("block_size_maximum").as_u64(), 64 * MIB);
+    assert_eq!(json_u64(&info, "block_size_maximum"), 64 * MIB);
 
     run(tool("qemu-io").args(["-f", "raw", &server.uri()]).args([
         "-c",
@@ -126,9 +130,9 @@ fn export_names_default_and_empty_work_unknown_fails() {
     for name in ["siterep", ""] {
         let info = nbdinfo::export_info(&server.uri_for(name));
         // nbdinfo shows the canonical name (NBD_INFO_NAME) when the server sends one.
-        let canonical = info.get("export-name").as_str();
+        let canonical = json_str(&info, "export-name");
         assert!(canonical == "siterep" || canonical == name, "export {name:?} reported as {canonical:?}");
-        assert_eq!(info.get("export-size").as_u64(), SIZE, "export {name:?}");
+        assert_eq!(json_u64(&info, "export-size"), SIZE, "export {name:?}");
     }
     for bad in ["nosuch", "siterep2", "SITEREP"] {
         let out = run_expect_failure(tool("nbdinfo").arg(server.uri_for(bad)));
@@ -149,7 +153,7 @@ fn custom_export_name() {
 
     for name in ["disk0", ""] {
         let info = nbdinfo::export_info(&server.uri_for(name));
-        assert_eq!(info.get("export-size").as_u64(), SIZE, "export {name:?}");
+        assert_eq!(json_u64(&info, "export-size"), SIZE, "export {name:?}");
     }
     run_expect_failure(tool("nbdinfo").arg(server.uri_for("siterep")));
     server.stop();
@@ -165,8 +169,8 @@ fn tcp_listener_serves_the_export() {
 
     for name in ["", "siterep"] {
         let info = nbdinfo::export_info(&server.tcp_uri_for(name));
-        assert_eq!(info.get("export-size").as_u64(), SIZE, "TCP export {name:?}");
-        assert!(info.get("can_multi_conn").as_bool());
+        assert_eq!(json_u64(&info, "export-size"), SIZE, "TCP export {name:?}");
+        assert_eq!(info["can_multi_conn"], true);
     }
     run(tool("qemu-io").args(["-f", "raw", &server.tcp_uri_for("siterep")]).args([
         "-c",

@@ -10,9 +10,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use siterep_tests::image::{Rng, MIB};
-use siterep_tests::json::Json;
-use siterep_tests::replication::{assert_same_files, restore, AgentCmd, Certs, RecoveryServer};
-use siterep_tests::{require_tool, run, run_unchecked, scratch_dir, show_output, siterep, tool, Serve};
+use siterep_tests::replication::{assert_same_files, points, restore, AgentCmd, Certs, RecoveryServer};
+use siterep_tests::{
+    json_str, json_u64, require_tool, run, run_unchecked, scratch_dir, show_output, siterep, tool, Serve,
+};
 
 const SIZE: u64 = 16 * MIB;
 const DISK: &str = "data";
@@ -55,9 +56,7 @@ fn verify(store: &Path, args: &[&str]) -> (i32, String) {
 }
 
 fn latest_point(store: &Path) -> u64 {
-    let out = run(siterep().args(["points", "--json", "--disk", DISK, "--store"]).arg(store));
-    let j = Json::parse(String::from_utf8_lossy(&out.stdout).trim()).expect("points --json");
-    j.as_array().last().expect("a point").get("id").as_u64()
+    json_u64(points(store, DISK).last().expect("a point"), "id")
 }
 
 /// Fields drop in order: the processes stop before their directory is removed.
@@ -83,9 +82,9 @@ fn site(name: &str, seed: u64) -> Site {
     let store = d.join("store");
     let server = RecoveryServer::start(&store, &certs, &[]);
     let agent = AgentCmd::new(shim.socket(), server.addr(), DISK, &certs);
-    assert_eq!(agent.once().get("kind").as_str(), "initial");
+    assert_eq!(agent.once()["kind"], "initial");
     run(tool("qemu-io").args(["-f", "raw", &shim.uri(), "-c", "write -P 7 4M 64k"]));
-    assert_eq!(agent.once().get("kind").as_str(), "incremental");
+    assert_eq!(agent.once()["kind"], "incremental");
     Site { shim, _server: server, agent, d, img, store, _dir: dir }
 }
 
@@ -94,7 +93,7 @@ impl Site {
     /// again, and the new point restores equal to the source and verifies clean.
     fn heals(&self) {
         let summary = self.agent.once();
-        assert_eq!(summary.get("kind").as_str(), "resync", "the server asks for a resync: {summary:?}");
+        assert_eq!(json_str(&summary, "kind"), "resync", "the server asks for a resync: {summary:?}");
         let healed = latest_point(&self.store);
         let restored = self.d.join("restored.img");
         restore(&self.store, DISK, "latest", &restored);
@@ -103,7 +102,7 @@ impl Site {
         assert_eq!(code, 0, "the healed point verifies clean:\n{report}");
         // And replication goes on as before.
         run(tool("qemu-io").args(["-f", "raw", &self.shim.uri(), "-c", "write -P 9 8M 64k"]));
-        assert_eq!(self.agent.once().get("kind").as_str(), "incremental");
+        assert_eq!(self.agent.once()["kind"], "incremental");
         restore(&self.store, DISK, "latest", &restored);
         assert_same_files("the next point", &restored, &self.img);
     }

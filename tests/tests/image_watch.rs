@@ -6,15 +6,15 @@
 //! Oracles are clients we did not write: qemu-io, nbdinfo, nbdsh (libnbd).
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use serde_json::Value;
 use siterep_tests::control;
 use siterep_tests::image::{self, KIB, MIB};
-use siterep_tests::json::Json;
 use siterep_tests::nbdinfo::{self, Extent};
 use siterep_tests::{
-    nbdsh, require_tool, run, run_expect_failure, run_unchecked, scratch_dir, show_output, siterep, tool,
-    Serve, Server, COMMAND_TIMEOUT, SERVER_TIMEOUT,
+    json_str, json_u64, nbdsh, poll, require_tool, run, run_expect_failure, run_unchecked, scratch_dir,
+    show_output, siterep, tool, Serve, Server, COMMAND_TIMEOUT, SERVER_TIMEOUT,
 };
 
 const SIZE: u64 = 64 * MIB;
@@ -23,23 +23,22 @@ const SIZE: u64 = 64 * MIB;
 /// a test later sees is its own.
 fn clear_first_start_resync(server: &Server) {
     control::request_ok(&server.control_socket(), r#"{"cmd":"clear-resync"}"#);
-    assert_eq!(control::status(server.socket()).get("resync_required"), &Json::Null);
+    assert_eq!(control::status(server.socket()).get("resync_required"), Some(&Value::Null));
 }
 
 /// Waits (up to 5 s) until `siterep status --json` reports an image change; returns it.
 #[track_caller]
-fn wait_image_changed(server: &Server) -> Json {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
+fn wait_image_changed(server: &Server) -> Value {
+    let mut last = Value::Null;
+    let changed = poll(Duration::from_secs(5), || {
         let st = control::status(server.socket());
-        if st.get("image_changed") != &Json::Null {
-            return st;
+        if !st["image_changed"].is_null() {
+            return Some(st);
         }
-        if Instant::now() >= deadline {
-            panic!("no image change reported within 5 s: {st:?}\n{}", server.log());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        last = st;
+        None
+    });
+    changed.unwrap_or_else(|| panic!("no image change reported within 5 s: {last}\n{}", server.log()))
 }
 
 /// Every command on `[offset, offset+len)` sent by libnbd (with `base:allocation` negotiated,
@@ -111,12 +110,12 @@ fn a_truncated_image_fails_the_lost_range_loudly() {
 
         // (d) Reported: status (resync required, the change with both sizes) and the log.
         let st = wait_image_changed(&server);
-        let change = st.get("image_changed");
-        assert_eq!(change.get("kind").as_str(), "shrank", "[{engine}] {st:?}");
-        assert_eq!(change.get("served_bytes").as_u64(), SIZE);
-        assert_eq!(change.get("now_bytes").as_u64(), cut);
-        assert_eq!(change.get("valid_bytes").as_u64(), cut);
-        let why = st.get("resync_required").as_str().to_owned();
+        let change = &st["image_changed"];
+        assert_eq!(json_str(change, "kind"), "shrank", "[{engine}] {st:?}");
+        assert_eq!(json_u64(change, "served_bytes"), SIZE);
+        assert_eq!(json_u64(change, "now_bytes"), cut);
+        assert_eq!(json_u64(change, "valid_bytes"), cut);
+        let why = json_str(&st, "resync_required").to_owned();
         assert!(
             why.contains("shrank") && why.contains(&SIZE.to_string()) && why.contains(&cut.to_string()),
             "[{engine}] resync reason: {why:?}"
@@ -178,12 +177,12 @@ fn a_replaced_image_is_detected_and_the_new_file_left_alone() {
     std::fs::rename(&other, &img).unwrap();
 
     let st = wait_image_changed(&server);
-    let change = st.get("image_changed");
-    assert_eq!(change.get("kind").as_str(), "replaced", "{st:?}");
-    assert_eq!(change.get("served_bytes").as_u64(), SIZE);
-    assert_eq!(change.get("now_bytes").as_u64(), MIB);
-    assert_eq!(change.get("valid_bytes").as_u64(), 0);
-    let why = st.get("resync_required").as_str();
+    let change = &st["image_changed"];
+    assert_eq!(json_str(change, "kind"), "replaced", "{st:?}");
+    assert_eq!(json_u64(change, "served_bytes"), SIZE);
+    assert_eq!(json_u64(change, "now_bytes"), MIB);
+    assert_eq!(json_u64(change, "valid_bytes"), 0);
+    let why = json_str(&st, "resync_required");
     assert!(why.contains("replaced") && why.contains(img.to_str().unwrap()), "resync reason: {why:?}");
     let log = server.log();
     assert!(
@@ -249,10 +248,14 @@ fn a_grown_image_is_served_whole_with_its_new_range_dirty() {
         Extent::new(SIZE, grown - SIZE, 1),
     ];
     let server = serve.clone().start();
-    assert_eq!(nbdinfo::export_info(&server.uri()).get("export-size").as_u64(), grown);
+    assert_eq!(json_u64(&nbdinfo::export_info(&server.uri()), "export-size"), grown);
     let st = control::status(server.socket());
-    assert_eq!(st.get("size").as_u64(), grown, "{st:?}");
-    assert_eq!(st.get("resync_required"), &Json::Null, "a grown disk keeps its tracking state: {st:?}");
+    assert_eq!(json_u64(&st, "size"), grown, "{st:?}");
+    assert_eq!(
+        st.get("resync_required"),
+        Some(&Value::Null),
+        "a grown disk keeps its tracking state: {st:?}"
+    );
     assert_eq!(nbdinfo::merge(&nbdinfo::map(&server.uri(), Some(dirty), grown)), expected);
     let log = server.log();
     assert!(log.contains("grew") && log.contains(&grown.to_string()), "the growth should be logged:\n{log}");

@@ -2,13 +2,38 @@
 
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
-use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::process::{Child, Stdio};
+use std::time::Duration;
 
 use siterep_tests::image::{self, MIB};
 use siterep_tests::{
-    nbdinfo, nbdsh, run_unchecked, scratch_dir, show_output, siterep_bin, tool, wait_timeout, Serve,
+    control, json_u64, nbdinfo, nbdsh, poll, run_unchecked, scratch_dir, show_output, siterep_bin, tool,
+    wait_timeout, wait_until, Serve, Server,
 };
+
+/// How much the shim must have seen written before a test disturbs the load.
+const LOAD_SEEN: u64 = 4 * MIB;
+
+/// Waits until the shim serving `server` has seen at least [`LOAD_SEEN`] written (its live
+/// dirty set, from the control socket) while `fio` is still running; fails the test with
+/// `fio_log()` if fio exits first or the writes do not come within 30 s.
+#[track_caller]
+fn wait_for_writes(server: &Server, fio: &mut Child, fio_log: &dyn Fn() -> String) {
+    let control = server.control_socket();
+    let mut dirty = 0;
+    let seen = poll(Duration::from_secs(30), || {
+        if let Some(status) = fio.try_wait().expect("try_wait") {
+            panic!("fio exited ({status}) before the shim saw {LOAD_SEEN} bytes written:\n{}", fio_log());
+        }
+        dirty = json_u64(&control::request_ok(&control, r#"{"cmd":"status"}"#), "live_dirty_bytes");
+        dirty >= LOAD_SEEN
+    });
+    assert!(
+        seen.is_some(),
+        "the shim saw only {dirty} bytes written by fio within 30 s (wanted {LOAD_SEEN}):\n{}",
+        fio_log()
+    );
+}
 
 /// SIGTERM while fio drives four connections at queue depth 16: the server finishes what is in
 /// flight and exits 0 promptly.
@@ -30,11 +55,10 @@ fn sigterm_during_fio_exits_zero_promptly() {
         .stderr(log)
         .spawn()
         .expect("start fio");
-    // Let the load build up; fio must still be running (it has 60 s of work).
-    std::thread::sleep(Duration::from_millis(2000));
-    let early = fio.try_wait().expect("try_wait");
     let fio_log = || std::fs::read_to_string(dir.path().join("fio.log")).unwrap_or_default();
-    assert!(early.is_none(), "fio stopped before SIGTERM ({early:?}):\n{}", fio_log());
+    // The signal comes while I/O is in flight: the shim has seen writes land, and fio (60 s of
+    // work) is still running.
+    wait_for_writes(&server, &mut fio, &fio_log);
 
     let took = server.stop(); // asserts exit status 0 within 10 s
     assert!(took < Duration::from_secs(10), "server took {took:?} to exit");
@@ -71,12 +95,10 @@ fn sigterm_with_idle_client_exits_promptly() {
         .stderr(Stdio::null())
         .spawn()
         .expect("start nbdsh");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !marker.exists() {
+    wait_until("nbdsh has connected and read", Duration::from_secs(10), || {
         assert!(idle.try_wait().expect("try_wait").is_none(), "nbdsh exited before connecting");
-        assert!(Instant::now() < deadline, "nbdsh did not connect within 10 s");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        marker.exists()
+    });
 
     let took = server.stop();
     assert!(took < Duration::from_secs(10), "server took {took:?} to exit with an idle client");
@@ -96,7 +118,7 @@ fn stale_socket_file_is_replaced() {
 
     let server = Serve::new(&img).socket(&sock).start();
     let info = nbdinfo::export_info(&server.uri());
-    assert_eq!(info.get("export-size").as_u64(), 16 * MIB);
+    assert_eq!(info["export-size"], 16 * MIB);
     server.stop();
 
     // And again after a clean exit (whatever it left behind).
@@ -125,8 +147,8 @@ fn client_killed_mid_io_leaves_server_healthy() {
         .stderr(Stdio::null())
         .spawn()
         .expect("start fio");
-    std::thread::sleep(Duration::from_millis(1500));
-    assert!(fio.try_wait().expect("try_wait").is_none(), "fio stopped early");
+    // Killed while I/O is in flight: the shim has seen writes land and fio is still running.
+    wait_for_writes(&server, &mut fio, &String::new);
     // fio forks a process per job: kill the whole process group it leads.
     let status = std::process::Command::new("kill")
         .args(["-KILL", "--", &format!("-{}", fio.id())])
@@ -137,7 +159,7 @@ fn client_killed_mid_io_leaves_server_healthy() {
 
     for _ in 0..3 {
         let info = nbdinfo::export_info(&server.uri());
-        assert_eq!(info.get("export-size").as_u64(), 64 * MIB);
+        assert_eq!(info["export-size"], 64 * MIB);
     }
     let took = server.stop();
     assert!(took < Duration::from_secs(10));

@@ -19,17 +19,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
 use siterep_tests::blockdev::{FuseExport, LoopDevice};
 use siterep_tests::image::{self, Rng, GIB, KIB, MIB};
-use siterep_tests::json::Json;
 use siterep_tests::nbdinfo;
 use siterep_tests::recovery::{self, differing_blocks, nbd_edits, Edit, Mount, NbdProcess};
 use siterep_tests::replication::{
     self, now_ms, points, restore, AgentCmd, AgentProcess, Certs, RecoveryServer,
 };
 use siterep_tests::{
-    nbdsh, run, run_expect_failure, run_unchecked, scratch_dir, show_output, siterep, tool, Serve, Server,
-    COMMAND_TIMEOUT,
+    json_str, json_u64, nbdsh, poll, run, run_expect_failure, run_unchecked, scratch_dir, show_output,
+    siterep, tool, Serve, Server, COMMAND_TIMEOUT,
 };
 
 const DISK: &str = "vol1";
@@ -80,61 +80,42 @@ fn content_digest(path: &Path) -> blake3::Hash {
 }
 
 /// The point with id `id` in `points --json`.
-fn point(store: &Path, id: u64) -> Json {
+fn point(store: &Path, id: u64) -> Value {
     points(store, DISK)
         .into_iter()
-        .find(|p| p.get("id").as_u64() == id)
+        .find(|p| json_u64(p, "id") == id)
         .unwrap_or_else(|| panic!("point {id} is not in `siterep points --json`"))
 }
 
 /// `(tag, unix ms)` pairs of a point's `tags`.
-fn tags(p: &Json) -> Vec<(String, u64)> {
-    p.get("tags")
-        .as_array()
-        .iter()
-        .map(|t| {
-            let pair = t.as_array();
-            assert_eq!(pair.len(), 2, "a tag is [name, unix ms]: {t:?}");
-            (pair[0].as_str().to_owned(), pair[1].as_u64())
-        })
-        .collect()
+fn tags(p: &Value) -> Vec<(String, u64)> {
+    serde_json::from_value(p["tags"].clone())
+        .unwrap_or_else(|e| panic!("tags are [name, unix ms] ({e}): {p}"))
 }
 
 /// Runs `nbdinfo URI` until it succeeds; the time from `start` to that success.
 fn time_to_first_nbdinfo(uri: &str, start: Instant, process: &mut NbdProcess) -> Duration {
-    loop {
-        let out = run_unchecked(tool("nbdinfo").arg(uri), COMMAND_TIMEOUT);
-        if out.status.success() {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the export never answered nbdinfo:\n{}",
-            process.log()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let left = Duration::from_secs(30).saturating_sub(start.elapsed());
+    let answered = poll(left, || run_unchecked(tool("nbdinfo").arg(uri), COMMAND_TIMEOUT).status.success());
+    assert!(answered.is_some(), "the export never answered nbdinfo:\n{}", process.log());
+    start.elapsed()
 }
 
 /// `(point, cut_unix_ms)` of the last point the shim's agent reported, if any.
 fn last_point(shim: &Server) -> Option<(u64, u64)> {
-    match replication::shim_status(shim.socket()).get("last_replicated") {
-        Json::Null => None,
-        p => Some((p.get("point").as_u64(), p.get("cut_unix_ms").as_u64())),
+    match &replication::shim_status(shim.socket())["last_replicated"] {
+        Value::Null => None,
+        p => Some((json_u64(p, "point"), json_u64(p, "cut_unix_ms"))),
     }
 }
 
 /// Waits until the shim's agent has reported point `n` or later; returns that point's id.
 fn wait_for_points(shim: &Server, agent: &mut AgentProcess, n: u64, timeout: Duration) -> u64 {
-    let deadline = Instant::now() + timeout;
-    loop {
+    let point = poll(timeout, || {
         agent.assert_running();
-        if let Some((p, _)) = last_point(shim).filter(|p| p.0 >= n) {
-            return p;
-        }
-        assert!(Instant::now() < deadline, "no point {n} after {timeout:?}:\n{}", agent.log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        last_point(shim).map(|p| p.0).filter(|&p| p >= n)
+    });
+    point.unwrap_or_else(|| panic!("no point {n} after {timeout:?}:\n{}", agent.log()))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -162,7 +143,7 @@ fn test_failover_leaves_the_point_unchanged() {
     let store = server.store().to_owned();
     let agent = agent(&shim, &server, &certs);
     let first = agent.once();
-    assert_eq!(first.get("kind").as_str(), "initial", "{first:?}");
+    assert_eq!(json_str(&first, "kind"), "initial", "{first:?}");
     nbd_edits(
         &shim.uri(),
         &[
@@ -171,8 +152,8 @@ fn test_failover_leaves_the_point_unchanged() {
         ],
     );
     let second = agent.once();
-    assert_eq!(second.get("kind").as_str(), "incremental", "{second:?}");
-    let id = second.get("point").as_u64();
+    assert_eq!(json_str(&second, "kind"), "incremental", "{second:?}");
+    let id = json_u64(&second, "point");
     let before = d.join("before.img");
     restore(&store, DISK, &id.to_string(), &before);
     let hash_before = content_digest(&before);
@@ -184,8 +165,8 @@ fn test_failover_leaves_the_point_unchanged() {
     let mut ro = recovery::spawn_export(&store, DISK, &id.to_string(), &d.join("ro.sock"), false);
     let ready_ro = time_to_first_nbdinfo(&ro.uri(), start, &mut ro);
     let info = nbdinfo::export_info(&ro.uri());
-    assert_eq!(info.get("is_read_only"), &Json::Bool(true), "{info:?}");
-    assert_eq!(info.get("export-size").as_u64(), size, "{info:?}");
+    assert_eq!(info.get("is_read_only"), Some(&Value::Bool(true)), "{info:?}");
+    assert_eq!(json_u64(&info, "export-size"), size, "{info:?}");
     let out =
         run_expect_failure(tool("qemu-io").args(["-f", "raw", "-c", "write -P 0x5a 0 4k"]).arg(ro.uri()));
     eprintln!("qemu-io write on the read-only export: {}", String::from_utf8_lossy(&out.stderr).trim());
@@ -212,7 +193,7 @@ fn test_failover_leaves_the_point_unchanged() {
         assert!(t < Duration::from_secs(10), "the {what} export took {t:?} to answer nbdinfo");
     }
     let info = nbdinfo::export_info(&rw.uri());
-    assert_eq!(info.get("is_read_only"), &Json::Bool(false), "{info:?}");
+    assert_eq!(info.get("is_read_only"), Some(&Value::Bool(false)), "{info:?}");
     let partial = data_at + 300 * KIB + 100; // inside the incremental's data, not block-aligned
     let cmds = [
         format!("write -P 0xa5 {data_at} 64k"),
@@ -355,11 +336,11 @@ fn planned_failover_loses_nothing() {
     assert!(during > before_fio, "the agent should have committed a point while fio wrote (last: {during})");
 
     let q = recovery::quiesce(shim.socket());
-    let id = q.get("point").as_u64();
-    let cut = q.get("cut_unix_ms").as_u64();
+    let id = json_u64(&q, "point");
+    let cut = json_u64(&q, "cut_unix_ms");
     eprintln!("quiesce: {q:?}");
     assert!(cut >= fio_end, "the quiesced point was cut at {cut}, before fio ended at {fio_end}");
-    assert_eq!(point(&store, id).get("cut_unix_ms").as_u64(), cut, "the store's point {id} vs quiesce's");
+    assert_eq!(json_u64(&point(&store, id), "cut_unix_ms"), cut, "the store's point {id} vs quiesce's");
     let out =
         run_expect_failure(tool("qemu-io").args(["-f", "raw", "-c", "write -P 0x11 0 4k"]).arg(shim.uri()));
     let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -449,6 +430,7 @@ fn file_workload(dir: PathBuf, seed: u64, stop: Arc<AtomicBool>) -> (Vec<Written
             return (done, Some(format!("{}: {e}", path.display())));
         }
         done.push(Written { index, len, seed: fseed, done_ms: now_ms() });
+        // A steady stream of files, not a flood: the pace of the workload.
         std::thread::sleep(Duration::from_millis(20));
     }
     unreachable!()
@@ -476,30 +458,23 @@ fn unplanned_failover_to_latest() {
         let (dir, stop) = (mount.path().to_owned(), stop.clone());
         std::thread::spawn(move || file_workload(dir, seed, stop))
     };
-    // Let several generations go by under the workload.
+    // Let several generations go by under the workload: at least 8 s and 6 points.
     let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(8) || last_point(&shim).map_or(0, |p| p.0) < 6 {
+    let went_by = poll(Duration::from_secs(120), || {
         assert!(!writer.is_finished(), "the file workload stopped early");
         agent_proc.assert_running();
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "fewer than 6 points after 120 s:\n{}",
-            agent_proc.log()
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
+        start.elapsed() >= Duration::from_secs(8) && last_point(&shim).map_or(0, |p| p.0) >= 6
+    });
+    assert!(went_by.is_some(), "fewer than 6 points after 120 s:\n{}", agent_proc.log());
     // The protected site dies: agent and shim at once, the workload still writing.
     agent_proc.kill();
     shim.kill();
     let killed_ms = now_ms();
     // The workload runs into the dead disk (EIO) by itself; it is told to stop after 5 s.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !writer.is_finished() {
-        if Instant::now() + Duration::from_secs(115) >= deadline {
-            stop.store(true, Ordering::SeqCst);
-        }
-        assert!(Instant::now() < deadline, "the file workload hangs after the shim died");
-        std::thread::sleep(Duration::from_millis(50));
+    if poll(Duration::from_secs(5), || writer.is_finished()).is_none() {
+        stop.store(true, Ordering::SeqCst);
+        let ended = poll(Duration::from_secs(115), || writer.is_finished());
+        assert!(ended.is_some(), "the file workload hangs after the shim died");
     }
     let (files, error) = writer.join().expect("the workload thread");
     eprintln!("workload: {} files durable before the kill; it ended with {error:?}", files.len());
@@ -511,14 +486,14 @@ fn unplanned_failover_to_latest() {
 
     let all = points(&store, DISK);
     let latest = all.last().expect("points").clone();
-    let cut = latest.get("cut_unix_ms").as_u64();
+    let cut = json_u64(&latest, "cut_unix_ms");
     eprintln!(
         "{} points; latest {} cut {} ms before the kill",
         all.len(),
-        latest.get("id").as_u64(),
+        json_u64(&latest, "id"),
         killed_ms - cut
     );
-    let (failed_over, new_primary) = recovery::failover_to_latest(&store, DISK, d, latest.get("id").as_u64());
+    let (failed_over, new_primary) = recovery::failover_to_latest(&store, DISK, d, json_u64(&latest, "id"));
 
     let copy = d.join("fsck.img");
     recovery::sparse_copy(&failed_over, &copy);
@@ -583,12 +558,8 @@ fn random_writes(rng: &mut Rng, blocks: u64, count: usize) -> Vec<Edit> {
     writes(rng, set)
 }
 
-fn summary_kind(s: &Json) -> String {
-    s.get("kind").as_str().to_owned()
-}
-
-fn u(j: &Json, key: &str) -> u64 {
-    j.get(key).as_u64()
+fn summary_kind(s: &Value) -> String {
+    json_str(s, "kind").to_owned()
 }
 
 /// Unplanned failover, writes on both sides, failback: the original ends equal to the failover
@@ -648,22 +619,26 @@ fn failback_sends_only_what_differs() {
     shim.stop();
     shim = original().start();
     let st = replication::shim_status(&socket);
-    assert_eq!(st.get("resync_required"), &Json::Null, "the original's tracking should be intact: {st:?}");
+    assert_eq!(
+        st.get("resync_required"),
+        Some(&Value::Null),
+        "the original's tracking should be intact: {st:?}"
+    );
 
     let differing = differing_blocks(&img, &failed_over, BLOCK);
     let differ_bytes = differing.len() as u64 * BLOCK;
     assert!(differ_bytes > 0, "the two sides should differ before failback");
     let report = recovery::failback(&s2, &socket, false);
-    let moved = u(&report, "bytes_sent") + u(&report, "bytes_zeroed");
+    let moved = json_u64(&report, "bytes_sent") + json_u64(&report, "bytes_zeroed");
     let ratio = moved as f64 / differ_bytes as f64;
     eprintln!(
         "failback: {} bytes differ ({} blocks); sent {} + zeroed {} = {moved} (ratio {ratio:.3}); candidates {}; {} ms",
         differ_bytes,
         differing.len(),
-        u(&report, "bytes_sent"),
-        u(&report, "bytes_zeroed"),
-        u(&report, "candidate_bytes"),
-        u(&report, "duration_ms")
+        json_u64(&report, "bytes_sent"),
+        json_u64(&report, "bytes_zeroed"),
+        json_u64(&report, "candidate_bytes"),
+        json_u64(&report, "duration_ms")
     );
     let left = differing_blocks(&img, &failed_over, BLOCK);
     assert!(
@@ -697,25 +672,29 @@ fn failback_sends_only_what_differs() {
     let st = replication::shim_status(&socket);
     assert_ne!(
         st.get("resync_required"),
-        &Json::Null,
+        Some(&Value::Null),
         "a fresh state directory should require a resync: {st:?}"
     );
     let differing = differing_blocks(&img, &failed_over, BLOCK);
     let pieces: BTreeSet<u64> = differing.iter().map(|b| b * BLOCK / MIB).collect();
     let report = recovery::failback(&s2, &socket, true);
-    let moved = u(&report, "bytes_sent") + u(&report, "bytes_zeroed");
+    let moved = json_u64(&report, "bytes_sent") + json_u64(&report, "bytes_zeroed");
     eprintln!(
         "failback --compare-all: {} blocks differ in {} MiB pieces; sent {} + zeroed {}, matched {}; {} ms",
         differing.len(),
         pieces.len(),
-        u(&report, "bytes_sent"),
-        u(&report, "bytes_zeroed"),
-        u(&report, "bytes_matched"),
-        u(&report, "duration_ms")
+        json_u64(&report, "bytes_sent"),
+        json_u64(&report, "bytes_zeroed"),
+        json_u64(&report, "bytes_matched"),
+        json_u64(&report, "duration_ms")
     );
     let left = differing_blocks(&img, &failed_over, BLOCK);
     assert!(left.is_empty(), "after failback --compare-all {} blocks still differ", left.len());
-    assert_eq!(moved + u(&report, "bytes_matched"), size, "--compare-all covers the disk once: {report:?}");
+    assert_eq!(
+        moved + json_u64(&report, "bytes_matched"),
+        size,
+        "--compare-all covers the disk once: {report:?}"
+    );
     assert!(
         moved <= pieces.len() as u64 * MIB,
         "--compare-all sent more than the pieces that differ: {report:?}"
@@ -756,6 +735,8 @@ fn recovery_site_commands_leave_replication_alone() {
     );
     let start = Instant::now();
     let mut opens = 0;
+    // Other commands open the store five times a second while the load replicates (a paced
+    // load, not a wait).
     while start.elapsed() < Duration::from_secs(10) {
         let _ = points(&store, DISK);
         opens += 1;
@@ -765,24 +746,18 @@ fn recovery_site_commands_leave_replication_alone() {
     let done = now_ms();
     eprintln!("{opens} `siterep points` while replicating");
     let refused = server.log().lines().filter(|l| l.contains("refusing")).count();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let st = replication::shim_status(shim.socket());
-        let caught_up = st.get("backlog_bytes").as_u64() == 0
-            && st.get("generations").as_array().is_empty()
-            && last_point(&shim).is_some_and(|p| p.1 >= done);
-        if caught_up {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "replication stopped while the store was opened by other commands ({refused} refusals so far); \
-             shim status {st:?}\n--- server log (tail) ---\n{}",
-            tail(&server.log(), 15)
-        );
+    let mut last = Value::Null;
+    let caught_up = poll(Duration::from_secs(90), || {
         agent_proc.assert_running();
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        last = replication::shim_status(shim.socket());
+        replication::replicated_since(&last, done)
+    });
+    assert!(
+        caught_up.is_some(),
+        "replication stopped while the store was opened by other commands ({refused} refusals so far); \
+         shim status {last}\n--- server log (tail) ---\n{}",
+        tail(&server.log(), 15)
+    );
     let restored = d.join("restored.img");
     restore(&store, DISK, "latest", &restored);
     replication::assert_same_files("the latest point", &restored, &img);

@@ -38,15 +38,16 @@ use std::time::{Duration, Instant};
 use agent::tls::{client_config, TlsFiles};
 use rustls::pki_types::ServerName;
 use rustls::{ClientConnection, StreamOwned};
+use serde_json::Value;
 use siterep_tests::blockdev::{FuseExport, LoopDevice};
 use siterep_tests::image::{self, Rng, KIB, MIB};
-use siterep_tests::json::Json;
 use siterep_tests::replication::{
-    self, allocated_bytes, assert_same_files, committed_points_in_log, e2fsck, now_ms, points, restore,
-    shim_status, wait_replicated, AgentCmd, AgentProcess, Certs, FioLoad, Proxy, RecoveryServer,
+    self, allocated_bytes, assert_same_files, committed_points_in_log, e2fsck, generations, now_ms, points,
+    restore, shim_status, wait_replicated, AgentCmd, AgentProcess, Certs, FioLoad, Proxy, RecoveryServer,
 };
 use siterep_tests::{
-    require_tool, run, run_unchecked, scratch_dir, siterep, tool, wait_until, Serve, Server,
+    json_array, json_str, json_u64, parse_json, require_tool, run, run_unchecked, scratch_dir, siterep, tool,
+    wait_until, Serve, Server,
 };
 use wire::{ChunkData, Consistency, ErrorClass, Frame, GenerationKind};
 
@@ -138,15 +139,15 @@ fn checkpoint_offset(store: &Path, disk: &str) -> Option<u64> {
 
 /// The cut time of the last point the agent reported to the shim, if any.
 fn last_replicated_cut(socket: &Path) -> Option<u64> {
-    match shim_status(socket).get("last_replicated") {
-        Json::Null => None,
-        p => Some(p.get("cut_unix_ms").as_u64()),
+    match &shim_status(socket)["last_replicated"] {
+        Value::Null => None,
+        p => Some(json_u64(p, "cut_unix_ms")),
     }
 }
 
 /// Whether the shim holds an unreleased generation (the agent is shipping or committing it).
 fn generation_in_flight(socket: &Path) -> bool {
-    !shim_status(socket).get("generations").as_array().is_empty()
+    !generations(&shim_status(socket)).is_empty()
 }
 
 /// Waits until the agent of the shim at `socket` has committed a point cut after `since_ms`.
@@ -202,11 +203,11 @@ fn restores_match_the_source() {
 
     // The initial copy: everything allocated is read, holes are skipped.
     let first = agent.once();
-    assert_eq!(first.get("kind").as_str(), "initial", "{first:?}");
-    assert_eq!(first.get("consistency").as_str(), "inconsistent", "a fuzzy full copy: {first:?}");
-    let p1 = first.get("point").as_u64();
+    assert_eq!(json_str(&first, "kind"), "initial", "{first:?}");
+    assert_eq!(json_str(&first, "consistency"), "inconsistent", "a fuzzy full copy: {first:?}");
+    let p1 = json_u64(&first, "point");
     assert_eq!(
-        first.get("bytes_read").as_u64(),
+        json_u64(&first, "bytes_read"),
         data_bytes,
         "the initial copy reads exactly the allocated ranges: {first:?}"
     );
@@ -217,10 +218,10 @@ fn restores_match_the_source() {
         "initial copy: {} allocated of {}, read {}, sent {}, {} ms; restore wrote {} (allocated {})",
         mib(data_bytes),
         mib(SIZE),
-        mib(first.get("bytes_read").as_u64()),
-        mib(first.get("bytes_sent").as_u64()),
-        first.get("duration_ms").as_u64(),
-        mib(report.get("bytes_written").as_u64()),
+        mib(json_u64(&first, "bytes_read")),
+        mib(json_u64(&first, "bytes_sent")),
+        json_u64(&first, "duration_ms"),
+        mib(json_u64(&report, "bytes_written")),
         mib(allocated_bytes(&r1)),
     );
     assert!(allocated_bytes(&r1) <= data_bytes, "the restore is sparse where the source has holes");
@@ -266,13 +267,13 @@ fn restores_match_the_source() {
     .sum();
 
     let second = agent.once();
-    assert_eq!(second.get("kind").as_str(), "incremental", "{second:?}");
-    assert_eq!(second.get("consistency").as_str(), "crash", "{second:?}");
-    let p2 = second.get("point").as_u64();
+    assert_eq!(json_str(&second, "kind"), "incremental", "{second:?}");
+    assert_eq!(json_str(&second, "consistency"), "crash", "{second:?}");
+    let p2 = json_u64(&second, "point");
     assert!(p2 > p1, "point ids rise: {p1} then {p2}");
-    assert!(second.get("generation").as_u64() > first.get("generation").as_u64());
-    let (read, zero) = (second.get("bytes_read").as_u64(), second.get("bytes_zero").as_u64());
-    let sent = second.get("bytes_sent").as_u64();
+    assert!(json_u64(&second, "generation") > json_u64(&first, "generation"));
+    let (read, zero) = (json_u64(&second, "bytes_read"), json_u64(&second, "bytes_zero"));
+    let sent = json_u64(&second, "bytes_sent");
     // Never less than what changed; at most the changed blocks plus the clean gaps merged into
     // chunks (each under MIN_CHUNK, at most one per run).
     assert!(
@@ -286,7 +287,7 @@ fn restores_match_the_source() {
     );
     let r2 = d.join("restore-latest.img");
     let report = restore(&store, DISK, "latest", &r2);
-    assert_eq!(report.get("point").as_u64(), p2);
+    assert_eq!(json_u64(&report, "point"), p2);
     assert_same_files("the latest point", &r2, &img);
     eprintln!(
         "incremental: {} changed in {} runs ({} in 4 KiB blocks); read {}, zero extents {}, sent {} \
@@ -298,9 +299,9 @@ fn restores_match_the_source() {
         mib(zero),
         mib(sent),
         100.0 * sent as f64 / changed_bytes as f64,
-        mib(second.get("bytes_deduplicated").as_u64()),
-        number(second.get("compression_ratio")).parse::<f64>().unwrap_or(f64::NAN),
-        second.get("duration_ms").as_u64(),
+        mib(json_u64(&second, "bytes_deduplicated")),
+        second["compression_ratio"].as_f64().unwrap_or(f64::NAN),
+        json_u64(&second, "duration_ms"),
     );
 
     // The first point still restores to the first copy.
@@ -310,13 +311,7 @@ fn restores_match_the_source() {
 
     let listed: Vec<(u64, String, String)> = points(&store, DISK)
         .iter()
-        .map(|p| {
-            (
-                p.get("id").as_u64(),
-                p.get("kind").as_str().to_owned(),
-                p.get("consistency").as_str().to_owned(),
-            )
-        })
+        .map(|p| (json_u64(p, "id"), json_str(p, "kind").to_owned(), json_str(p, "consistency").to_owned()))
         .collect();
     assert_eq!(
         listed,
@@ -325,14 +320,6 @@ fn restores_match_the_source() {
     );
     shim.stop();
     server.stop();
-}
-
-/// A JSON number as its text (the harness keeps numbers' source text), for reports.
-fn number(j: &Json) -> String {
-    match j {
-        Json::Number(n) => n.clone(),
-        other => format!("{other:?}"),
-    }
 }
 
 // =============================================================================================
@@ -401,10 +388,13 @@ fn crash_consistency_under_load() {
     let fio = FioLoad::start(&shim.uri(), SIZE, "4k-64k", "10m", Duration::from_secs(25), &d.join("fio.log"));
     let fio_end = Instant::now() + Duration::from_secs(25);
     let mut rpo = Vec::new();
+    // Samples the RPO every 250 ms while fio runs (a measurement over time, not a wait).
     while Instant::now() < fio_end {
         std::thread::sleep(Duration::from_millis(250));
-        if let Json::Number(n) = shim_status(shim.socket()).get("rpo_ms") {
-            rpo.push(n.parse::<u64>().expect("rpo_ms"));
+        let st = shim_status(shim.socket());
+        match &st["rpo_ms"] {
+            Value::Null => {}
+            ms => rpo.push(ms.as_u64().unwrap_or_else(|| panic!("rpo_ms is not a count of ms: {st}"))),
         }
     }
     let fio_out = fio.wait();
@@ -426,11 +416,11 @@ fn crash_consistency_under_load() {
         percentile(&rpo, 0.99),
         rpo.last().copied().unwrap_or(0),
         catch_up,
-        st.get("rpo_ms").as_u64(),
+        json_u64(&st, "rpo_ms"),
     );
     // Figures only: timing is the benchmark's business (scripts/bench-replication), and these
     // machines are shared. What must hold is that replication kept committing under the load.
-    let during = points(&store, "load").iter().filter(|p| p.get("cut_unix_ms").as_u64() < stopped).count();
+    let during = points(&store, "load").iter().filter(|p| json_u64(p, "cut_unix_ms") < stopped).count();
     assert!(during >= 3, "the initial point and at least two incrementals while fio ran: {during}");
     shim.stop();
     let restored = d.join("load-latest.img");
@@ -497,11 +487,11 @@ fn crash_consistency_under_load() {
     shim.stop();
 
     let all = points(&store, "fs");
-    let during: Vec<&Json> = all
+    let during: Vec<&Value> = all
         .iter()
-        .filter(|p| p.get("consistency").as_str() == "crash")
+        .filter(|p| json_str(p, "consistency") == "crash")
         .filter(|p| {
-            let cut = p.get("cut_unix_ms").as_u64();
+            let cut = json_u64(p, "cut_unix_ms");
             cut > mounted_ms && cut < unmounting_ms && files.first().is_some_and(|f| f.done_ms < cut)
         })
         .collect();
@@ -521,8 +511,8 @@ fn crash_consistency_under_load() {
     // shown, not judged. After the replay the filesystem must be fully clean (`-f -n` exit 0)
     // and every file fsynced before the cut (and not being deleted at it) must read back intact.
     for p in picks {
-        let id = p.get("id").as_u64();
-        let cut = p.get("cut_unix_ms").as_u64();
+        let id = json_u64(p, "id");
+        let cut = json_u64(p, "cut_unix_ms");
         let copy = d.join(format!("fs-point-{id}.img"));
         restore(&store, "fs", &id.to_string(), &copy);
         let (ro_code, _) = e2fsck(&["-f", "-n"], &copy);
@@ -715,9 +705,9 @@ fn faults_never_lose_data() {
             wait_until("a checkpoint (or the end of the copy)", Duration::from_secs(120), || {
                 checkpoint_offset(&store, &current.name).is_some() || has_point(&store, &current.name)
             });
-            std::thread::sleep(Duration::from_millis(rng.below(100)));
+            std::thread::sleep(Duration::from_millis(rng.below(100))); // a random kill moment
         } else {
-            std::thread::sleep(Duration::from_millis(100 + rng.below(1100)));
+            std::thread::sleep(Duration::from_millis(100 + rng.below(1100))); // a random kill moment
         }
         agent.kill();
         if !has_point(&store, &current.name) {
@@ -756,7 +746,7 @@ fn faults_never_lose_data() {
                 generation_in_flight(small.socket())
             });
         } else {
-            std::thread::sleep(Duration::from_millis(rng.below(1500)));
+            std::thread::sleep(Duration::from_millis(rng.below(1500))); // a random fault moment
         }
         mid_generation += usize::from(generation_in_flight(small.socket()));
         let killed = now_ms();
@@ -796,9 +786,9 @@ fn faults_never_lose_data() {
             wait_until("a checkpoint (or the end of the copy)", Duration::from_secs(120), || {
                 checkpoint_offset(&store, &current.name).is_some() || has_point(&store, &current.name)
             });
-            std::thread::sleep(Duration::from_millis(rng.below(100)));
+            std::thread::sleep(Duration::from_millis(rng.below(100))); // a random kill moment
         } else {
-            std::thread::sleep(Duration::from_millis(100 + rng.below(1100)));
+            std::thread::sleep(Duration::from_millis(100 + rng.below(1100))); // a random kill moment
         }
         small_in_flight += usize::from(generation_in_flight(small.socket()));
         let killed = now_ms();
@@ -847,7 +837,7 @@ fn faults_never_lose_data() {
                 generation_in_flight(small.socket())
             });
         } else {
-            std::thread::sleep(Duration::from_millis(rng.below(1500)));
+            std::thread::sleep(Duration::from_millis(rng.below(1500))); // a random fault moment
         }
         cut_mid += usize::from(generation_in_flight(small.socket()));
         let cut = now_ms();
@@ -902,7 +892,7 @@ fn faults_never_lose_data() {
                 }
             }
         }
-        let listed: BTreeSet<u64> = points(&store, disk).iter().map(|p| p.get("id").as_u64()).collect();
+        let listed: BTreeSet<u64> = points(&store, disk).iter().map(|p| json_u64(p, "id")).collect();
         let committed: BTreeSet<u64> =
             committed_points_in_log(&std::fs::read_to_string(log).expect("agent log")).into_iter().collect();
         let lost: Vec<&u64> = committed.difference(&listed).collect();
@@ -1641,7 +1631,7 @@ fn server_rejects_bad_input() {
         refusal(&mut fails, &mut c, wire::ERR_BAD_REQUEST, ErrorClass::Fatal, what);
         nothing_stored(&mut fails, &store, &before, what);
     }
-    let listed: Vec<u64> = points(&store, "good").iter().map(|p| p.get("id").as_u64()).collect();
+    let listed: Vec<u64> = points(&store, "good").iter().map(|p| json_u64(p, "id")).collect();
     if listed != vec![good_point, second_point] {
         fails.push(format!(
             "only the good generations ({good_point}, {second_point}) may be points: {listed:?}"
@@ -1729,27 +1719,27 @@ fn server_rejects_bad_input() {
     // --- An agent presenting another disk's identity -------------------------------------------
     // `siterep certs init` enrolled alpha-agent for disk alpha and beta-agent for beta; `stray`
     // has a certificate from the same CA but is left out of the server's enrollment file.
-    let doc = Json::parse(&std::fs::read_to_string(enrolled.enrollment()).expect("read the enrollment"))
-        .expect("enrollment.json is JSON");
-    let kept: Vec<String> = doc
-        .get("agents")
-        .as_array()
+    let doc = parse_json(
+        "the enrollment file",
+        &std::fs::read(enrolled.enrollment()).expect("read the enrollment"),
+    );
+    let kept: Vec<Value> = json_array(&doc, "agents")
         .iter()
-        .filter(|a| a.get("name").as_str() != "stray")
+        .filter(|a| json_str(a, "name") != "stray")
         .map(|a| {
-            let disks: Vec<String> =
-                a.get("disks").as_array().iter().map(|d| format!("{:?}", d.as_str())).collect();
-            format!(
-                r#"{{"name":{:?},"fingerprint":{:?},"disks":[{}]}}"#,
-                a.get("name").as_str(),
-                a.get("fingerprint").as_str(),
-                disks.join(",")
-            )
+            let disks: Vec<&str> =
+                json_array(a, "disks").iter().map(|d| d.as_str().expect("a disk name")).collect();
+            serde_json::json!({
+                "name": json_str(a, "name"),
+                "fingerprint": json_str(a, "fingerprint"),
+                "disks": disks,
+            })
         })
         .collect();
     assert_eq!(kept.len(), 2, "{doc:?}");
     let enrollment = site.join("enrollment.json");
-    std::fs::write(&enrollment, format!(r#"{{"version":1,"agents":[{}]}}"#, kept.join(","))).expect("write");
+    let kept = serde_json::json!({ "version": 1, "agents": kept });
+    std::fs::write(&enrollment, kept.to_string()).expect("write");
     let store2 = site.join("store");
     let server2 = RecoveryServer::start(
         &store2,
@@ -1838,12 +1828,12 @@ fn server_rejects_bad_input() {
         .tls(&alpha_cert, &alpha_key, &enrolled.ca())
         .args(["--reenroll"])
         .once();
-    assert_eq!(summary.get("kind").as_str(), "initial", "alpha-agent replicates its own disk");
+    assert_eq!(json_str(&summary, "kind"), "initial", "alpha-agent replicates its own disk");
     server2.stop();
 
     // The server survived all of it: a real agent replicates.
     let summary = AgentCmd::new(shim.socket(), addr, "after", &certs).once();
-    assert_eq!(summary.get("kind").as_str(), "initial");
+    assert_eq!(json_str(&summary, "kind"), "initial");
     let out = d.join("after.img");
     restore(&store, "after", "latest", &out);
     assert_same_files("a real agent after the bad input", &out, &img);

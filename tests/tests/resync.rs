@@ -17,9 +17,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
 use siterep_tests::image::{Rng, GIB, KIB, MIB};
-use siterep_tests::json::Json;
-use siterep_tests::{control, free_tcp_port, run, run_unchecked, scratch_dir, show_output, siterep, Serve};
+use siterep_tests::{
+    control, free_tcp_port, json_str, json_u64, poll, run, run_unchecked, scratch_dir, show_output, siterep,
+    Serve,
+};
 
 const DISK: &str = "disk0";
 /// Longest an agent run may take (a 1 GiB initial copy in a debug build is slow).
@@ -57,11 +60,8 @@ impl RecoveryServer {
             .spawn()
             .expect("start siterep server");
         let server = RecoveryServer { child, addr, store, log };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(&server.addr).is_err() {
-            assert!(Instant::now() < deadline, "the recovery server did not listen:\n{}", server.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let listening = poll(Duration::from_secs(10), || TcpStream::connect(&server.addr).is_ok());
+        assert!(listening.is_some(), "the recovery server did not listen:\n{}", server.log());
         server
     }
 
@@ -81,14 +81,14 @@ impl RecoveryServer {
 
     /// Runs an agent to completion and returns its JSON summary and how long it ran.
     #[track_caller]
-    fn run_agent(&self, socket: &Path, extra: &[&str]) -> (Json, Duration) {
+    fn run_agent(&self, socket: &Path, extra: &[&str]) -> (Value, Duration) {
         let (summary, took, _) = self.run_agent_logged(socket, extra);
         (summary, took)
     }
 
     /// [`run_agent`](Self::run_agent), plus what the agent logged (stderr).
     #[track_caller]
-    fn run_agent_logged(&self, socket: &Path, extra: &[&str]) -> (Json, Duration, String) {
+    fn run_agent_logged(&self, socket: &Path, extra: &[&str]) -> (Value, Duration, String) {
         let start = Instant::now();
         let out = run_unchecked(&mut self.agent(socket, extra), AGENT_TIMEOUT);
         let took = start.elapsed();
@@ -98,8 +98,7 @@ impl RecoveryServer {
             show_output(&out),
             self.log()
         );
-        let text = String::from_utf8_lossy(&out.stdout);
-        let summary = Json::parse(text.trim())
+        let summary = serde_json::from_slice(out.stdout.trim_ascii())
             .unwrap_or_else(|e| panic!("agent printed no JSON summary ({e}):\n{}", show_output(&out)));
         (summary, took, String::from_utf8_lossy(&out.stderr).into_owned())
     }
@@ -190,17 +189,13 @@ fn assert_same_file(actual: &Path, expected: &Path) {
     }
 }
 
-fn u64_of(j: &Json, key: &str) -> u64 {
-    j.get(key).as_u64()
-}
-
 /// Makes the server hold `a` as its latest point: serve it (no state directory), run the
 /// agent's initial copy.
 fn replicate(server: &RecoveryServer, a: &Path) {
     let shim = Serve::new(a).start();
     let (initial, took) = server.run_agent(shim.socket(), &[]);
-    assert_eq!(initial.get("kind").as_str(), "initial", "{initial:?}");
-    eprintln!("initial copy of A: {} bytes read in {took:.1?}", u64_of(&initial, "bytes_read"));
+    assert_eq!(json_str(&initial, "kind"), "initial", "{initial:?}");
+    eprintln!("initial copy of A: {} bytes read in {took:.1?}", json_u64(&initial, "bytes_read"));
     shim.stop();
 }
 
@@ -209,7 +204,10 @@ fn replicate(server: &RecoveryServer, a: &Path) {
 fn serve_lost_tracking(b: &Path, state: &Path) -> siterep_tests::Server {
     let shim = Serve::new(b).state_dir(state).start();
     let st = control::status(shim.socket());
-    assert!(matches!(st.get("resync_required"), Json::String(_)), "a fresh state requires a resync: {st:?}");
+    assert!(
+        st.get("resync_required").is_some_and(Value::is_string),
+        "a fresh state requires a resync: {st:?}"
+    );
     shim
 }
 
@@ -235,17 +233,17 @@ fn resync_sends_only_the_blocks_that_differ() {
     // A fresh state directory is a new source identity: the agent re-enrolls the disk
     // (docs/wire.md §6.2), which requires the resync anyway.
     let (s, took, log) = server.run_agent_logged(shim.socket(), &["--reenroll"]);
-    assert_eq!(s.get("kind").as_str(), "resync", "{s:?}");
+    assert_eq!(json_str(&s, "kind"), "resync", "{s:?}");
     assert!(!log.contains(THROUGH_SOCKET), "the agent did not read the image directly:\n{log}");
-    let (matched, transferred) = (u64_of(&s, "bytes_matched"), u64_of(&s, "bytes_transferred"));
-    let (wire_out, wire_in) = (u64_of(&s, "wire_bytes_sent"), u64_of(&s, "wire_bytes_received"));
+    let (matched, transferred) = (json_u64(&s, "bytes_matched"), json_u64(&s, "bytes_transferred"));
+    let (wire_out, wire_in) = (json_u64(&s, "wire_bytes_sent"), json_u64(&s, "wire_bytes_received"));
     assert_eq!(matched + transferred, size, "every byte is matched or transferred: {s:?}");
     let differing = k as u64 * 4 * KIB;
     assert!(transferred >= differing, "every differing block is sent: {s:?}");
     assert!(transferred <= differing * 11 / 10 + 64 * KIB, "only differing blocks are sent: {s:?}");
-    assert!(u64_of(&s, "bytes_sent") <= differing * 11 / 10 + 64 * KIB, "{s:?}");
+    assert!(json_u64(&s, "bytes_sent") <= differing * 11 / 10 + 64 * KIB, "{s:?}");
     let st = control::status(shim.socket());
-    assert_eq!(st.get("resync_required"), &Json::Null, "the resync cleared it: {st:?}");
+    assert_eq!(st.get("resync_required"), Some(&Value::Null), "the resync cleared it: {st:?}");
 
     let restored = dir.path().join("restored.img");
     server.restore_latest(&restored);
@@ -255,8 +253,8 @@ fn resync_sends_only_the_blocks_that_differ() {
     // Replication goes on from the resync's point: with nothing written since, the next cycle
     // records that point as current (docs/wire.md §6.9) and makes none.
     let (next, _) = server.run_agent(shim.socket(), &[]);
-    assert_eq!(next.get("kind").as_str(), "unchanged", "{next:?}");
-    assert_eq!(u64_of(&next, "point"), u64_of(&s, "point"), "{next:?} after {s:?}");
+    assert_eq!(json_str(&next, "kind"), "unchanged", "{next:?}");
+    assert_eq!(json_u64(&next, "point"), json_u64(&s, "point"), "{next:?} after {s:?}");
     shim.stop();
 
     // rsync's delta transfer on the same pair (A's copy updated in place to B).
@@ -286,13 +284,13 @@ fn resync_sends_only_the_blocks_that_differ() {
         size >> 20,
         differing >> 10,
         transferred >> 10,
-        u64_of(&s, "bytes_sent"),
+        json_u64(&s, "bytes_sent"),
         matched >> 20,
         wire_out,
         wire_in,
         (wire_out + wire_in) >> 10,
-        u64_of(&s, "bytes_read") >> 20,
-        u64_of(&s, "duration_ms") as f64 / 1000.0,
+        json_u64(&s, "bytes_read") >> 20,
+        json_u64(&s, "duration_ms") as f64 / 1000.0,
         took,
         literal >> 10,
         rsync_sent,
@@ -325,12 +323,12 @@ fn a_replaced_image_file_fails_the_resync_loudly() {
 
     let image = control::request_ok(&control::control_path(shim.socket()), r#"{"cmd":"image"}"#);
     let canonical = std::fs::canonicalize(&b).expect("canonicalize B");
-    assert_eq!(image.get("path").as_str(), canonical.to_str().expect("UTF-8 path"), "{image:?}");
-    assert_eq!(image.get("size").as_u64(), size, "{image:?}");
+    assert_eq!(json_str(&image, "path"), canonical.to_str().expect("UTF-8 path"), "{image:?}");
+    assert_eq!(json_u64(&image, "size"), size, "{image:?}");
     {
         use std::os::unix::fs::MetadataExt;
         let meta = std::fs::metadata(&b).expect("stat B");
-        assert_eq!((image.get("dev").as_u64(), image.get("ino").as_u64()), (meta.dev(), meta.ino()));
+        assert_eq!((json_u64(&image, "dev"), json_u64(&image, "ino")), (meta.dev(), meta.ino()));
     }
 
     // B's name now belongs to a copy of A; the shim still holds B's inode.
@@ -339,16 +337,17 @@ fn a_replaced_image_file_fails_the_resync_loudly() {
     let impostor = dir.path().join("impostor.img");
     std::fs::copy(&a, &impostor).expect("copy A");
     std::fs::rename(&impostor, &b).expect("replace B's name");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let mut last = Value::Null;
+    let noticed = poll(Duration::from_secs(10), || {
         let st = control::status(shim.socket());
-        if let Json::Object(change) = st.get("image_changed") {
-            assert_eq!(change.get("kind").map(Json::as_str), Some("replaced"), "{st:?}");
-            break;
+        let changed = st["image_changed"].is_object();
+        if changed {
+            assert_eq!(st["image_changed"]["kind"], "replaced", "{st}");
         }
-        assert!(Instant::now() < deadline, "the shim did not notice the replaced image: {st:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        last = st;
+        changed
+    });
+    assert!(noticed.is_some(), "the shim did not notice the replaced image: {last}");
 
     let points_before =
         std::fs::read_dir(server.store.join("disks").join(DISK).join("points")).expect("points").count();
@@ -358,7 +357,7 @@ fn a_replaced_image_file_fails_the_resync_loudly() {
         std::fs::read_dir(server.store.join("disks").join(DISK).join("points")).expect("points").count();
     assert_eq!(points_after, points_before, "no point is made from a replaced image");
     let st = control::status(shim.socket());
-    assert!(matches!(st.get("resync_required"), Json::String(_)), "{st:?}");
+    assert!(st.get("resync_required").is_some_and(Value::is_string), "{st:?}");
     let restored = dir.path().join("restored.img");
     server.restore_latest(&restored);
     assert_same_file(&restored, &a);
@@ -397,25 +396,24 @@ fn an_interrupted_resync_resumes_and_ends_equal() {
         .stderr(Stdio::null())
         .spawn()
         .expect("start the agent");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !checkpoint.exists() {
+    let checkpointed = poll(Duration::from_secs(120), || {
         if let Some(st) = agent.try_wait().expect("try_wait") {
             panic!("the agent ended ({st}) before the resync checkpointed\n{}", server.log());
         }
-        assert!(Instant::now() < deadline, "no resync checkpoint within 2 minutes\n{}", server.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        checkpoint.exists()
+    });
+    assert!(checkpointed.is_some(), "no resync checkpoint within 2 minutes\n{}", server.log());
     agent.kill().expect("kill the agent");
     agent.wait().expect("reap the agent");
 
     // The next run finds the interrupted resync on the server and continues it.
     let (s, _) = server.run_agent(shim.socket(), &[]);
-    assert_eq!(s.get("kind").as_str(), "resync", "{s:?}");
-    let processed = u64_of(&s, "bytes_matched") + u64_of(&s, "bytes_transferred");
+    assert_eq!(json_str(&s, "kind"), "resync", "{s:?}");
+    let processed = json_u64(&s, "bytes_matched") + json_u64(&s, "bytes_transferred");
     assert!(processed < size, "resumed, not started over: {s:?}");
     eprintln!("resumed resync processed {} of {} MiB: {s:?}", processed >> 20, size >> 20);
     let st = control::status(shim.socket());
-    assert_eq!(st.get("resync_required"), &Json::Null, "{st:?}");
+    assert_eq!(st.get("resync_required"), Some(&Value::Null), "{st:?}");
     shim.stop();
 
     let restored = dir.path().join("restored.img");

@@ -19,11 +19,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use siterep_tests::image::{Rng, MIB};
-use siterep_tests::json::Json;
 use siterep_tests::replication::{
-    assert_same_files, points, restore, shim_status, AgentCmd, Certs, RecoveryServer,
+    assert_same_files, generations, points, restore, shim_status, AgentCmd, Certs, RecoveryServer,
 };
-use siterep_tests::{require_tool, run, scratch_dir, siterep, tool, wait_until, Serve};
+use siterep_tests::{json_str, json_u64, require_tool, run, scratch_dir, tool, wait_until, Serve};
 
 const SIZE: u64 = 16 * MIB;
 const DISK: &str = "db";
@@ -42,7 +41,7 @@ fn write_pattern(uri: &str, pattern: u8, off: u64, len: u64) {
 }
 
 fn point_ids(store: &Path) -> Vec<u64> {
-    points(store, DISK).iter().map(|p| p.get("id").as_u64()).collect()
+    points(store, DISK).iter().map(|p| json_u64(p, "id")).collect()
 }
 
 #[test]
@@ -67,8 +66,8 @@ fn a_second_machine_under_the_same_name_is_refused() {
     // Different data on each machine, while both agents replicate every second.
     write_pattern(&shim_a.uri(), 0xa1, 0, 4 * MIB);
     write_pattern(&shim_b.uri(), 0xb2, 0, 4 * MIB);
-    let source_a = shim_status(shim_a.socket()).get("source_id").as_str().to_owned();
-    let source_b = shim_status(shim_b.socket()).get("source_id").as_str().to_owned();
+    let source_a = json_str(&shim_status(shim_a.socket()), "source_id").to_owned();
+    let source_b = json_str(&shim_status(shim_b.socket()), "source_id").to_owned();
     assert_ne!(source_a, source_b, "two state directories, two identities");
 
     let mut cmd =
@@ -92,8 +91,8 @@ fn a_second_machine_under_the_same_name_is_refused() {
 
     // The first machine goes on; every point is its own.
     wait_until("the first machine's write replicated", Duration::from_secs(60), || {
-        shim_status(shim_a.socket()).get("backlog_bytes").as_u64() == 0
-            && shim_status(shim_a.socket()).get("generations").as_array().is_empty()
+        let st = shim_status(shim_a.socket());
+        json_u64(&st, "backlog_bytes") == 0 && generations(&st).is_empty()
     });
     running_a.assert_running();
     running_a.kill();
@@ -115,7 +114,7 @@ fn a_clone_with_a_copy_of_the_state_diverges_loudly() {
     let server = RecoveryServer::start(&store, &certs, &[]);
     let shim = Serve::new(&img).state_dir(&d.join("state")).start();
     let first = AgentCmd::new(shim.socket(), server.addr(), DISK, &certs).once();
-    assert_eq!(first.get("kind").as_str(), "initial", "{first:?}");
+    assert_eq!(json_str(&first, "kind"), "initial", "{first:?}");
     shim.stop();
 
     // The clone: the image and the state directory, copied while the shim was stopped.
@@ -129,8 +128,8 @@ fn a_clone_with_a_copy_of_the_state_diverges_loudly() {
     let shim = Serve::new(&img).state_dir(&d.join("state")).start();
     let clone = Serve::new(&clone_img).state_dir(&d.join("state-clone")).start();
     assert_eq!(
-        shim_status(shim.socket()).get("source_id").as_str(),
-        shim_status(clone.socket()).get("source_id").as_str(),
+        json_str(&shim_status(shim.socket()), "source_id"),
+        json_str(&shim_status(clone.socket()), "source_id"),
         "the clone carries the identity"
     );
     write_pattern(&shim.uri(), 0x11, MIB, 2 * MIB);
@@ -176,9 +175,9 @@ fn a_clone_with_a_copy_of_the_state_diverges_loudly() {
         String::from_utf8_lossy(&out.stderr)
     );
     let summary = AgentCmd::new(shim.socket(), server.addr(), DISK, &certs).args(["--reenroll"]).once();
-    assert_eq!(summary.get("kind").as_str(), "resync", "{summary:?}");
+    assert_eq!(json_str(&summary, "kind"), "resync", "{summary:?}");
     let next = AgentCmd::new(shim.socket(), server.addr(), DISK, &certs).once();
-    assert_ne!(next.get("kind").as_str(), "resync", "{next:?}");
+    assert_ne!(json_str(&next, "kind"), "resync", "{next:?}");
     shim.stop();
     restore(&store, DISK, "latest", &restored);
     assert_same_files("after the re-enrollment", &restored, &img);
@@ -198,20 +197,18 @@ fn an_idle_disk_makes_no_points() {
     let agent = AgentCmd::new(shim.socket(), server.addr(), DISK, &certs);
     agent.once();
     let once = agent.once();
-    assert_eq!(once.get("kind").as_str(), "unchanged", "nothing was written: {once:?}");
+    assert_eq!(json_str(&once, "kind"), "unchanged", "nothing was written: {once:?}");
     assert_eq!(point_ids(&store), vec![1]);
 
     let mut running = agent.clone().args(["--interval", "1s"]).spawn(&d.join("agent.log"));
     let started = siterep_tests::replication::now_ms();
     // Several intervals pass with nothing written: no point, but the disk is current.
     wait_until("the latest point recorded as current", Duration::from_secs(30), || {
-        let listed = run(siterep().args(["points", "--json", "--disk", DISK, "--store"]).arg(&store));
-        let j = Json::parse(String::from_utf8_lossy(&listed.stdout).trim()).expect("points --json");
-        let latest = j.as_array().last().cloned().expect("a point");
-        latest.get("current_unix_ms").as_u64() > started + 2_000
+        let listed = points(&store, DISK);
+        json_u64(listed.last().expect("a point"), "current_unix_ms") > started + 2_000
     });
     assert_eq!(point_ids(&store), vec![1], "an idle disk makes no point");
-    let rpo = shim_status(shim.socket()).get("rpo_ms").as_u64();
+    let rpo = json_u64(&shim_status(shim.socket()), "rpo_ms");
     assert!(rpo < 5_000, "the shim's RPO stays current while idle: {rpo} ms");
     write_pattern(&shim.uri(), 0x44, 0, MIB);
     wait_until("a point for the write", Duration::from_secs(30), || point_ids(&store).len() == 2);
@@ -242,7 +239,7 @@ fn a_grown_disk_replicates_at_its_new_size() {
     drop(f);
     let shim = Serve::new(&img).state_dir(&d.join("state")).start();
     let next = AgentCmd::new(shim.socket(), server.addr(), DISK, &certs).once();
-    assert_eq!(next.get("kind").as_str(), "incremental", "the grown range ships as changes: {next:?}");
+    assert_eq!(json_str(&next, "kind"), "incremental", "the grown range ships as changes: {next:?}");
     shim.stop();
     let restored = d.join("restored.img");
     restore(&store, DISK, "latest", &restored);

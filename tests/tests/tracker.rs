@@ -17,14 +17,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
 use siterep_tests::blockdev::{FuseExport, LoopDevice};
 use siterep_tests::control;
 use siterep_tests::image::{self, Rng, GIB, KIB, MIB};
-use siterep_tests::json::Json;
 use siterep_tests::nbdinfo::{self, expected_map, Extent};
 use siterep_tests::{
-    nbdsh, require_tool, run, run_expect_failure, run_unchecked, scratch_dir, show_output, siterep,
-    siterep_bin, tool, wait_timeout, Serve, Server,
+    json_array, json_str, json_u64, nbdsh, poll, require_tool, run, run_expect_failure, run_unchecked,
+    scratch_dir, show_output, siterep, siterep_bin, tool, wait_timeout, Serve, Server,
 };
 
 /// The default tracking granularity.
@@ -42,26 +42,26 @@ fn seed() -> u64 {
     seed
 }
 
-fn u64_of(j: &Json, key: &str) -> u64 {
-    j.get(key).as_u64()
-}
-
 /// `generations[]` of a status document, by id.
-fn generations(status: &Json) -> BTreeMap<u64, Json> {
-    status.get("generations").as_array().iter().map(|g| (u64_of(g, "id"), g.clone())).collect()
+fn generations(status: &Value) -> BTreeMap<u64, Value> {
+    json_array(status, "generations").iter().map(|g| (json_u64(g, "id"), g.clone())).collect()
 }
 
-fn reason(j: &Json, key: &str) -> Option<String> {
+/// A reason member (`resync_required`, `inconsistent`): `None` when null; fails the test when
+/// it is absent or neither null nor a string.
+#[track_caller]
+fn reason(j: &Value, key: &str) -> Option<String> {
     match j.get(key) {
-        Json::Null => None,
-        other => Some(other.as_str().to_owned()),
+        Some(Value::Null) => None,
+        Some(Value::String(why)) => Some(why.clone()),
+        other => panic!("{key} is neither null nor a reason: {other:?} in {j}"),
     }
 }
 
 /// Export names `nbdinfo --list` shows.
 fn listed_exports(server: &Server) -> Vec<String> {
     let doc = nbdinfo::list(&server.uri());
-    doc.get("exports").as_array().iter().map(|e| e.get("export-name").as_str().to_owned()).collect()
+    json_array(&doc, "exports").iter().map(|e| json_str(e, "export-name").to_owned()).collect()
 }
 
 /// `nbdinfo --map=CONTEXT` of `export`, merged.
@@ -138,20 +138,6 @@ fn finish(child: &mut Child, what: &str, log: &Path, timeout: Duration) -> std::
             let _ = child.wait();
             panic!("{what} still running after {timeout:?} (killed):\n{}", read_log(log));
         }
-    }
-}
-
-/// Polls `cond` every 5 ms for up to `timeout`.
-fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -259,21 +245,19 @@ fn read_state(dir: &Path) -> Option<StateFile> {
 /// Waits (up to 15 s) until a checkpoint has written a `state.bin` satisfying `pred`.
 #[track_caller]
 fn wait_state(dir: &Path, what: &str, pred: impl Fn(&StateFile) -> bool) -> StateFile {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
+    let mut last = None;
+    let found = poll(Duration::from_secs(15), || {
         let state = read_state(dir);
-        if let Some(s) = state {
-            if pred(&s) {
-                return s;
-            }
-            if Instant::now() >= deadline {
-                panic!("state.bin never showed {what} within 15 s; last: {s:?}");
-            }
-        } else if Instant::now() >= deadline {
-            panic!("state.bin never showed {what} within 15 s; it is missing or unparsable");
+        if state.as_ref().is_some_and(&pred) {
+            return state;
         }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+        last = state;
+        None
+    });
+    found.unwrap_or_else(|| match last {
+        Some(s) => panic!("state.bin never showed {what} within 15 s; last: {s:?}"),
+        None => panic!("state.bin never showed {what} within 15 s; it is missing or unparsable"),
+    })
 }
 
 /// The state holds an empty live set and no generation: nothing left over for the next crash.
@@ -293,7 +277,7 @@ fn clear_first_start_resync(server: &Server, state_dir: &Path) {
     let why = reason(&st, "resync_required").expect("a first start must require a resync");
     assert!(why.contains("first start"), "first start's resync reason: {why:?}");
     control::request_ok(&server.control_socket(), r#"{"cmd":"clear-resync"}"#);
-    assert_eq!(control::status(server.socket()).get("resync_required"), &Json::Null);
+    assert_eq!(control::status(server.socket()).get("resync_required"), Some(&Value::Null));
     wait_state(state_dir, "resync-required cleared", |s| s.resync.is_none());
 }
 
@@ -355,7 +339,11 @@ fn kill9_never_loses_acknowledged_writes() {
     let mut ratios = Vec::new();
     for iter in 0..KILL_ITERATIONS {
         let before = control::status(server.socket());
-        assert_eq!(u64_of(&before, "live_dirty_bytes"), 0, "iteration {iter} starts with an empty live set");
+        assert_eq!(
+            json_u64(&before, "live_dirty_bytes"),
+            0,
+            "iteration {iter} starts with an empty live set"
+        );
         assert!(generations(&before).is_empty(), "iteration {iter} starts without generations: {before:?}");
 
         let iodepth = 16 + rng.below(17);
@@ -375,11 +363,11 @@ fn kill9_never_loses_acknowledged_writes() {
         );
         // The random delay counts from fio's first write the shim has seen, not from fio's start.
         let ctl = server.control_socket();
-        let writing = wait_for(Duration::from_secs(30), || {
+        let writing = poll(Duration::from_secs(30), || {
             let st = control::request_ok(&ctl, r#"{"cmd":"status"}"#);
-            u64_of(&st, "live_dirty_bytes") > 0 || fio.try_wait().expect("try_wait").is_some()
+            json_u64(&st, "live_dirty_bytes") > 0 || fio.try_wait().expect("try_wait").is_some()
         });
-        assert!(writing, "fio did not start writing within 30 s:\n{}", read_log(&fio_log));
+        assert!(writing.is_some(), "fio did not start writing within 30 s:\n{}", read_log(&fio_log));
         std::thread::sleep(delay);
         if let Some(status) = fio.try_wait().expect("try_wait") {
             panic!("fio exited ({status}) before the shim was killed:\n{}", read_log(&fio_log));
@@ -405,7 +393,7 @@ fn kill9_never_loses_acknowledged_writes() {
         let st = control::status(server.socket());
         assert_eq!(
             st.get("resync_required"),
-            &Json::Null,
+            Some(&Value::Null),
             "iteration {iter}: recovery after kill -9 must not need a resync\n{}",
             server.log()
         );
@@ -422,9 +410,9 @@ fn kill9_never_loses_acknowledged_writes() {
             server.log()
         );
         let recovered = bytes_of(&map, 1);
-        assert_eq!(recovered, u64_of(&st, "live_dirty_bytes"), "status and the live bitmap disagree");
+        assert_eq!(recovered, json_u64(&st, "live_dirty_bytes"), "status and the live bitmap disagree");
         let acked_bytes = acked.len() as u64 * BLOCK;
-        let bound = u64_of(&st, "over_report_bound_bytes");
+        let bound = json_u64(&st, "over_report_bound_bytes");
         assert!(bound > 0, "a persistent tracker reports its over-report bound: {st:?}");
         assert!(
             recovered <= acked_bytes + bound,
@@ -458,8 +446,8 @@ fn kill9_never_loses_acknowledged_writes() {
 
         // Clear the live set so that the next iteration's recovered set is its own.
         let cut = control::cut(server.socket());
-        let n = u64_of(&cut, "generation");
-        assert_eq!(u64_of(&cut, "dirty_bytes"), recovered, "the cut takes the whole recovered set");
+        let n = json_u64(&cut, "generation");
+        assert_eq!(json_u64(&cut, "dirty_bytes"), recovered, "the cut takes the whole recovered set");
         control::release(server.socket(), n);
         wait_state(&state, "an empty live set and no generation", quiescent);
     }
@@ -646,7 +634,7 @@ fn generation_reads_point_in_time_while_writes_go_on() {
         since_cut.extend(&a);
 
         let cut = control::cut(server.socket());
-        let n = u64_of(&cut, "generation");
+        let n = json_u64(&cut, "generation");
         let gen = format!("gen-{n}");
         let at_cut = disk.clone();
         let expected_dirty = expected_map(PIT_SIZE, BLOCK, &since_cut, 1, 0);
@@ -674,11 +662,11 @@ fn generation_reads_point_in_time_while_writes_go_on() {
             nbdsh().arg("-u").arg(server.uri()).arg("-c").arg(rewriter_script(&changes, iter, &ready, &stop)),
             &rewriter_log,
         );
-        let started = wait_for(Duration::from_secs(20), || {
+        let started = poll(Duration::from_secs(20), || {
             ready.exists() || rewriter.try_wait().expect("try_wait").is_some()
         });
         assert!(
-            started && ready.exists(),
+            started.is_some() && ready.exists(),
             "the nbdsh rewriter did not connect:\n{}",
             read_log(&rewriter_log)
         );
@@ -784,16 +772,16 @@ fn generation_reads_point_in_time_while_writes_go_on() {
             .remove(&n)
             .unwrap_or_else(|| panic!("status does not list generation {n}: {st:?}"));
         assert!(
-            u64_of(&g, "preserved_bytes") > 0,
+            json_u64(&g, "preserved_bytes") > 0,
             "{gen} preserved nothing though its blocks were overwritten: {g:?}"
         );
-        assert_eq!(g.get("inconsistent"), &Json::Null, "{gen} must stay point-in-time: {g:?}");
-        assert!(u64_of(&st, "preserve_used_bytes") >= u64_of(&g, "preserved_bytes"), "{st:?}");
+        assert_eq!(g.get("inconsistent"), Some(&Value::Null), "{gen} must stay point-in-time: {g:?}");
+        assert!(json_u64(&st, "preserve_used_bytes") >= json_u64(&g, "preserved_bytes"), "{st:?}");
 
         control::release(server.socket(), n);
         let st = control::status(server.socket());
         assert!(generations(&st).is_empty(), "{gen} still listed after release: {st:?}");
-        assert_eq!(u64_of(&st, "preserve_used_bytes"), 0, "release must free the preserve store: {st:?}");
+        assert_eq!(json_u64(&st, "preserve_used_bytes"), 0, "release must free the preserve store: {st:?}");
         assert!(!listed_exports(&server).contains(&gen), "{gen} is still exported after release");
         let gone = run_expect_failure(tool("nbdinfo").arg(server.uri_for(&gen)));
         assert!(!gone.stderr.is_empty(), "nbdinfo of a released generation must say why it failed");
@@ -819,7 +807,7 @@ fn preserve_limit_marks_generation_inconsistent() {
     let server = serve.clone().socket(&dir.path().join("nbd.sock")).start();
     let (off, len) = (MIB, MIB);
     qemu_io_write(&server.uri(), &[(off, len, 0xa1)]);
-    let n = u64_of(&control::cut(server.socket()), "generation");
+    let n = json_u64(&control::cut(server.socket()), "generation");
     let gen = format!("gen-{n}");
 
     // Overwriting the whole MiB needs 1 MiB of pre-images; only 64 KiB fit. The writes must
@@ -829,13 +817,13 @@ fn preserve_limit_marks_generation_inconsistent() {
     qemu_io_write(&server.uri(), &[(8 * MIB, 4 * KIB, 0xc3)]);
 
     let st = control::status(server.socket());
-    assert_eq!(u64_of(&st, "preserve_limit_bytes"), 64 * KIB, "{st:?}");
-    assert!(u64_of(&st, "preserve_used_bytes") <= 64 * KIB, "preserve store over its limit: {st:?}");
+    assert_eq!(json_u64(&st, "preserve_limit_bytes"), 64 * KIB, "{st:?}");
+    assert!(json_u64(&st, "preserve_used_bytes") <= 64 * KIB, "preserve store over its limit: {st:?}");
     let g = generations(&st).remove(&n).expect("generation listed");
     let why =
         reason(&g, "inconsistent").unwrap_or_else(|| panic!("{gen} must be marked inconsistent: {g:?}"));
     assert!(why.contains("preserve store"), "inconsistent reason should name the preserve store: {why:?}");
-    assert_eq!(u64_of(&g, "dirty_bytes"), len, "{gen}'s dirty set must stay complete: {g:?}");
+    assert_eq!(json_u64(&g, "dirty_bytes"), len, "{gen}'s dirty set must stay complete: {g:?}");
     let expected = expected_map(size, BLOCK, &[(off, len)], 1, 0);
     assert_eq!(map_of(&server, &gen, &format!("qemu:dirty-bitmap:{gen}"), size), expected, "{gen} dirty map");
     let live = expected_map(size, BLOCK, &[(off, len), (8 * MIB, 4 * KIB)], 1, 0);
@@ -856,7 +844,7 @@ fn preserve_limit_marks_generation_inconsistent() {
     );
 
     control::release(server.socket(), n);
-    assert_eq!(u64_of(&control::status(server.socket()), "preserve_used_bytes"), 0);
+    assert_eq!(json_u64(&control::status(server.socket()), "preserve_used_bytes"), 0);
     server.stop();
 }
 
@@ -882,7 +870,7 @@ fn mkfs_discard_records_zero_extents() {
     fuse.unmount();
 
     let st = control::status(server.socket());
-    let (dirty, zero) = (u64_of(&st, "live_dirty_bytes"), u64_of(&st, "live_zero_bytes"));
+    let (dirty, zero) = (json_u64(&st, "live_dirty_bytes"), json_u64(&st, "live_zero_bytes"));
     let data = dirty - zero;
     eprintln!(
         "mkfs.ext4 -E discard on 1 GiB: {:.1} MiB dirty, {:.1} MiB of it zero extents, {:.1} MiB data",
@@ -904,8 +892,8 @@ fn mkfs_discard_records_zero_extents() {
 
     // A cut carries the zero extents into the generation.
     let cut = control::cut(server.socket());
-    let n = u64_of(&cut, "generation");
-    assert_eq!((u64_of(&cut, "dirty_bytes"), u64_of(&cut, "zero_bytes")), (dirty, zero), "{cut:?}");
+    let n = json_u64(&cut, "generation");
+    assert_eq!((json_u64(&cut, "dirty_bytes"), json_u64(&cut, "zero_bytes")), (dirty, zero), "{cut:?}");
     let gen = format!("gen-{n}");
     assert_eq!(map_of(&server, &gen, &format!("siterep:changes:{gen}"), size), changes, "{gen} changes");
     control::release(server.socket(), n);
@@ -933,7 +921,7 @@ fn state_survives_clean_restart() {
     // preserved), elsewhere, and a WRITE_ZEROES (a zero extent in the live set).
     let a = [(100_000, 300_000), (3 * MIB + 17, 2 * MIB), (21 * MIB, 64 * KIB)];
     qemu_io_write(&server.uri(), &a.map(|(o, l)| (o, l, 0xa5)));
-    let n = u64_of(&control::cut(server.socket()), "generation");
+    let n = json_u64(&control::cut(server.socket()), "generation");
     let gen = format!("gen-{n}");
     qemu_io_write(
         &server.uri(),
@@ -959,7 +947,7 @@ fn state_survives_clean_restart() {
     assert!(bytes_of(&before.4, 3) > 0, "the WRITE_ZEROES must be a zero extent: {:?}", before.4);
     let status_before = control::status(server.socket());
     let g_before = generations(&status_before).remove(&n).expect("generation listed");
-    assert!(u64_of(&g_before, "preserved_bytes") > 0, "{g_before:?}");
+    assert!(json_u64(&g_before, "preserved_bytes") > 0, "{g_before:?}");
 
     server.stop(); // SIGTERM; asserts exit 0
     let on_disk = read_state(&state).expect("state.bin in the documented format after a clean shutdown");
@@ -979,11 +967,11 @@ fn state_survives_clean_restart() {
     assert_eq!(after.3, before.3, "live dirty bitmap changed across the restart");
     assert_eq!(after.4, before.4, "live siterep:changes changed across the restart");
     let st = control::status(server.socket());
-    assert_eq!(st.get("resync_required"), &Json::Null, "a clean restart needs no resync: {st:?}");
+    assert_eq!(st.get("resync_required"), Some(&Value::Null), "a clean restart needs no resync: {st:?}");
     let g = generations(&st).remove(&n).expect("generation listed after restart");
     assert_eq!(g, g_before, "generation {n}'s status changed across the restart");
-    assert_eq!(u64_of(&st, "live_dirty_bytes"), u64_of(&status_before, "live_dirty_bytes"));
-    assert_eq!(u64_of(&st, "live_zero_bytes"), u64_of(&status_before, "live_zero_bytes"));
+    assert_eq!(json_u64(&st, "live_dirty_bytes"), json_u64(&status_before, "live_dirty_bytes"));
+    assert_eq!(json_u64(&st, "live_zero_bytes"), json_u64(&status_before, "live_zero_bytes"));
 
     // Pre-images still work after the restart: overwrite every block of N (some already
     // preserved, some not yet) and N still reads as before.
@@ -993,7 +981,7 @@ fn state_survives_clean_restart() {
     assert_eq!(reason(&generations(&control::status(server.socket()))[&n], "inconsistent"), None);
 
     // Ids are never reused: across a release, a clean restart, and a crash.
-    let m = u64_of(&control::cut(server.socket()), "generation");
+    let m = json_u64(&control::cut(server.socket()), "generation");
     assert!(m > n, "cut after restart gave {m}, not > {n}");
     control::release(server.socket(), m);
     control::release(server.socket(), n);
@@ -1001,11 +989,11 @@ fn state_survives_clean_restart() {
     let server = serve.clone().start();
     let st = control::status(server.socket());
     assert!(generations(&st).is_empty(), "released generations came back after a clean restart: {st:?}");
-    let k = u64_of(&control::cut(server.socket()), "generation");
+    let k = json_u64(&control::cut(server.socket()), "generation");
     assert!(k > m, "cut after releasing {m} and restarting gave {k}");
     server.kill();
     let server = serve.start();
-    let k2 = u64_of(&control::cut(server.socket()), "generation");
+    let k2 = json_u64(&control::cut(server.socket()), "generation");
     assert!(k2 > k, "cut after a kill -9 gave {k2}, not > {k}");
     server.stop();
 }
@@ -1051,7 +1039,7 @@ fn corrupt_state_requires_resync() {
         "writes after a corrupt state must be tracked: {map:?}"
     );
     let st = control::status(server.socket());
-    assert_eq!(bytes_of(&map, 1), u64_of(&st, "live_dirty_bytes"), "status and the live bitmap disagree");
+    assert_eq!(bytes_of(&map, 1), json_u64(&st, "live_dirty_bytes"), "status and the live bitmap disagree");
     // The requirement is kept until cleared, across a clean restart.
     server.stop();
     let server = serve.clone().start();
@@ -1109,7 +1097,7 @@ fn corrupt_state_requires_resync() {
                  no resync required, yet acknowledged blocks are missing from the recovered set: {}; \
                  live_dirty_bytes {}\n{}",
                 block_runs(lost.iter().copied()),
-                u64_of(&st, "live_dirty_bytes"),
+                json_u64(&st, "live_dirty_bytes"),
                 server.log().trim_end()
             )),
         }
@@ -1163,7 +1151,7 @@ fn control_socket_is_owner_only() {
 
     // Root (the owner) may use it.
     let st = control::status(server.socket());
-    assert_eq!(u64_of(&st, "size"), 16 * MIB);
+    assert_eq!(json_u64(&st, "size"), 16 * MIB);
 
     // Bad command lines: one clear error line, non-zero exit.
     let sock = server.socket().to_owned();
@@ -1230,7 +1218,7 @@ fn control_socket_is_owner_only() {
     std::fs::set_permissions(&ctl, std::fs::Permissions::from_mode(0o600)).expect("chmod control socket");
     let st = control::status(server.socket());
     assert!(generations(&st).is_empty(), "a refused user's cut must not happen: {st:?}");
-    assert_eq!(u64_of(&st, "next_generation"), 1, "{st:?}");
+    assert_eq!(json_u64(&st, "next_generation"), 1, "{st:?}");
 
     server.stop();
 }
@@ -1260,12 +1248,12 @@ fn cut_is_fast_and_memory_bounded() {
     let check = |when: &str| {
         let st = control::status(server.socket());
         assert_eq!(
-            u64_of(&st, "live_dirty_bytes")
-                + generations(&st).values().map(|g| u64_of(g, "dirty_bytes")).sum::<u64>(),
+            json_u64(&st, "live_dirty_bytes")
+                + generations(&st).values().map(|g| json_u64(g, "dirty_bytes")).sum::<u64>(),
             blocks.len() as u64 * BLOCK,
             "{st:?}"
         );
-        let memory = u64_of(&st, "memory_bytes");
+        let memory = json_u64(&st, "memory_bytes");
         let status =
             std::fs::read_to_string(format!("/proc/{}/status", server.pid())).expect("read /proc/PID/status");
         let rss_kib: u64 = status
@@ -1286,7 +1274,7 @@ fn cut_is_fast_and_memory_bounded() {
         assert!(rss_kib * KIB <= 64 * MIB, "{when}: shim VmRSS {rss_kib} KiB > 64 MiB");
     };
     check("after the writes");
-    let n = u64_of(&control::cut(server.socket()), "generation");
+    let n = json_u64(&control::cut(server.socket()), "generation");
     check("after a cut");
     control::release(server.socket(), n);
     server.stop();

@@ -6,8 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use server::{Consistency, GenerationKind, Store};
-use siterep_tests::json::Json;
-use siterep_tests::{run_unchecked, scratch_dir, show_output, siterep, COMMAND_TIMEOUT};
+use siterep_tests::{
+    json_array, json_str, json_u64, parse_json, run_unchecked, scratch_dir, show_output, siterep,
+    COMMAND_TIMEOUT,
+};
 
 const DISK: &str = "vol1";
 
@@ -78,32 +80,31 @@ fn verify_names_a_damaged_chunk_and_the_points_and_ranges_that_depend_on_it() {
     // JSON: the same, and stable field names. The chunk is quarantined by now.
     let out = verify(&root, &["--disk", DISK, "--json"]);
     assert_eq!(out.status.code(), Some(1), "{}", show_output(&out));
-    let report = Json::parse(&String::from_utf8_lossy(&out.stdout)).expect("JSON");
-    assert_eq!(report.get("format").as_str(), "siterep.verify");
-    let damaged = report.get("damaged").as_array();
+    let report = parse_json("siterep verify --json", &out.stdout);
+    assert_eq!(json_str(&report, "format"), "siterep.verify");
+    let damaged = json_array(&report, "damaged");
     assert_eq!(damaged.len(), 1, "{}", show_output(&out));
     let d = &damaged[0];
-    assert_eq!(d.get("kind").as_str(), "chunk");
-    assert_eq!(d.get("object").as_str(), hex(&a));
-    assert!(d.get("quarantined").as_bool());
-    let deps = d.get("dependents").as_array();
+    assert_eq!(json_str(d, "kind"), "chunk");
+    assert_eq!(json_str(d, "object"), hex(&a));
+    assert_eq!(d["quarantined"], true);
+    let deps = json_array(d, "dependents");
     assert_eq!(deps.len(), 2);
     for (dep, point) in deps.iter().zip([1, 2]) {
-        assert_eq!(dep.get("disk").as_str(), DISK);
-        assert_eq!(dep.get("point").as_u64(), point);
-        let ranges = dep.get("ranges").as_array();
+        assert_eq!(json_str(dep, "disk"), DISK);
+        assert_eq!(json_u64(dep, "point"), point);
+        let ranges = json_array(dep, "ranges");
         assert_eq!(ranges.len(), 1);
-        let r = ranges[0].as_array();
-        assert_eq!((r[0].as_u64(), r[1].as_u64()), (128 << 10, 64 << 10));
+        assert_eq!(ranges[0], serde_json::json!([128 << 10, 64 << 10]));
     }
-    let points = report.get("points").as_array();
-    assert!(points.iter().all(|p| !p.get("intact").as_bool()), "{}", show_output(&out));
+    let points = json_array(&report, "points");
+    assert!(points.iter().all(|p| p["intact"] == false), "{}", show_output(&out));
 
     // Only point 2 of the disk: the same chunk, one dependent.
     let out = verify(&root, &["--disk", DISK, "--point", "2", "--json"]);
     assert_eq!(out.status.code(), Some(1), "{}", show_output(&out));
-    let report = Json::parse(&String::from_utf8_lossy(&out.stdout)).expect("JSON");
-    assert_eq!(report.get("damaged").as_array()[0].get("dependents").as_array().len(), 1);
+    let report = parse_json("siterep verify --json", &out.stdout);
+    assert_eq!(json_array(&json_array(&report, "damaged")[0], "dependents").len(), 1);
 
     // No store: exit 2.
     let out = verify(&dir.path().join("nothing"), &[]);

@@ -34,13 +34,14 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
 use siterep_tests::image::{self, MIB};
-use siterep_tests::json::Json;
 use siterep_tests::nbdinfo::{self, Extent};
 use siterep_tests::recovery;
 use siterep_tests::replication::{self, now_ms, points, AgentCmd, AgentProcess};
 use siterep_tests::{
-    describe, run, run_unchecked, scratch_dir, show_output, siterep_bin, tool, wait_timeout, Serve, Server,
+    describe, json_u64, poll, run, run_unchecked, scratch_dir, show_output, siterep_bin, tool, wait_timeout,
+    Serve, Server,
 };
 
 const DIRTY: &str = "qemu:dirty-bitmap:live";
@@ -388,12 +389,7 @@ fn verify_files_on_host(image: &Path, sums: &Path, dir: &Path) -> usize {
 /// tile `0..size`), merged.
 fn saved_dirty_map(path: &Path, size: u64) -> Vec<Extent> {
     let text = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-    let doc = nbdinfo::parse(&text);
-    let extents: Vec<Extent> = doc
-        .as_array()
-        .iter()
-        .map(|e| Extent::new(e.get("offset").as_u64(), e.get("length").as_u64(), e.get("type").as_u64()))
-        .collect();
+    let extents = nbdinfo::parse_extents(&path.display().to_string(), &text);
     let mut pos = 0;
     for e in &extents {
         assert_eq!(e.offset, pos, "{}: extents do not tile the export: {extents:?}", path.display());
@@ -658,20 +654,19 @@ impl Drop for AbortGuestOnPanic {
 
 /// `(point, cut_unix_ms)` of the last point the shim's agent reported, if any.
 fn last_point(shim: &Server) -> Option<(u64, u64)> {
-    match replication::shim_status(shim.socket()).get("last_replicated") {
-        Json::Null => None,
-        p => Some((p.get("point").as_u64(), p.get("cut_unix_ms").as_u64())),
+    match &replication::shim_status(shim.socket())["last_replicated"] {
+        Value::Null => None,
+        p => Some((json_u64(p, "point"), json_u64(p, "cut_unix_ms"))),
     }
 }
 
 /// Waits until the shim's agent has reported a point; fails the test after `timeout`.
 fn wait_for_first_point(shim: &Server, agent: &mut AgentProcess, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    while last_point(shim).is_none() {
+    let reported = poll(timeout, || {
         agent.assert_running();
-        assert!(Instant::now() < deadline, "no recovery point after {timeout:?}:\n{}", agent.log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        last_point(shim).is_some()
+    });
+    assert!(reported.is_some(), "no recovery point after {timeout:?}:\n{}", agent.log());
 }
 
 /// A file the guest left in its results directory, trimmed ("" if missing).
@@ -822,32 +817,33 @@ fn vm_unplanned_failover_to_latest() {
         .spawn();
     let mut abort_writer = AbortGuestOnPanic::new(&writer);
     let watch = CompletionWatch::start(&writer_results.join("complete"));
-    let deadline = Instant::now() + vm_timeout();
-    loop {
+    let (mut durable, mut before_cut) = (0, 0);
+    // Some(true): enough written; Some(false): the writer guest ended first.
+    let outcome = poll(vm_timeout(), || {
         agent.assert_running();
         if writer.has_exited() {
-            abort_writer.disarm();
-            let run = writer.wait();
-            panic!("the writer guest ended before the disaster (exit {:?})\n{}", run.status, run.context());
+            return Some(false);
         }
         let seen = watch.snapshot();
         let cut = last_point(&shim).map_or(0, |p| p.1);
-        let before_cut = seen.iter().filter(|c| c.seen_ms < cut).count();
+        before_cut = seen.iter().filter(|c| c.seen_ms < cut).count();
+        durable = seen.len();
         let writing_for = seen.first().map_or(0, |c| now_ms().saturating_sub(c.seen_ms));
-        if writing_for >= WRITE_FOR.as_millis() as u64 && before_cut >= MIN_BEFORE_CUT {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "after {:?}: {} files durable, {before_cut} of them before the latest cut (need \
-             {MIN_BEFORE_CUT})\n--- guest steps ---\n{}\n--- agent ---\n{}",
-            vm_timeout(),
-            seen.len(),
-            result_file(&writer_results, "steps"),
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
+        (writing_for >= WRITE_FOR.as_millis() as u64 && before_cut >= MIN_BEFORE_CUT).then_some(true)
+    });
+    if outcome == Some(false) {
+        abort_writer.disarm();
+        let run = writer.wait();
+        panic!("the writer guest ended before the disaster (exit {:?})\n{}", run.status, run.context());
     }
+    assert!(
+        outcome.is_some(),
+        "after {:?}: {durable} files durable, {before_cut} of them before the latest cut (need \
+         {MIN_BEFORE_CUT})\n--- guest steps ---\n{}\n--- agent ---\n{}",
+        vm_timeout(),
+        result_file(&writer_results, "steps"),
+        agent.log()
+    );
 
     // The loop above usually ends just after the agent reported a commit (that is when the
     // count before the cut grows): let the disaster fall at a moment unrelated to the agent's
@@ -863,18 +859,17 @@ fn vm_unplanned_failover_to_latest() {
     let killed_ms = now_ms();
     // The writer runs into the dead disk: its next fsync fails (qemu's NBD client fails the
     // requests once the server is gone). Only then may it stop, without unmounting.
-    let error_deadline = Instant::now() + Duration::from_secs(120);
-    while !result_file(&writer_results, "errors").lines().any(|l| l.ends_with(" failed")) {
-        assert!(
-            !writer.has_exited() && Instant::now() < error_deadline,
-            "the writer guest saw no I/O error within {:?} after the shim was killed (exited: {})\n\
-             --- guest steps ---\n{}",
-            killed.elapsed(),
-            writer.has_exited(),
-            result_file(&writer_results, "steps")
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let failed = poll(Duration::from_secs(120), || {
+        result_file(&writer_results, "errors").lines().any(|l| l.ends_with(" failed")) || writer.has_exited()
+    });
+    assert!(
+        failed.is_some() && result_file(&writer_results, "errors").lines().any(|l| l.ends_with(" failed")),
+        "the writer guest saw no I/O error within {:?} after the shim was killed (exited: {})\n\
+         --- guest steps ---\n{}",
+        killed.elapsed(),
+        writer.has_exited(),
+        result_file(&writer_results, "steps")
+    );
     let first_error_after = killed.elapsed();
     std::fs::write(writer_results.join("stop"), b"").expect("tell the writer guest to stop");
     abort_writer.disarm();
@@ -886,7 +881,7 @@ fn vm_unplanned_failover_to_latest() {
     // Failover to the latest committed point.
     let all = points(&store, DISK);
     let latest = all.last().expect("points").clone();
-    let (point, cut) = (latest.get("id").as_u64(), latest.get("cut_unix_ms").as_u64());
+    let (point, cut) = (json_u64(&latest, "id"), json_u64(&latest, "cut_unix_ms"));
     assert!(cut <= killed_ms, "the latest point {point} was cut at {cut}, after the kill at {killed_ms}");
     let failover_started = Instant::now();
     let (failed_over, new_primary) = recovery::failover_to_latest(&store, DISK, d, point);
@@ -897,8 +892,9 @@ fn vm_unplanned_failover_to_latest() {
     // "current as of", docs/wire.md §6.9, which the shim also reports as its last replicated
     // cut and the loop above counted by).
     let current = match latest.get("current_unix_ms") {
-        Json::Number(_) => latest.get("current_unix_ms").as_u64().max(cut),
-        _ => cut,
+        Some(Value::Number(_)) => json_u64(&latest, "current_unix_ms").max(cut),
+        Some(_) => cut,
+        None => panic!("no current_unix_ms in the point {latest}"),
     };
     assert!(current <= killed_ms, "point {point} was current at {current}, after the kill at {killed_ms}");
     let before_cut: Vec<&Completed> = completed.iter().filter(|c| c.seen_ms < current).collect();
