@@ -487,6 +487,32 @@ mod tests {
         assert_eq!(store.points(DISK).unwrap().len(), 3);
     }
 
+    /// The order of a session is the session machine's: a `Commit` of another generation than
+    /// the open one, and `Progress` in an incremental, end the session, and nothing of the
+    /// generation becomes a point.
+    #[test]
+    fn frames_out_of_order_end_the_session_and_store_nothing() {
+        let (_dir, store, _) = store_with_point();
+        let store = Arc::new(store);
+        let mut c = Client::start(&store);
+        c.register();
+        c.send(&begin(2, wire::GenerationKind::Incremental, 1));
+        c.send(&chunk(0, &bytes(3, 8192)));
+        match c.commit(3, None) {
+            Some(Frame::Error { class: ErrorClass::Fatal, code: wire::ERR_BAD_REQUEST, message }) => {
+                assert!(message.contains("generation 2 is open"), "{message}")
+            }
+            f => panic!("{f:?}"),
+        }
+        assert_eq!(c.recv(), None);
+        let mut c = Client::start(&store);
+        c.register();
+        c.send(&begin(2, wire::GenerationKind::Incremental, 1));
+        c.send(&Frame::Progress { next_offset: 0 });
+        c.expect_error(wire::ERR_BAD_REQUEST);
+        assert_eq!(store.points(DISK).unwrap().len(), 1);
+    }
+
     /// `Current` records that the latest point still equals the disk; for another point it is
     /// refused.
     #[test]
