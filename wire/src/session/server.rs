@@ -34,6 +34,8 @@ pub struct ServerSession {
     phase: Phase,
     /// The action the driver is performing, with what its answer needs.
     acting: Option<Acting>,
+    /// The disk registered in this session: the last `RegisterDisk` (§6.2).
+    disk: Option<String>,
     /// Extents were stored since the last [`ServerAction::Settle`].
     unsettled: bool,
     /// The frame that waits for [`ServerAction::Settle`].
@@ -45,12 +47,7 @@ enum Phase {
     /// Waiting for the agent's `Hello` (§6.1).
     Hello,
     /// After `Welcome`.
-    Open {
-        version: u16,
-        /// The disk registered in this session: the last `RegisterDisk` (§6.2).
-        disk: Option<String>,
-        generation: Generation,
-    },
+    Open { version: u16, generation: Generation },
     /// An `Error` was sent or received: nothing more (§6.7).
     Over,
 }
@@ -185,7 +182,14 @@ impl ServerSession {
     /// A session that waits for the agent's `Hello`; `name` (the server's name and build) goes
     /// into `Welcome`.
     pub fn new(name: impl Into<String>) -> Self {
-        Self { name: name.into(), phase: Phase::Hello, acting: None, unsettled: false, held: None }
+        Self {
+            name: name.into(),
+            phase: Phase::Hello,
+            acting: None,
+            disk: None,
+            unsettled: false,
+            held: None,
+        }
     }
 
     /// The version agreed on, once `Hello` was accepted.
@@ -196,12 +200,9 @@ impl ServerSession {
         }
     }
 
-    /// The disk registered in this session.
+    /// The disk registered in this session (after its end too, for the driver's logs).
     pub fn disk(&self) -> Option<&str> {
-        match &self.phase {
-            Phase::Open { disk, .. } => disk.as_deref(),
-            _ => None,
-        }
+        self.disk.as_deref()
     }
 
     /// Whether the session has ended (a refusal was sent, or the agent's `Error` received).
@@ -230,11 +231,12 @@ impl ServerSession {
         if let Some(a) = &self.acting {
             panic!("ServerSession::receive: the result of {a:?} was not reported");
         }
-        let (disk, generation) = match &mut self.phase {
+        let generation = match &mut self.phase {
             Phase::Over => panic!("ServerSession::receive: the session is over"),
             Phase::Hello => return self.hello(frame),
-            Phase::Open { disk, generation, .. } => (disk, generation),
+            Phase::Open { generation, .. } => generation,
         };
+        let disk = &self.disk;
         // Every extent before this frame goes in before it is handled.
         if self.unsettled && !matches!(frame, Frame::Chunk { .. } | Frame::Zero { .. }) {
             self.unsettled = false;
@@ -367,7 +369,7 @@ impl ServerSession {
                 format!("agent speaks versions {min_version}..={max_version}, this server {MIN_VERSION}..={VERSION}"),
             )),
             Some(version) => {
-                self.phase = Phase::Open { version, disk: None, generation: Generation::None };
+                self.phase = Phase::Open { version, generation: Generation::None };
                 self.act(Acting::Accept { version }, ServerAction::Accept { version, agent })
             }
         }
@@ -387,7 +389,7 @@ impl ServerSession {
             self.held = None;
             return self.refuse(r);
         }
-        let Phase::Open { disk, generation, .. } = &mut self.phase else {
+        let Phase::Open { generation, .. } = &mut self.phase else {
             unreachable!("an action is asked for only in an open session")
         };
         match (acting, outcome) {
@@ -396,7 +398,7 @@ impl ServerSession {
             }
             (Acting::Register { disk: d }, Outcome::Registered { latest, initial, resync }) => {
                 // A later registration replaces the earlier one, and abandons its generation.
-                *disk = Some(d.clone());
+                self.disk = Some(d.clone());
                 *generation = Generation::None;
                 ServerStep::Send(Frame::DiskState { disk: d, latest, initial, resync })
             }
@@ -924,6 +926,7 @@ mod tests {
             ServerStep::Ended(Refusal::new(ERR_DIVERGED, "a clone"))
         );
         assert!(s.is_over());
+        assert_eq!(s.disk(), Some(DISK), "the disk it had, for the driver's logs");
     }
 
     #[test]
