@@ -29,7 +29,6 @@ pub use store::format::{
     MAX_METADATA_BYTES, MAX_NAME_LEN, MAX_REGIONS, MAX_REGION_SIZE, MAX_TAGS, MAX_TAG_LEN, MIN_BLOCK_SIZE,
     MIN_REGION_SIZE, VERSION,
 };
-pub use store::hashes::UNREADABLE_HASH;
 pub use store::info::{
     Consistency, DiskInfo, ExtentKind, GcReport, GenerationKind, InitialProgress, PointInfo, PointSel,
     RestoreReport, Retention, StoreOptions, DEFAULT_REGION_SIZE,
@@ -37,6 +36,6 @@ pub use store::info::{
 pub use store::medium::{self, DiskMedium, Medium, SimMedium};
 pub use store::pending::PendingPoint;
 pub use store::quarantine::ObjectKind;
-pub use store::reader::{PointReader, DAMAGED_HASH};
+pub use store::reader::PointReader;
 pub use store::scrub::{Checked, Damaged, Dependent, VerifiedPoint, VerifyOptions, VerifyReport};
 pub use store::Store;

@@ -16,6 +16,12 @@ static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
 /// trims, never-written ranges; §4.16).
 pub fn zero_hash(len: u64) -> Hash {
     let mut hasher = blake3::Hasher::new();
+    hash_zeroes(&mut hasher, len);
+    *hasher.finalize().as_bytes()
+}
+
+/// Feeds `len` zero bytes to `hasher`: the zeroes of a piece that holds data too.
+pub fn hash_zeroes(hasher: &mut blake3::Hasher, len: u64) {
     let mut left = len;
     while left > 0 {
         let piece = match usize::try_from(left) {
@@ -25,7 +31,6 @@ pub fn zero_hash(len: u64) -> Hash {
         hasher.update(piece);
         left -= piece.len() as u64;
     }
-    *hasher.finalize().as_bytes()
 }
 
 /// [`zero_hash`] of the lengths in use, each computed once: a comparison asks for the same few
@@ -86,6 +91,18 @@ mod tests {
             assert_eq!(zero_hash(len), *blake3::hash(&zeros).as_bytes(), "{len}");
         }
         assert_ne!(zero_hash(4096), UNREADABLE_HASH);
+    }
+
+    #[test]
+    fn zeroes_fed_after_data_hash_as_the_bytes_together() {
+        for len in [0u64, 1, (64 << 10) + 3, 200 << 10] {
+            let mut hasher = blake3::Hasher::new();
+            hasher.update(b"data");
+            hash_zeroes(&mut hasher, len);
+            let mut whole = b"data".to_vec();
+            whole.resize(4 + usize::try_from(len).unwrap(), 0);
+            assert_eq!(hasher.finalize(), blake3::hash(&whole), "{len}");
+        }
     }
 
     #[test]

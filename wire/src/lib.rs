@@ -14,7 +14,8 @@
 //!   server's ([`session::ServerSession`]) and the agent's ([`session::AgentSession`]): frames
 //!   and the results of actions in, frames to send, actions and refusals out.
 //! - [`zero_hash`] is what a piece that reads as zeroes hashes to (§4.16), [`ZeroHashes`] the
-//!   few lengths in use, remembered.
+//!   few lengths in use, remembered, [`hash_zeroes`] the zeroes of a piece that holds data too;
+//!   [`UNREADABLE_HASH`] what the server answers for a piece it cannot read back.
 //! - `HashQuery`/`Hashes` (§4.15, §4.16, §6.8) let a resync compare the source's blocks with a
 //!   point's without moving the data: [`MAX_HASHES`] per reply, blocks of [`MIN_HASH_BLOCK`]
 //!   to [`MAX_HASH_BLOCK`].
@@ -54,7 +55,7 @@ pub use frame::{
     ERR_DIVERGED, ERR_NO_SUCH_DISK, ERR_OTHER_SOURCE, ERR_RESYNC_REQUIRED, ERR_STORAGE, ERR_TOO_LARGE,
     ERR_VERSION,
 };
-pub use hash::{zero_hash, ZeroHashes, UNREADABLE_HASH};
+pub use hash::{hash_zeroes, zero_hash, ZeroHashes, UNREADABLE_HASH};
 
 /// The newest protocol version this crate speaks (§7).
 pub const VERSION: u16 = 2;

@@ -1,7 +1,14 @@
-//! What each request of a session does to the store, and the wire code of each store failure.
+//! What each action a session asks for ([`ServerAction`]) does to the store, and the wire code
+//! of each store failure. When an action may be asked for is the session's
+//! ([`wire::session::ServerSession`]).
 
-use wire::{ErrorClass, Frame, InitialSync, PointRef};
+use std::sync::atomic::Ordering;
 
+use wire::session::{Outcome, Refusal, ServerAction};
+use wire::{ChunkData, ErrorClass, InitialSync, PointRef};
+
+use super::access::{Access, DiskClaim};
+use super::ingest::Ingest;
 use crate::store::hashes::PointHashes;
 use crate::{Consistency, GenerationKind, PendingPoint, PointInfo, PointSel, Store, StoreError};
 
@@ -32,59 +39,238 @@ pub(super) fn classify(e: &StoreError) -> (ErrorClass, u16) {
     }
 }
 
+/// The refusal that says a store failure.
+fn refusal(e: &StoreError) -> Refusal {
+    let (class, code) = classify(e);
+    Refusal::with_class(class, code, e.to_string())
+}
+
+/// `Done`, or the refusal of a store failure.
+fn done(r: Result<(), StoreError>) -> Outcome {
+    r.map_or_else(|e| Outcome::Refused(refusal(&e)), |()| Outcome::Done)
+}
+
 fn point_ref(p: &PointInfo) -> PointRef {
     PointRef { point: p.id, generation: p.generation, cut_unix_ms: p.cut_unix_ms }
 }
 
-/// What the connection is receiving for.
-pub(super) enum Receiving {
+/// The generation the connection receives.
+enum Receiving {
     Nothing,
     /// A generation being assembled.
     Pending(Box<PendingPoint>),
-    /// A generation that already has a point: its frames are read and dropped, its commit
-    /// answered with that point (re-sending is idempotent).
+    /// A generation that already has a point: its commit is answered with that point once its
+    /// digest matches.
     Done(PointInfo),
 }
 
-/// What the server holds of a registered disk (`docs/wire.md` §4.4).
-pub(super) fn disk_state(store: &Store, disk: &str) -> Result<Frame, StoreError> {
-    let info = store.disk(disk)?;
-    Ok(Frame::DiskState {
-        disk: disk.to_string(),
-        latest: info.latest.as_ref().map(point_ref),
-        initial: info.initial.map(|i| InitialSync { generation: i.generation, next_offset: i.next_offset }),
-        resync: store.resync_required(disk)?,
-    })
+impl Receiving {
+    /// The generation being assembled: the session stores extents, settles them and
+    /// checkpoints only while one is.
+    fn pending(&mut self) -> &mut PendingPoint {
+        match self {
+            Receiving::Pending(p) => p,
+            _ => unreachable!("the session asks for this only while a generation is received"),
+        }
+    }
 }
 
-/// Why `begin` refused a generation.
-pub(super) enum Refusal {
-    Store(StoreError),
-    /// An incremental while the disk needs a resync (`ERR_RESYNC_REQUIRED`).
-    Resync(String),
+/// The store's side of one connection's session: performs each action the session asks for.
+pub(super) struct Actions<'scope, 'env> {
+    store: &'env Store,
+    access: &'env Access,
+    /// The agent's certificate, as the enrollment names it.
+    fingerprint: Option<String>,
+    /// Who holds a disk's session, as the busy refusal names it.
+    holder: String,
+    /// The disk this session holds against other sessions.
+    claim: Option<DiskClaim<'env>>,
+    receiving: Receiving,
+    /// The point hash queries compare, kept open between them.
+    hashes: PointHashes,
+    ingest: Ingest<'scope, 'env>,
 }
 
-impl From<StoreError> for Refusal {
-    fn from(e: StoreError) -> Self {
-        Refusal::Store(e)
+impl<'scope, 'env> Actions<'scope, 'env> {
+    pub(super) fn new(
+        scope: &'scope std::thread::Scope<'scope, 'env>,
+        store: &'env Store,
+        access: &'env Access,
+        fingerprint: Option<String>,
+        holder: String,
+    ) -> Self {
+        Self {
+            store,
+            access,
+            fingerprint,
+            holder,
+            claim: None,
+            receiving: Receiving::Nothing,
+            hashes: PointHashes::default(),
+            ingest: Ingest::new(scope, store),
+        }
+    }
+
+    /// Who holds the session's disk, as logs and the busy refusal name it.
+    pub(super) fn holder(&self) -> &str {
+        &self.holder
+    }
+
+    /// Whether extents wait to be added to the generation (chunks still being verified).
+    pub(super) fn waiting(&self) -> bool {
+        self.ingest.waiting()
+    }
+
+    /// Performs `action` (any but [`ServerAction::Accept`], which is the connection's).
+    pub(super) fn perform(&mut self, action: ServerAction) -> Outcome {
+        let store = self.store;
+        let metrics = &self.access.metrics;
+        match action {
+            ServerAction::Accept { .. } => unreachable!("the connection accepts the agent"),
+            ServerAction::Register { disk, size, block_size, source, reenroll } => {
+                self.register(&disk, size, block_size, &source, reenroll)
+            }
+            ServerAction::RecordCurrent { disk, point, as_of_unix_ms } => {
+                done(store.record_current(&disk, point, as_of_unix_ms))
+            }
+            ServerAction::OpenGeneration { disk, generation, kind, base_point } => {
+                match begin(store, &disk, generation, kind, base_point) {
+                    Ok(r) => {
+                        let opened =
+                            if matches!(r, Receiving::Done(_)) { Outcome::HasPoint } else { Outcome::Opened };
+                        self.receiving = r;
+                        opened
+                    }
+                    Err(r) => Outcome::Refused(r),
+                }
+            }
+            ServerAction::AnswerHave { hashes } => {
+                Outcome::Have(hashes.iter().map(|h| store.has_chunk(h)).collect())
+            }
+            ServerAction::AnswerHashes { disk, point, offset, len, block } => {
+                let open = || store.open_point(&disk, PointSel::Id(point));
+                match self.hashes.answer(point, open, offset, len, block) {
+                    Ok(hashes) => Outcome::Hashes(hashes),
+                    Err(e) => Outcome::Refused(refusal(&e)),
+                }
+            }
+            ServerAction::StoreChunk { offset, len, hash, data } => {
+                let upload = match data {
+                    ChunkData::Compressed(bytes) => {
+                        metrics.bytes_received_total.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                        metrics.chunks_stored_total.fetch_add(1, Ordering::Relaxed);
+                        Some(bytes)
+                    }
+                    ChunkData::Known => None,
+                };
+                done(self.ingest.chunk(self.receiving.pending(), offset, len, hash, upload))
+            }
+            ServerAction::StoreZero { offset, len } => {
+                done(self.ingest.zero(self.receiving.pending(), offset, len))
+            }
+            // Every extent, waiting for the uploads still being verified.
+            ServerAction::Settle => done(self.ingest.settle(self.receiving.pending(), 0)),
+            // The extents whose uploads are verified, without waiting for the others.
+            ServerAction::SettleReady => done(self.ingest.settle(self.receiving.pending(), usize::MAX)),
+            ServerAction::Checkpoint { next_offset } => {
+                done(self.receiving.pending().checkpoint(next_offset))
+            }
+            ServerAction::Commit { generation, cut_unix_ms, consistency, digest } => {
+                let Receiving::Pending(p) = std::mem::replace(&mut self.receiving, Receiving::Nothing) else {
+                    unreachable!("the session commits only a generation received")
+                };
+                let consistency = match consistency {
+                    wire::Consistency::Crash => Consistency::Crash,
+                    wire::Consistency::App => Consistency::App,
+                    wire::Consistency::Inconsistent => Consistency::Inconsistent,
+                };
+                match p.commit_with_digest(cut_unix_ms, consistency, digest) {
+                    Ok(info) => {
+                        tracing::info!(disk = %info.disk, point = info.id, generation, "recovery point committed");
+                        metrics.points_total.fetch_add(1, Ordering::Relaxed);
+                        Outcome::Committed { point: info.id }
+                    }
+                    Err(e) => Outcome::Refused(refusal(&e)),
+                }
+            }
+            ServerAction::ConfirmCommit { digest, .. } => {
+                let Receiving::Done(info) = std::mem::replace(&mut self.receiving, Receiving::Nothing) else {
+                    unreachable!("the session confirms only a generation that is a point")
+                };
+                match info.check_digest(digest.as_ref()) {
+                    Ok(()) => Outcome::Committed { point: info.id },
+                    Err(e) => Outcome::Refused(refusal(&e)),
+                }
+            }
+        }
+    }
+
+    /// Registers `disk` for this session (`RegisterDisk`): the agent must be enrolled for it;
+    /// the store creates it or checks its geometry and binds it to `source`; the session holds
+    /// it against other sessions. Any generation being received is abandoned.
+    fn register(
+        &mut self,
+        disk: &str,
+        size: u64,
+        block_size: u32,
+        source: &wire::SourceId,
+        reenroll: bool,
+    ) -> Outcome {
+        let store = self.store;
+        if let Err(why) = self.access.enrollment.allows(self.fingerprint.as_deref(), disk) {
+            return Outcome::Refused(Refusal::new(wire::ERR_AUTH, why));
+        }
+        let registered = store
+            .register_disk(disk, size, block_size)
+            .and_then(|_| store.bind_source(disk, source, reenroll));
+        if let Err(e) = registered {
+            if let StoreError::OtherSource { .. } = e {
+                tracing::error!(disk = %disk, peer = %self.holder, "refused a second source: {e}");
+            }
+            return Outcome::Refused(refusal(&e));
+        }
+        self.receiving = Receiving::Nothing;
+        self.claim = None;
+        match self.access.sessions.claim(disk, &self.holder) {
+            Err(other) => {
+                tracing::warn!(disk = %disk, peer = %self.holder, holder = %other, "disk busy: refused a second session");
+                let msg = format!(
+                    "disk {disk} is in another session (from {other}): one agent session per disk; retrying later"
+                );
+                return Outcome::Refused(Refusal::new(wire::ERR_BUSY, msg));
+            }
+            Ok(claim) => self.claim = Some(claim),
+        }
+        let state = store.disk(disk).and_then(|info| Ok((info, store.resync_required(disk)?)));
+        match state {
+            Ok((info, resync)) => Outcome::Registered {
+                latest: info.latest.as_ref().map(point_ref),
+                initial: info
+                    .initial
+                    .map(|i| InitialSync { generation: i.generation, next_offset: i.next_offset }),
+                resync,
+            },
+            Err(e) => Outcome::Refused(refusal(&e)),
+        }
     }
 }
 
 /// Starts receiving `generation` of `disk` (`BeginGeneration`): a generation that already has
 /// a point is [`Receiving::Done`], an interrupted initial copy of it resumes.
-pub(super) fn begin(
+fn begin(
     store: &Store,
     disk: &str,
     generation: u64,
     kind: wire::GenerationKind,
     base: Option<u64>,
 ) -> Result<Receiving, Refusal> {
-    if let Some(p) = store.point_for_generation(disk, generation)? {
+    let refused = |e: StoreError| refusal(&e);
+    if let Some(p) = store.point_for_generation(disk, generation).map_err(refused)? {
         return Ok(Receiving::Done(p));
     }
     if kind == wire::GenerationKind::Incremental {
-        if let Some(why) = store.resync_required(disk)? {
-            return Err(Refusal::Resync(why));
+        if let Some(why) = store.resync_required(disk).map_err(refused)? {
+            return Err(Refusal::new(wire::ERR_RESYNC_REQUIRED, why));
         }
     }
     let kind = match kind {
@@ -95,9 +281,9 @@ pub(super) fn begin(
     // An incremental applies on top of the latest point only: on any other base the changes
     // committed since would silently vanish (docs/wire.md §6.3).
     if kind == GenerationKind::Incremental {
-        let latest = store.disk(disk)?.latest.map(|p| p.id);
+        let latest = store.disk(disk).map_err(refused)?.latest.map(|p| p.id);
         if base.is_none() || base != latest {
-            return Err(StoreError::BaseNotLatest { disk: disk.to_string(), base, latest }.into());
+            return Err(refused(StoreError::BaseNotLatest { disk: disk.to_string(), base, latest }));
         }
     }
     if kind == GenerationKind::InitialFull {
@@ -107,78 +293,8 @@ pub(super) fn begin(
             // The checkpoint of a copy abandoned before the latest point: this generation
             // replaces it with its first checkpoint.
             Err(StoreError::StaleGeneration { .. }) => {}
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(refused(e)),
         }
     }
-    Ok(Receiving::Pending(Box::new(store.begin(disk, generation, kind, base)?)))
-}
-
-/// Registers `disk` and binds it to `source` (`RegisterDisk`).
-pub(super) fn register(
-    store: &Store,
-    disk: &str,
-    size: u64,
-    block_size: u32,
-    source: &wire::SourceId,
-    reenroll: bool,
-    holder: &str,
-) -> Result<(), StoreError> {
-    let registered =
-        store.register_disk(disk, size, block_size).and_then(|_| store.bind_source(disk, source, reenroll));
-    if let Err(e @ StoreError::OtherSource { .. }) = &registered {
-        tracing::error!(disk = %disk, peer = %holder, "refused a second source: {e}");
-    }
-    registered
-}
-
-/// Records that `point` still equals the disk (`Current`).
-pub(super) fn current(
-    store: &Store,
-    disk: &str,
-    point: u64,
-    as_of_unix_ms: u64,
-) -> Result<Frame, StoreError> {
-    store.record_current(disk, point, as_of_unix_ms)?;
-    Ok(Frame::CurrentAck { point, as_of_unix_ms })
-}
-
-/// Which of `hashes` the store has (`HaveQuery`).
-pub(super) fn have(store: &Store, hashes: &[wire::Hash]) -> Frame {
-    Frame::HaveReply { have: hashes.iter().map(|h| store.has_chunk(h)).collect() }
-}
-
-/// The block hashes of a range of a point (`HashQuery`); `open` keeps the point open between
-/// queries.
-pub(super) fn hashes(
-    store: &Store,
-    open: &mut PointHashes,
-    disk: &str,
-    point: u64,
-    offset: u64,
-    len: u64,
-    block: u32,
-) -> Result<Frame, StoreError> {
-    let hashes = open.answer(point, || store.open_point(disk, PointSel::Id(point)), offset, len, block)?;
-    Ok(Frame::Hashes { offset, block, hashes })
-}
-
-/// Checkpoints an initial full copy (`Progress`).
-pub(super) fn progress(p: &mut PendingPoint, next_offset: u64) -> Result<Frame, StoreError> {
-    p.checkpoint(next_offset)?;
-    Ok(Frame::ProgressAck { next_offset })
-}
-
-/// Commits the generation being received (`Commit`).
-pub(super) fn commit(
-    p: PendingPoint,
-    cut_unix_ms: u64,
-    consistency: wire::Consistency,
-    digest: Option<wire::Hash>,
-) -> Result<PointInfo, StoreError> {
-    let consistency = match consistency {
-        wire::Consistency::Crash => Consistency::Crash,
-        wire::Consistency::App => Consistency::App,
-        wire::Consistency::Inconsistent => Consistency::Inconsistent,
-    };
-    p.commit_with_digest(cut_unix_ms, consistency, digest)
+    Ok(Receiving::Pending(Box::new(store.begin(disk, generation, kind, base).map_err(refused)?)))
 }

@@ -56,11 +56,6 @@ impl<'scope, 'env> Ingest<'scope, 'env> {
         !self.queue.is_empty()
     }
 
-    /// Forgets the extents waiting (their generation has ended).
-    pub(super) fn clear(&mut self) {
-        self.queue.clear();
-    }
-
     /// A chunk extent; `upload` is its compressed bytes, or `None` for a chunk the store has.
     pub(super) fn chunk(
         &mut self,

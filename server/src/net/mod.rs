@@ -14,9 +14,10 @@
 //!
 //! The modules: `access` (enrollment, the peer a certificate names, one session per disk),
 //! `admission` (what a connection may cost before it is authenticated), `stream` (the bytes:
-//! TCP, TLS, frames in and out), `session` (the order of frames), `actions` (what each request
-//! does to the store), `ingest` (chunks verified in parallel, extents applied in order),
-//! `metrics`; `serve` here accepts connections.
+//! TCP, TLS, frames in and out), `session` (a connection's loop, which drives
+//! [`wire::session::ServerSession`], the order of frames), `actions` (what each action the
+//! session asks for does to the store), `ingest` (chunks verified in parallel, extents applied
+//! in order), `metrics`; `serve` here accepts connections.
 
 mod access;
 mod actions;

@@ -1,22 +1,25 @@
-//! The session of one connection: `Hello` and `Welcome`, then the agent's frames in the order
-//! the protocol allows (`docs/wire.md`), each answered or refused.
+//! The session of one connection, driven: the agent's frames go to
+//! [`wire::session::ServerSession`], which holds the order of a session (`docs/wire.md` §6) and
+//! says what to send, what to do and when to end; this loop reads and writes the frames (with
+//! [`Conn`]'s timeouts), performs the actions ([`Actions`], the store's side) and sends the
+//! refusal that ends a session.
 
 use std::io;
 use std::sync::atomic::Ordering;
 
-use wire::{ChunkData, ErrorClass, Frame};
+use wire::session::{Outcome, Refusal, ServerAction, ServerSession, ServerStep};
+use wire::ErrorClass;
 
-use super::access::{Access, DiskClaim, Peer};
-use super::actions::{self, classify, Receiving, Refusal};
+use super::access::{Access, Peer};
+use super::actions::Actions;
 use super::admission::Handshake;
-use super::ingest::{Ingest, IDLE_POLL_MS};
+use super::ingest::IDLE_POLL_MS;
 use super::metrics::Metrics;
 use super::stream::{Conn, Recv, Stream};
-use crate::store::hashes::PointHashes;
-use crate::{Store, StoreError};
+use crate::Store;
 
 /// Runs the session of a connection whose TLS handshake (if any) is done: its `Hello` within
-/// the handshake's deadline, then its frames until the agent closes or either side fails.
+/// the handshake's deadline, then its frames until the agent closes or either side ends it.
 pub(super) fn run<S: Stream>(
     mut c: Conn<S>,
     access: &Access,
@@ -25,20 +28,55 @@ pub(super) fn run<S: Stream>(
     name: &str,
     gate: &mut Handshake,
 ) -> io::Result<()> {
-    let Some(Frame::Hello { min_version, max_version, agent }) = c.hello(gate)? else {
+    let Some(hello) = c.hello(gate)? else {
         return c.error(ErrorClass::Fatal, wire::ERR_BAD_REQUEST, "expected Hello".into());
     };
-    let Some(version) = wire::negotiate(min_version, max_version, wire::MIN_VERSION, wire::VERSION) else {
-        let msg = format!(
-            "agent speaks versions {min_version}..={max_version}, this server {}..={}",
-            wire::MIN_VERSION,
-            wire::VERSION
-        );
-        return c.error(ErrorClass::Fatal, wire::ERR_VERSION, msg);
-    };
-    gate.done();
-    c.authenticated();
-    c.send(&Frame::Welcome { version, server: name.to_string() })?;
+    let mut session = ServerSession::new(name);
+    std::thread::scope(|scope| {
+        let mut actions = Actions::new(scope, store, access, peer.fingerprint.clone(), holder(&peer));
+        let mut step = session.receive(hello);
+        loop {
+            step = match step {
+                ServerStep::Read => match c.next(actions.waiting())? {
+                    Recv::Frame(f) => session.receive(f),
+                    Recv::End => return Ok(()),
+                    // Nothing more from the agent yet while chunks are verified: until it
+                    // sends more, extents go in as their uploads finish, so a refusal is never
+                    // held back while the agent waits.
+                    Recv::Idle if c.readable(IDLE_POLL_MS) => ServerStep::Read,
+                    Recv::Idle => session.idle(),
+                },
+                ServerStep::Send(f) => {
+                    c.send(&f)?;
+                    ServerStep::Read
+                }
+                ServerStep::Act(ServerAction::Accept { version, agent }) => {
+                    gate.done();
+                    c.authenticated();
+                    connected(&peer, &agent, version);
+                    session.complete(Outcome::Done)
+                }
+                ServerStep::Act(action) => session.complete(actions.perform(action)),
+                ServerStep::Refuse(r) => return refuse(&mut c, &access.metrics, r),
+                ServerStep::Ended(r) => {
+                    let (holder, disk) = (actions.holder(), session.disk());
+                    match r.class {
+                        ErrorClass::Fatal => {
+                            tracing::error!(peer = %holder, disk = ?disk, code = r.code, "the agent ended the session: {}", r.message)
+                        }
+                        ErrorClass::Retryable => {
+                            tracing::warn!(peer = %holder, disk = ?disk, code = r.code, "the agent ended the session: {}", r.message)
+                        }
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    })
+}
+
+/// Logs the agent's connection, as its certificate names it.
+fn connected(peer: &Peer, agent: &str, version: u16) {
     let addr = peer.addr.map(|a| a.to_string()).unwrap_or_default();
     match &peer.fingerprint {
         Some(fp) => tracing::info!(
@@ -55,8 +93,12 @@ pub(super) fn run<S: Stream>(
             tracing::info!(peer = %addr, claims = ?agent, version, "agent connected without TLS (not authenticated)")
         }
     }
-    // Who holds a disk's session, as the busy refusal names it: the certificate's identity.
-    let holder = match (&peer.fingerprint, &peer.enrolled, &peer.cn) {
+}
+
+/// Who holds a disk's session, as the busy refusal names it: the certificate's identity.
+fn holder(peer: &Peer) -> String {
+    let addr = peer.addr.map(|a| a.to_string()).unwrap_or_default();
+    match (&peer.fingerprint, &peer.enrolled, &peer.cn) {
         (Some(fp), Some(name), _) => {
             format!("enrolled agent {name} at {addr}, certificate {}", &fp[..fp.len().min(16)])
         }
@@ -66,213 +108,18 @@ pub(super) fn run<S: Stream>(
             cn.as_deref().unwrap_or("")
         ),
         (None, _, _) => format!("unauthenticated agent at {addr}"),
-    };
-    std::thread::scope(|scope| frames(&mut c, scope, access, peer.fingerprint, &holder, store))
-}
-
-/// The session after `Welcome`: frames until the agent closes or either side fails. This is the
-/// order the protocol allows (what may come when, and what answers it); what a request does to
-/// the store is in `actions.rs`, the bytes are [`Conn`]'s.
-fn frames<'scope, 'env, S: Stream>(
-    c: &mut Conn<S>,
-    scope: &'scope std::thread::Scope<'scope, 'env>,
-    access: &'env Access,
-    fingerprint: Option<String>,
-    holder: &str,
-    store: &'env Store,
-) -> io::Result<()> {
-    let metrics = &access.metrics;
-    let mut disk: Option<String> = None;
-    let mut _claim: Option<DiskClaim<'_>> = None;
-    let mut receiving = Receiving::Nothing;
-    let mut hashes = PointHashes::default();
-    let mut ingest = Ingest::new(scope, store);
-    loop {
-        let frame = match c.next(ingest.waiting())? {
-            Recv::Frame(f) => f,
-            Recv::End => break,
-            Recv::Idle => {
-                // Nothing more from the agent yet: until it sends more, extents go in as their
-                // uploads finish, so a refusal is never held back while the agent waits.
-                match &mut receiving {
-                    Receiving::Pending(p) => {
-                        while ingest.waiting() && !c.readable(IDLE_POLL_MS) {
-                            if let Err(e) = ingest.settle(p, usize::MAX) {
-                                return refuse(c, metrics, Fail::from(e));
-                            }
-                        }
-                    }
-                    _ => ingest.clear(),
-                }
-                continue;
-            }
-        };
-        // Generations and hash queries name their disk: it must be the one registered here.
-        if let Frame::BeginGeneration { disk: d, .. } | Frame::HashQuery { disk: d, .. } = &frame {
-            if disk.as_deref() != Some(d.as_str()) {
-                return c.error(
-                    ErrorClass::Fatal,
-                    wire::ERR_BAD_REQUEST,
-                    format!("disk {d} was not registered"),
-                );
-            }
-        }
-        // Everything else is answered once every extent before it is in the pending point.
-        if let Receiving::Pending(p) = &mut receiving {
-            if !matches!(frame, Frame::Chunk { .. } | Frame::Zero { .. }) {
-                if let Err(e) = ingest.settle(p, 0) {
-                    return refuse(c, metrics, Fail::from(e));
-                }
-            }
-        }
-        let result: Result<Option<Frame>, Fail> = match frame {
-            Frame::RegisterDisk { disk: d, .. }
-                if access.enrollment.allows(fingerprint.as_deref(), &d).is_err() =>
-            {
-                let why = access.enrollment.allows(fingerprint.as_deref(), &d).unwrap_err();
-                metrics.rejected_total.fetch_add(1, Ordering::Relaxed);
-                return c.error(ErrorClass::Fatal, wire::ERR_AUTH, why);
-            }
-            Frame::RegisterDisk { disk: d, size, block_size, source, reenroll } => {
-                match actions::register(store, &d, size, block_size, &source, reenroll, holder) {
-                    Err(e) => Err(Fail::from(e)),
-                    Ok(()) => {
-                        receiving = Receiving::Nothing;
-                        _claim = None;
-                        match access.sessions.claim(&d, holder) {
-                            Err(other) => {
-                                metrics.rejected_total.fetch_add(1, Ordering::Relaxed);
-                                tracing::warn!(disk = %d, peer = %holder, holder = %other, "disk busy: refused a second session");
-                                let msg = format!(
-                                    "disk {d} is in another session (from {other}): one agent session per disk; \
-                                     retrying later"
-                                );
-                                return c.error(ErrorClass::Retryable, wire::ERR_BUSY, msg);
-                            }
-                            Ok(cl) => _claim = Some(cl),
-                        }
-                        disk = Some(d.clone());
-                        actions::disk_state(store, &d).map(Some).map_err(Fail::from)
-                    }
-                }
-            }
-            Frame::Current { point, as_of_unix_ms } => match &disk {
-                Some(d) => actions::current(store, d, point, as_of_unix_ms).map(Some).map_err(Fail::from),
-                None => Err(Fail::Protocol("Current before RegisterDisk".into())),
-            },
-            Frame::BeginGeneration { disk: d, generation, kind, base_point } => {
-                match actions::begin(store, &d, generation, kind, base_point) {
-                    Ok(r) => {
-                        receiving = r;
-                        Ok(None)
-                    }
-                    Err(Refusal::Store(e)) => Err(Fail::from(e)),
-                    Err(Refusal::Resync(why)) => {
-                        return c.error(ErrorClass::Retryable, wire::ERR_RESYNC_REQUIRED, why);
-                    }
-                }
-            }
-            Frame::HaveQuery { hashes } => Ok(Some(actions::have(store, &hashes))),
-            Frame::HashQuery { disk: d, point, offset, len, block } => {
-                actions::hashes(store, &mut hashes, &d, point, offset, len, block)
-                    .map(Some)
-                    .map_err(Fail::from)
-            }
-            Frame::Chunk { offset, len, hash, data } => match &mut receiving {
-                Receiving::Pending(p) => {
-                    let upload = match data {
-                        ChunkData::Compressed(bytes) => {
-                            metrics.bytes_received_total.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                            metrics.chunks_stored_total.fetch_add(1, Ordering::Relaxed);
-                            Some(bytes)
-                        }
-                        ChunkData::Known => None,
-                    };
-                    ingest.chunk(p, offset, len, hash, upload).map(|()| None).map_err(Fail::from)
-                }
-                Receiving::Done(_) => Ok(None),
-                Receiving::Nothing => Err(Fail::Protocol("Chunk outside a generation".into())),
-            },
-            Frame::Zero { offset, len } => match &mut receiving {
-                Receiving::Pending(p) => ingest.zero(p, offset, len).map(|()| None).map_err(Fail::from),
-                Receiving::Done(_) => Ok(None),
-                Receiving::Nothing => Err(Fail::Protocol("Zero outside a generation".into())),
-            },
-            Frame::Progress { next_offset } => match &mut receiving {
-                Receiving::Pending(p) => actions::progress(p, next_offset).map(Some).map_err(Fail::from),
-                Receiving::Done(_) => Ok(Some(Frame::ProgressAck { next_offset })),
-                Receiving::Nothing => Err(Fail::Protocol("Progress outside a generation".into())),
-            },
-            Frame::Commit { generation, cut_unix_ms, consistency, digest } => {
-                match std::mem::replace(&mut receiving, Receiving::Nothing) {
-                    Receiving::Pending(p) => {
-                        actions::commit(*p, cut_unix_ms, consistency, digest).map_err(Fail::from).map(|info| {
-                            tracing::info!(disk = ?disk, point = info.id, generation, "recovery point committed");
-                            metrics.points_total.fetch_add(1, Ordering::Relaxed);
-                            Some(Frame::Committed { point: info.id, generation })
-                        })
-                    }
-                    Receiving::Done(info) => match info.check_digest(digest.as_ref()) {
-                        Ok(()) => Ok(Some(Frame::Committed { point: info.id, generation: info.generation })),
-                        Err(e) => Err(Fail::from(e)),
-                    },
-                    Receiving::Nothing => Err(Fail::Protocol("Commit outside a generation".into())),
-                }
-            }
-            Frame::Error { class, code, message } => {
-                match class {
-                    ErrorClass::Fatal => {
-                        tracing::error!(peer = %holder, disk = ?disk, code, "the agent ended the session: {message}")
-                    }
-                    ErrorClass::Retryable => {
-                        tracing::warn!(peer = %holder, disk = ?disk, code, "the agent ended the session: {message}")
-                    }
-                }
-                return Ok(());
-            }
-            other => {
-                let msg = format!("unexpected frame {other:?}");
-                c.error(ErrorClass::Fatal, wire::ERR_BAD_REQUEST, msg.chars().take(200).collect())?;
-                return Ok(());
-            }
-        };
-        match result {
-            Ok(Some(reply)) => c.send(&reply)?,
-            Ok(None) => {}
-            Err(fail) => return refuse(c, metrics, fail),
-        }
     }
-    Ok(())
 }
 
-/// Rejects the generation whole (nothing of it becomes a point) and ends the session; the
-/// agent reconnects and sends the generation again.
-fn refuse<S: Stream>(c: &mut Conn<S>, metrics: &Metrics, fail: Fail) -> io::Result<()> {
+/// Sends the refusal that ends the session: nothing of the generation being received becomes
+/// a point; the agent reconnects and, if the refusal is retryable, sends it again.
+fn refuse<S: Stream>(c: &mut Conn<S>, metrics: &Metrics, r: Refusal) -> io::Result<()> {
     metrics.rejected_total.fetch_add(1, Ordering::Relaxed);
-    let (class, code, msg) = match fail {
-        Fail::Store(e) => {
-            let (class, code) = classify(&e);
-            (class, code, e.to_string())
-        }
-        Fail::Protocol(m) => (ErrorClass::Fatal, wire::ERR_BAD_REQUEST, m),
-    };
-    match class {
-        ErrorClass::Fatal => tracing::error!(code, "refused the session: {msg}"),
-        ErrorClass::Retryable => tracing::warn!(code, "refused the generation: {msg}"),
+    match r.class {
+        ErrorClass::Fatal => tracing::error!(code = r.code, "refused the session: {}", r.message),
+        ErrorClass::Retryable => tracing::warn!(code = r.code, "refused the generation: {}", r.message),
     }
-    c.error(class, code, msg)
-}
-
-/// Why a request failed: the store refused it, or the agent broke the session's rules.
-enum Fail {
-    Store(StoreError),
-    Protocol(String),
-}
-
-impl From<StoreError> for Fail {
-    fn from(e: StoreError) -> Self {
-        Fail::Store(e)
-    }
+    c.error(r.class, r.code, r.message)
 }
 
 #[cfg(test)]
@@ -281,7 +128,7 @@ mod tests {
     use std::os::unix::net::UnixStream;
     use std::sync::Arc;
 
-    use wire::{Decoder, Hash, InitialSync, PointRef};
+    use wire::{ChunkData, Decoder, Frame, Hash, InitialSync, PointRef};
 
     use super::*;
     use crate::net::access::{Enrollment, Sessions};
@@ -638,6 +485,32 @@ mod tests {
         c.send(&begin(4, wire::GenerationKind::Incremental, 3));
         c.expect_error(wire::ERR_DIVERGED);
         assert_eq!(store.points(DISK).unwrap().len(), 3);
+    }
+
+    /// The order of a session is the session machine's: a `Commit` of another generation than
+    /// the open one, and `Progress` in an incremental, end the session, and nothing of the
+    /// generation becomes a point.
+    #[test]
+    fn frames_out_of_order_end_the_session_and_store_nothing() {
+        let (_dir, store, _) = store_with_point();
+        let store = Arc::new(store);
+        let mut c = Client::start(&store);
+        c.register();
+        c.send(&begin(2, wire::GenerationKind::Incremental, 1));
+        c.send(&chunk(0, &bytes(3, 8192)));
+        match c.commit(3, None) {
+            Some(Frame::Error { class: ErrorClass::Fatal, code: wire::ERR_BAD_REQUEST, message }) => {
+                assert!(message.contains("generation 2 is open"), "{message}")
+            }
+            f => panic!("{f:?}"),
+        }
+        assert_eq!(c.recv(), None);
+        let mut c = Client::start(&store);
+        c.register();
+        c.send(&begin(2, wire::GenerationKind::Incremental, 1));
+        c.send(&Frame::Progress { next_offset: 0 });
+        c.expect_error(wire::ERR_BAD_REQUEST);
+        assert_eq!(store.points(DISK).unwrap().len(), 1);
     }
 
     /// `Current` records that the latest point still equals the disk; for another point it is

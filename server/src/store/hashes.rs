@@ -1,44 +1,14 @@
 //! Block hashes of a recovery point, for a resync (`docs/wire.md` §4.15): the blake3 of each
-//! block-sized piece of a range, pieces in zero ranges from a cached zero hash, the rest hashed
-//! from their chunks by [`PointReader::block_hashes`].
+//! block-sized piece of a range, pieces in zero ranges from a cached zero hash
+//! ([`wire::ZeroHashes`]), the rest hashed from their chunks by [`PointReader::block_hashes`].
 
-use wire::Hash;
+use wire::{Hash, ZeroHashes, UNREADABLE_HASH};
 
 use super::error::StoreError;
 use super::reader::PointReader;
 
 /// Bytes of a point read and hashed at once (with blocks up to this size).
 const HASH_READ: u64 = 4 << 20;
-/// The hash answered for a block whose stored data cannot be read back (a corrupt or missing
-/// chunk): it matches no data, so the agent sends the block again and the new point repairs it.
-pub const UNREADABLE_HASH: Hash = [0xff; 32];
-
-/// The blake3 of `len` zero bytes, per length (a zero range is hashed without reading).
-#[derive(Default)]
-struct ZeroHashes(Vec<(u64, Hash)>);
-
-impl ZeroHashes {
-    fn get(&mut self, len: u64) -> Hash {
-        if let Some((_, h)) = self.0.iter().find(|(l, _)| *l == len) {
-            return *h;
-        }
-        static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
-        let mut hasher = blake3::Hasher::new();
-        let mut left = len;
-        while left > 0 {
-            let n = left.min(ZEROS.len() as u64);
-            hasher.update(&ZEROS[..n as usize]);
-            left -= n;
-        }
-        let h = *hasher.finalize().as_bytes();
-        // A query has at most two lengths (its block, and a short last one): a few suffice.
-        if self.0.len() >= 8 {
-            self.0.remove(0);
-        }
-        self.0.push((len, h));
-        h
-    }
-}
 
 /// Answers a session's hash queries (§4.15): the point compared stays open, and so kept by
 /// retention, until the session asks about another one or ends.
@@ -84,7 +54,13 @@ fn point_hashes(
     let n = wire::hash_count(len, block as u32) as usize;
     // The only lengths a piece has: the block, and maybe a short last one.
     let last = len - (n as u64 - 1) * block;
-    let r = Pieces { reader, offset, end: offset + len, block, zero: (zero.get(block), zero.get(last)) };
+    let r = Pieces {
+        reader,
+        offset,
+        end: offset + len,
+        block,
+        zero: (zero.remember(block), zero.remember(last)),
+    };
     let threads = HASH_THREADS.min((len / HASH_READ) as usize).max(1);
     if threads == 1 {
         return r.hash(0, n);

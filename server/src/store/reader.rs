@@ -27,11 +27,6 @@ const ZERO_BUF: usize = 1 << 20;
 const RESTORE_THREADS: usize = 2;
 const RESTORE_QUEUE: usize = 64;
 
-/// What [`PointReader::block_hashes`] answers for a piece that touches damaged data (a chunk
-/// that fails verification, a region whose page does, or anything under a damaged root): it
-/// matches no data, so the agent sends the piece again.
-pub const DAMAGED_HASH: [u8; 32] = [0xff; 32];
-
 /// One piece of a point's address space, in order.
 enum Segment {
     Data(u64, DataRef),
@@ -219,10 +214,11 @@ impl PointReader {
     /// shorter), hashed straight from the chunks without copying them into one buffer; a piece
     /// that lies in zero ranges only is `zero_hash(its length)`, without hashing anything.
     ///
-    /// A piece that touches damaged data answers [`DAMAGED_HASH`]: any part of a chunk that
-    /// fails verification (each chunk is verified whole, once per call, so every piece that
-    /// names it is sent again, not only those whose bytes changed), a region whose map page is
-    /// damaged, or anything under a damaged root. What is found damaged is quarantined.
+    /// A piece that touches damaged data answers [`wire::UNREADABLE_HASH`], which matches no
+    /// data, so the agent sends the piece again: any part of a chunk that fails verification
+    /// (each chunk is verified whole, once per call, so every piece that names it is sent
+    /// again, not only those whose bytes changed), a region whose map page is damaged, or
+    /// anything under a damaged root. What is found damaged is quarantined.
     pub fn block_hashes(
         &self,
         offset: u64,
@@ -230,14 +226,6 @@ impl PointReader {
         block: u64,
         zero_hash: impl Fn(u64) -> [u8; 32],
     ) -> Result<Vec<[u8; 32]>, StoreError> {
-        static ZEROES: [u8; 64 << 10] = [0; 64 << 10];
-        fn feed_zeroes(hasher: &mut blake3::Hasher, mut n: u64) {
-            while n > 0 {
-                let k = n.min(ZEROES.len() as u64);
-                hasher.update(&ZEROES[..k as usize]);
-                n -= k;
-            }
-        }
         self.check_range(offset, len)?;
         assert!(block > 0, "block_hashes: a zero block size");
         let end = offset + len;
@@ -289,7 +277,7 @@ impl PointReader {
                 match data {
                     None => damaged = true,
                     Some(Some(bytes)) if !damaged => {
-                        feed_zeroes(&mut hasher, std::mem::take(&mut zeroes));
+                        wire::hash_zeroes(&mut hasher, std::mem::take(&mut zeroes));
                         let i = (at - start) as usize;
                         hasher.update(&bytes[i..i + (stop - at) as usize]);
                         had_data = true;
@@ -301,9 +289,9 @@ impl PointReader {
                 at = stop;
                 if at == pend {
                     out.push(if damaged {
-                        DAMAGED_HASH
+                        wire::UNREADABLE_HASH
                     } else if had_data {
-                        feed_zeroes(&mut hasher, std::mem::take(&mut zeroes));
+                        wire::hash_zeroes(&mut hasher, std::mem::take(&mut zeroes));
                         *hasher.finalize().as_bytes()
                     } else {
                         zero_hash(fed)

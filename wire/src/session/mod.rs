@@ -6,7 +6,8 @@
 //! inside a generation and a `Commit` of the generation open (§6.3, §6.6), checkpoints only in a
 //! generation that has them (§6.5), a generation sent again after it became a point (§6.6),
 //! hash queries of the registered disk (§6.8), `Current` only between generations (§6.9), the
-//! answers in the order of the requests (§6), and how an `Error` ends the session (§5, §6.7).
+//! answers in the order of the requests, each only once every extent before it is in the
+//! generation (§6), and how an `Error` ends the session (§5, §6.7).
 //! What the rules do not decide stays with the driver that owns the socket: reading and writing
 //! bytes, timeouts, TLS, the store, the shim.
 //!

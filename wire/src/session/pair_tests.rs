@@ -111,7 +111,10 @@ impl<'a> Conn<'a> {
     fn perform(&mut self, a: ServerAction) -> Outcome {
         let st = &mut *self.store;
         match a {
-            ServerAction::Accept { .. } | ServerAction::StoreZero { .. } => Outcome::Done,
+            ServerAction::Accept { .. }
+            | ServerAction::StoreZero { .. }
+            | ServerAction::Settle
+            | ServerAction::SettleReady => Outcome::Done,
             ServerAction::Register { disk, .. } if disk != DISK => {
                 Outcome::Refused(Refusal::new(ERR_NO_SUCH_DISK, format!("no disk {disk}")))
             }

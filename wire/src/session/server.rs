@@ -11,15 +11,22 @@ use crate::{
 ///
 /// The driver (the code that owns the socket and the store) runs this loop:
 ///
-/// - a frame arrives: [`ServerSession::receive`];
+/// - a frame arrives: [`ServerSession::receive`]; nothing more has arrived for now (the driver
+///   asks only while extents it stored are still being verified): [`ServerSession::idle`];
 /// - [`ServerStep::Act`]: perform the action, then report its result with
-///   [`ServerSession::complete`], which returns the next step (never another action);
+///   [`ServerSession::complete`], which returns the next step (another action, when the frame
+///   waited for [`ServerAction::Settle`]);
 /// - [`ServerStep::Send`]: send the frame; [`ServerStep::Read`]: nothing to send;
 /// - [`ServerStep::Refuse`]: send the refusal's `Error` and close; [`ServerStep::Ended`]: the
 ///   agent ended the session with an `Error`, close. Either way the session is over (§5, §6.7).
 ///
 /// Every refusal ends the session, so an action whose result is a refusal changes nothing the
 /// machine keeps.
+///
+/// The driver may store an extent in the background ([`ServerAction::StoreChunk`] is done once
+/// the chunk is queued, e.g. to be verified on another thread): before it handles any frame but
+/// an extent, the machine asks for [`ServerAction::Settle`], so every request is answered, and
+/// a refused extent refused, only once every extent before it is in the generation (§6).
 #[derive(Debug)]
 pub struct ServerSession {
     /// The server's name and build, for `Welcome`.
@@ -27,6 +34,12 @@ pub struct ServerSession {
     phase: Phase,
     /// The action the driver is performing, with what its answer needs.
     acting: Option<Acting>,
+    /// The disk registered in this session: the last `RegisterDisk` (§6.2).
+    disk: Option<String>,
+    /// Extents were stored since the last [`ServerAction::Settle`].
+    unsettled: bool,
+    /// The frame that waits for [`ServerAction::Settle`].
+    held: Option<Frame>,
 }
 
 #[derive(Debug)]
@@ -34,12 +47,7 @@ enum Phase {
     /// Waiting for the agent's `Hello` (§6.1).
     Hello,
     /// After `Welcome`.
-    Open {
-        version: u16,
-        /// The disk registered in this session: the last `RegisterDisk` (§6.2).
-        disk: Option<String>,
-        generation: Generation,
-    },
+    Open { version: u16, generation: Generation },
     /// An `Error` was sent or received: nothing more (§6.7).
     Over,
 }
@@ -70,6 +78,8 @@ enum Acting {
     AnswerHave { count: usize },
     AnswerHashes { offset: u64, block: u32, count: u64 },
     Store,
+    Settle,
+    SettleReady,
     Checkpoint { next_offset: u64 },
     Commit { generation: u64 },
 }
@@ -115,10 +125,22 @@ pub enum ServerAction {
     /// [`Outcome::Hashes`], [`hash_count`] of them.
     AnswerHashes { disk: String, point: u64, offset: u64, len: u64, block: u32 },
     /// Add a chunk to the open generation (verified first when it carries data, §4.6).
-    /// [`Outcome::Done`].
+    /// [`Outcome::Done`] once it is taken: the driver may verify it and add it in the
+    /// background, and report its failure at the next [`ServerAction::Settle`].
     StoreChunk { offset: u64, len: u32, hash: Hash, data: ChunkData },
-    /// Add a zero extent to the open generation (§4.7). [`Outcome::Done`].
+    /// Add a zero extent to the open generation (§4.7), after every extent before it.
+    /// [`Outcome::Done`], as [`ServerAction::StoreChunk`].
     StoreZero { offset: u64, len: u64 },
+    /// Put every extent stored so far into the open generation, in the order they came,
+    /// waiting for those still being verified. Asked before any frame but an extent is handled
+    /// (the frame waits for it). [`Outcome::Done`], or the refusal of the first extent that
+    /// failed.
+    Settle,
+    /// Nothing more has come from the agent for now ([`ServerSession::idle`]): put into the
+    /// open generation the extents whose verification is done, in order, without waiting for
+    /// the others, so that a refused extent's `Error` does not wait for the agent's next frame.
+    /// [`Outcome::Done`], or the refusal of the first extent that failed.
+    SettleReady,
     /// Make what the open generation received durable and record `next_offset` (§6.5).
     /// [`Outcome::Done`]; `ProgressAck` follows.
     Checkpoint { next_offset: u64 },
@@ -160,7 +182,14 @@ impl ServerSession {
     /// A session that waits for the agent's `Hello`; `name` (the server's name and build) goes
     /// into `Welcome`.
     pub fn new(name: impl Into<String>) -> Self {
-        Self { name: name.into(), phase: Phase::Hello, acting: None }
+        Self {
+            name: name.into(),
+            phase: Phase::Hello,
+            acting: None,
+            disk: None,
+            unsettled: false,
+            held: None,
+        }
     }
 
     /// The version agreed on, once `Hello` was accepted.
@@ -171,12 +200,9 @@ impl ServerSession {
         }
     }
 
-    /// The disk registered in this session.
+    /// The disk registered in this session (after its end too, for the driver's logs).
     pub fn disk(&self) -> Option<&str> {
-        match &self.phase {
-            Phase::Open { disk, .. } => disk.as_deref(),
-            _ => None,
-        }
+        self.disk.as_deref()
     }
 
     /// Whether the session has ended (a refusal was sent, or the agent's `Error` received).
@@ -205,11 +231,18 @@ impl ServerSession {
         if let Some(a) = &self.acting {
             panic!("ServerSession::receive: the result of {a:?} was not reported");
         }
-        let (disk, generation) = match &mut self.phase {
+        let generation = match &mut self.phase {
             Phase::Over => panic!("ServerSession::receive: the session is over"),
             Phase::Hello => return self.hello(frame),
-            Phase::Open { disk, generation, .. } => (disk, generation),
+            Phase::Open { generation, .. } => generation,
         };
+        let disk = &self.disk;
+        // Every extent before this frame goes in before it is handled.
+        if self.unsettled && !matches!(frame, Frame::Chunk { .. } | Frame::Zero { .. }) {
+            self.unsettled = false;
+            self.held = Some(frame);
+            return self.act(Acting::Settle, ServerAction::Settle);
+        }
         // A frame that names a disk names the one registered here.
         if let Frame::BeginGeneration { disk: d, .. } | Frame::HashQuery { disk: d, .. } = &frame {
             if disk.as_deref() != Some(d.as_str()) {
@@ -305,6 +338,26 @@ impl ServerSession {
         }
     }
 
+    /// Nothing more has come from the agent for now: while extents stored in the open
+    /// generation may still be in the background, [`ServerAction::SettleReady`]; else
+    /// [`ServerStep::Read`].
+    ///
+    /// # Panics
+    ///
+    /// As [`ServerSession::receive`].
+    pub fn idle(&mut self) -> ServerStep {
+        if let Some(a) = &self.acting {
+            panic!("ServerSession::idle: the result of {a:?} was not reported");
+        }
+        match self.phase {
+            Phase::Over => panic!("ServerSession::idle: the session is over"),
+            Phase::Open { generation: Generation::Receiving { .. }, .. } if self.unsettled => {
+                self.act(Acting::SettleReady, ServerAction::SettleReady)
+            }
+            _ => ServerStep::Read,
+        }
+    }
+
     /// The first frame: `Hello`, and the version both sides speak (§6.1).
     fn hello(&mut self, frame: Frame) -> ServerStep {
         let Frame::Hello { min_version, max_version, agent } = frame else {
@@ -316,7 +369,7 @@ impl ServerSession {
                 format!("agent speaks versions {min_version}..={max_version}, this server {MIN_VERSION}..={VERSION}"),
             )),
             Some(version) => {
-                self.phase = Phase::Open { version, disk: None, generation: Generation::None };
+                self.phase = Phase::Open { version, generation: Generation::None };
                 self.act(Acting::Accept { version }, ServerAction::Accept { version, agent })
             }
         }
@@ -333,9 +386,10 @@ impl ServerSession {
             panic!("ServerSession::complete({outcome:?}) without an action");
         };
         if let Outcome::Refused(r) = outcome {
+            self.held = None;
             return self.refuse(r);
         }
-        let Phase::Open { disk, generation, .. } = &mut self.phase else {
+        let Phase::Open { generation, .. } = &mut self.phase else {
             unreachable!("an action is asked for only in an open session")
         };
         match (acting, outcome) {
@@ -344,7 +398,7 @@ impl ServerSession {
             }
             (Acting::Register { disk: d }, Outcome::Registered { latest, initial, resync }) => {
                 // A later registration replaces the earlier one, and abandons its generation.
-                *disk = Some(d.clone());
+                self.disk = Some(d.clone());
                 *generation = Generation::None;
                 ServerStep::Send(Frame::DiskState { disk: d, latest, initial, resync })
             }
@@ -368,7 +422,15 @@ impl ServerSession {
             {
                 ServerStep::Send(Frame::Hashes { offset, block, hashes })
             }
-            (Acting::Store, Outcome::Done) => ServerStep::Read,
+            (Acting::Store, Outcome::Done) => {
+                self.unsettled = true;
+                ServerStep::Read
+            }
+            (Acting::Settle, Outcome::Done) => {
+                let frame = self.held.take().expect("a frame waits for Settle");
+                self.receive(frame)
+            }
+            (Acting::SettleReady, Outcome::Done) => ServerStep::Read,
             (Acting::Checkpoint { next_offset }, Outcome::Done) => {
                 ServerStep::Send(Frame::ProgressAck { next_offset })
             }
@@ -636,8 +698,13 @@ mod tests {
             ServerStep::Act(ServerAction::StoreZero { offset: 4096, len: 8192 })
         );
         assert_eq!(s.complete(Outcome::Done), ServerStep::Read);
+        // The checkpoint waits for the extents before it.
         assert_eq!(
             s.receive(Frame::Progress { next_offset: 1 << 20 }),
+            ServerStep::Act(ServerAction::Settle)
+        );
+        assert_eq!(
+            s.complete(Outcome::Done),
             ServerStep::Act(ServerAction::Checkpoint { next_offset: 1 << 20 })
         );
         assert_eq!(s.complete(Outcome::Done), ServerStep::Send(Frame::ProgressAck { next_offset: 1 << 20 }));
@@ -657,6 +724,98 @@ mod tests {
         // Committed: the generation is closed.
         let step = s.receive(Frame::Zero { offset: 0, len: 1 });
         refused(&mut s, step, "Zero outside a generation");
+    }
+
+    #[test]
+    fn extents_go_in_before_any_other_frame_is_handled() {
+        let mut s = open(3, GenerationKind::InitialFull, Outcome::Opened);
+        // Extents in a row need nothing more.
+        assert!(matches!(s.receive(chunk()), ServerStep::Act(ServerAction::StoreChunk { .. })));
+        assert_eq!(s.complete(Outcome::Done), ServerStep::Read);
+        assert!(matches!(s.receive(Frame::Zero { offset: 0, len: 1 }), ServerStep::Act(_)));
+        assert_eq!(s.complete(Outcome::Done), ServerStep::Read);
+        // Any other frame waits for them, then is handled as it would be.
+        let have = Frame::HaveQuery { hashes: vec![[1; 32]] };
+        assert_eq!(s.receive(have), ServerStep::Act(ServerAction::Settle));
+        assert_eq!(
+            s.complete(Outcome::Done),
+            ServerStep::Act(ServerAction::AnswerHave { hashes: vec![[1; 32]] })
+        );
+        assert_eq!(
+            s.complete(Outcome::Have(vec![true])),
+            ServerStep::Send(Frame::HaveReply { have: vec![true] })
+        );
+        // Settled: the next one is handled at once.
+        let q = Frame::HashQuery { disk: DISK.into(), point: 1, offset: 0, len: 4096, block: 4096 };
+        assert!(matches!(s.receive(q), ServerStep::Act(ServerAction::AnswerHashes { .. })));
+        assert!(matches!(s.complete(Outcome::Hashes(vec![[0; 32]])), ServerStep::Send(_)));
+        // The commit of a generation, a registration, the agent's error, and a frame out of
+        // place all wait for the extents before them.
+        for (frame, then) in [
+            (commit(3), "Commit"),
+            (register(DISK), "Register"),
+            (Frame::error(ERR_STORAGE, "x"), "Ended"),
+            (hello_reply(), "Refuse"),
+            (Frame::Progress { next_offset: 0 }, "Checkpoint"),
+        ] {
+            let mut s = open(3, GenerationKind::InitialFull, Outcome::Opened);
+            let _ = s.receive(chunk());
+            assert_eq!(s.complete(Outcome::Done), ServerStep::Read);
+            assert_eq!(s.receive(frame), ServerStep::Act(ServerAction::Settle), "{then}");
+            let step = s.complete(Outcome::Done);
+            let got = match &step {
+                ServerStep::Act(ServerAction::Commit { .. }) => "Commit",
+                ServerStep::Act(ServerAction::Register { .. }) => "Register",
+                ServerStep::Act(ServerAction::Checkpoint { .. }) => "Checkpoint",
+                ServerStep::Ended(_) => "Ended",
+                ServerStep::Refuse(_) => "Refuse",
+                other => panic!("{other:?}"),
+            };
+            assert_eq!(got, then);
+        }
+    }
+
+    #[test]
+    fn an_extent_refused_when_settling_ends_the_session_before_the_frame_that_waited() {
+        let mut s = open(3, GenerationKind::Incremental, Outcome::Opened);
+        let _ = s.receive(chunk());
+        assert_eq!(s.complete(Outcome::Done), ServerStep::Read);
+        assert_eq!(s.receive(commit(3)), ServerStep::Act(ServerAction::Settle));
+        let bad = Refusal::new(ERR_CORRUPT_CHUNK, "bad chunk at 0");
+        assert_eq!(s.complete(Outcome::Refused(bad.clone())), ServerStep::Refuse(bad));
+        assert!(s.is_over());
+    }
+
+    #[test]
+    fn idle_settles_what_is_ready_while_extents_wait() {
+        // Nothing stored: nothing to do.
+        let mut s = registered();
+        assert_eq!(s.idle(), ServerStep::Read);
+        let mut s = open(3, GenerationKind::InitialFull, Outcome::Opened);
+        assert_eq!(s.idle(), ServerStep::Read);
+        let _ = s.receive(chunk());
+        assert_eq!(s.complete(Outcome::Done), ServerStep::Read);
+        assert_eq!(s.idle(), ServerStep::Act(ServerAction::SettleReady));
+        assert_eq!(s.complete(Outcome::Done), ServerStep::Read);
+        // Some may still be verified: the next frame but an extent still waits for them all.
+        assert_eq!(s.idle(), ServerStep::Act(ServerAction::SettleReady));
+        assert_eq!(s.complete(Outcome::Done), ServerStep::Read);
+        assert_eq!(s.receive(commit(3)), ServerStep::Act(ServerAction::Settle));
+        assert!(matches!(s.complete(Outcome::Done), ServerStep::Act(ServerAction::Commit { .. })));
+        assert!(matches!(s.complete(Outcome::Committed { point: 4 }), ServerStep::Send(_)));
+        assert_eq!(s.idle(), ServerStep::Read);
+        // A refusal found while idle ends the session.
+        let mut s = open(3, GenerationKind::InitialFull, Outcome::Opened);
+        let _ = s.receive(chunk());
+        let _ = s.complete(Outcome::Done);
+        assert_eq!(s.idle(), ServerStep::Act(ServerAction::SettleReady));
+        let bad = Refusal::new(ERR_CORRUPT_CHUNK, "bad chunk");
+        assert_eq!(s.complete(Outcome::Refused(bad.clone())), ServerStep::Refuse(bad));
+        assert!(s.is_over());
+        // A generation that is a point already stores nothing.
+        let mut s = open(3, GenerationKind::InitialFull, Outcome::HasPoint);
+        assert_eq!(s.receive(chunk()), ServerStep::Read);
+        assert_eq!(s.idle(), ServerStep::Read);
     }
 
     #[test]
@@ -767,6 +926,7 @@ mod tests {
             ServerStep::Ended(Refusal::new(ERR_DIVERGED, "a clone"))
         );
         assert!(s.is_over());
+        assert_eq!(s.disk(), Some(DISK), "the disk it had, for the driver's logs");
     }
 
     #[test]
