@@ -173,7 +173,7 @@ pub(crate) fn ship_generation(
         &mut |_| {},
     )?;
     let shipped = start.elapsed();
-    let point = s.commit(id, gen.cut_unix_ms, consistency, Some(digest.finish()))?;
+    let point = s.link.commit(id, gen.cut_unix_ms, consistency, Some(digest.finish()))?;
     let committed = start.elapsed();
     s.control::<serde_json::Value>(&Request::Release { generation: id })?;
     s.memory.consistency.retain(|(g, _)| *g != id);

@@ -95,7 +95,7 @@ pub(crate) fn initial_copy(s: &mut Session<'_>, resume: Option<InitialSync>) -> 
         slice_start = slice_end;
     }
     bar.finish_and_clear();
-    let point = s.commit(generation, cut_ms, Consistency::Inconsistent, None)?;
+    let point = s.link.commit(generation, cut_ms, Consistency::Inconsistent, None)?;
     // The replica now holds the whole disk (fuzzy); the live set covers what changed since.
     s.control::<serde_json::Value>(&Request::ClearResync)?;
     s.report(point, generation, cut_ms)?;

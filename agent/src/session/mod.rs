@@ -18,7 +18,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tracker::control::{self, Request};
 use tracker::{ReplicatedPoint, Status};
 use wire::session::DiskState;
-use wire::{Consistency, Frame, Hash};
+use wire::{Consistency, Frame};
 
 use crate::config::{AgentConfig, Metrics, Summary};
 use crate::error::AgentError;
@@ -87,17 +87,6 @@ impl<'a> Session<'a> {
             source: source_id(status)?,
             reenroll,
         })
-    }
-
-    /// Commits the open generation; returns its point, durable on the server.
-    pub fn commit(
-        &mut self,
-        generation: u64,
-        cut_unix_ms: u64,
-        consistency: Consistency,
-        digest: Option<Hash>,
-    ) -> Result<u64, AgentError> {
-        self.link.commit(generation, cut_unix_ms, consistency, digest)
     }
 
     /// Tells the shim (and the metrics) that `generation`, cut at `cut_unix_ms`, is the durable

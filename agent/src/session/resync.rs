@@ -513,7 +513,7 @@ pub(crate) fn resync(
     stats.bytes_read += bytes_read.load(Ordering::Relaxed);
     progress.update(&counts, true);
     progress.bar.finish_and_clear();
-    let point = session.commit(generation, cut_ms, Consistency::Inconsistent, None)?;
+    let point = session.link.commit(generation, cut_ms, Consistency::Inconsistent, None)?;
     // The replica now holds the whole disk (fuzzy); the live set covers what changed since.
     session.control::<serde_json::Value>(&Request::ClearResync)?;
     session.report(point, generation, cut_ms)?;
