@@ -286,12 +286,31 @@ mod tests {
     }
 
     /// The point, read afresh from the store, is still `base`, and no file of the store changed.
-    fn assert_point_unchanged(store: &Store, root: &Path, base: &[u8], before: &BTreeMap<PathBuf, Vec<u8>>) {
-        let reader = store.open_point("d", PointSel::Latest).unwrap();
-        let mut buf = vec![0u8; SIZE as usize];
-        reader.read_at(&mut buf, 0).unwrap();
-        assert!(buf == base, "the point's content changed");
-        assert!(files(root) == *before, "a file of the store changed");
+    /// A store with one point of disk "d", and a copy of every store file before a test.
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        root: PathBuf,
+        store: Store,
+        base: Vec<u8>,
+        before: BTreeMap<PathBuf, Vec<u8>>,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().join("store");
+            let (store, base) = store_with_point(&root);
+            let before = files(&root);
+            Self { _dir: dir, root, store, base, before }
+        }
+
+        fn assert_point_unchanged(&self) {
+            let reader = self.store.open_point("d", PointSel::Latest).unwrap();
+            let mut buf = vec![0u8; SIZE as usize];
+            reader.read_at(&mut buf, 0).unwrap();
+            assert!(buf == self.base, "the point's content changed");
+            assert!(files(&self.root) == self.before, "a file of the store changed");
+        }
     }
 
     fn write(image: &PointImage, model: &mut [u8], offset: u64, data: &[u8]) {
@@ -306,12 +325,10 @@ mod tests {
 
     #[test]
     fn writes_land_in_the_overlay_and_reads_merge_it_over_the_point() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("store");
-        let (store, base) = store_with_point(&root);
-        let before = files(&root);
-        let image = writable(&store);
-        assert!(read_all(&image) == base, "an untouched overlay reads as the point");
+        let f = Fixture::new();
+        let (store, base) = (&f.store, &f.base);
+        let image = writable(store);
+        assert!(read_all(&image) == *base, "an untouched overlay reads as the point");
 
         let mut model = base.clone();
         // Whole blocks: over data, over zeroes, and the last block of the disk.
@@ -330,16 +347,14 @@ mod tests {
         write(&image, &mut model, 0, &[0xb2; 4096]);
         assert!(read_all(&image) == model);
         image.flush().unwrap();
-        assert_point_unchanged(&store, &root, &base, &before);
+        f.assert_point_unchanged();
     }
 
     #[test]
     fn partial_block_writes_keep_the_rest_of_the_block_from_the_point() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("store");
-        let (store, base) = store_with_point(&root);
-        let before = files(&root);
-        let image = writable(&store);
+        let f = Fixture::new();
+        let (store, base) = (&f.store, &f.base);
+        let image = writable(store);
         let mut model = base.clone();
         // Inside one block of data, across two blocks of data, across the data's edge (point
         // zeroes and point data in one write), one byte, and a block written twice in part.
@@ -350,16 +365,14 @@ mod tests {
         write(&image, &mut model, DATA.start + 40960 + 10, &[0xc5; 10]);
         write(&image, &mut model, DATA.start + 40960 + 4000, &[0xc6; 10]);
         assert!(read_all(&image) == model, "partial writes merge with the point's bytes");
-        assert_point_unchanged(&store, &root, &base, &before);
+        f.assert_point_unchanged();
     }
 
     #[test]
     fn zeroes_land_in_the_overlay() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("store");
-        let (store, base) = store_with_point(&root);
-        let before = files(&root);
-        let image = writable(&store);
+        let f = Fixture::new();
+        let (store, base) = (&f.store, &f.base);
+        let image = writable(store);
         let mut model = base.clone();
         zero(&image, &mut model, DATA.start + 100, 10_000);
         zero(&image, &mut model, DATA.start + 65536, 65536);
@@ -368,7 +381,7 @@ mod tests {
         assert!(read_all(&image) == model);
         zero(&image, &mut model, 0, SIZE);
         assert!(read_all(&image) == vec![0u8; SIZE as usize], "the whole disk zeroed");
-        assert_point_unchanged(&store, &root, &base, &before);
+        f.assert_point_unchanged();
     }
 
     #[test]
@@ -394,11 +407,9 @@ mod tests {
 
     #[test]
     fn random_writes_and_zeroes_match_a_model() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("store");
-        let (store, base) = store_with_point(&root);
-        let before = files(&root);
-        let image = writable(&store);
+        let f = Fixture::new();
+        let (store, base) = (&f.store, &f.base);
+        let image = writable(store);
         let mut model = base.clone();
         let mut state = 0x9e37_79b9_7f4a_7c15u64;
         let mut next = |n: u64| {
@@ -416,7 +427,7 @@ mod tests {
             }
         }
         assert!(read_all(&image) == model, "the overlay disagrees with the model");
-        assert_point_unchanged(&store, &root, &base, &before);
+        f.assert_point_unchanged();
     }
 
     #[test]
