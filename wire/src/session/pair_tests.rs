@@ -65,6 +65,16 @@ impl<'a> Conn<'a> {
         }
     }
 
+    /// The agent begins `generation` of the test disk.
+    fn begin(
+        &mut self,
+        generation: u64,
+        kind: GenerationKind,
+        base_point: Option<u64>,
+    ) -> Result<(), SessionError> {
+        self.send(Frame::BeginGeneration { disk: DISK.into(), generation, kind, base_point })
+    }
+
     /// The agent sends `f` (its machine allowing); the server's driver runs on it.
     fn send(&mut self, f: Frame) -> Result<(), SessionError> {
         self.agent.send(&f)?;
@@ -209,13 +219,7 @@ fn an_initial_copy_resumes_then_generations_follow_and_a_quiet_interval_is_curre
     let mut c = Conn::open(&mut store);
     let st = c.register();
     assert_eq!((st.latest, st.initial_copy()), (None, None));
-    c.send(Frame::BeginGeneration {
-        disk: DISK.into(),
-        generation: 1,
-        kind: GenerationKind::InitialFull,
-        base_point: None,
-    })
-    .unwrap();
+    c.begin(1, GenerationKind::InitialFull, None).unwrap();
     c.chunk(0, 1);
     c.send(Frame::Progress { next_offset: 1 << 20 }).unwrap();
     assert_eq!(c.recv(), Ok(Reply::ProgressAck { next_offset: 1 << 20 }));
@@ -225,13 +229,7 @@ fn an_initial_copy_resumes_then_generations_follow_and_a_quiet_interval_is_curre
     let st = c.register();
     let resume = st.initial_copy().expect("the checkpoint");
     assert_eq!(resume, InitialSync { generation: 1, next_offset: 1 << 20 });
-    c.send(Frame::BeginGeneration {
-        disk: DISK.into(),
-        generation: resume.generation,
-        kind: GenerationKind::InitialFull,
-        base_point: None,
-    })
-    .unwrap();
+    c.begin(resume.generation, GenerationKind::InitialFull, None).unwrap();
     c.chunk(1 << 20, 1); // the server has it: sent as Known
     c.send(Frame::Zero { offset: 2 << 20, len: 4096 }).unwrap();
     assert_eq!(c.commit(1, Consistency::Inconsistent, None), Ok(1));
@@ -241,13 +239,7 @@ fn an_initial_copy_resumes_then_generations_follow_and_a_quiet_interval_is_curre
     // Incrementals on the latest point, each with its digest.
     for g in 2..=3 {
         let base = c.agent.latest().map(|l| l.point);
-        c.send(Frame::BeginGeneration {
-            disk: DISK.into(),
-            generation: g,
-            kind: GenerationKind::Incremental,
-            base_point: base,
-        })
-        .unwrap();
+        c.begin(g, GenerationKind::Incremental, base).unwrap();
         c.chunk(4096 * g, u8::try_from(g).unwrap());
         assert_eq!(c.commit(g, Consistency::Crash, Some([u8::try_from(g).unwrap(); 32])), Ok(g));
     }
@@ -262,21 +254,9 @@ fn a_generation_sent_again_is_its_point_and_with_other_content_divergence() {
     let mut store = Store::default();
     let mut c = Conn::open(&mut store);
     c.register();
-    c.send(Frame::BeginGeneration {
-        disk: DISK.into(),
-        generation: 1,
-        kind: GenerationKind::InitialFull,
-        base_point: None,
-    })
-    .unwrap();
+    c.begin(1, GenerationKind::InitialFull, None).unwrap();
     c.commit(1, Consistency::Inconsistent, None).unwrap();
-    c.send(Frame::BeginGeneration {
-        disk: DISK.into(),
-        generation: 2,
-        kind: GenerationKind::Incremental,
-        base_point: Some(1),
-    })
-    .unwrap();
+    c.begin(2, GenerationKind::Incremental, Some(1)).unwrap();
     assert_eq!(c.commit(2, Consistency::Crash, Some([2; 32])), Ok(2));
     drop(c);
 
@@ -284,24 +264,12 @@ fn a_generation_sent_again_is_its_point_and_with_other_content_divergence() {
     let mut c = Conn::open(&mut store);
     let st = c.register();
     assert_eq!(st.latest.map(|l| l.generation), Some(2));
-    c.send(Frame::BeginGeneration {
-        disk: DISK.into(),
-        generation: 2,
-        kind: GenerationKind::Incremental,
-        base_point: Some(2),
-    })
-    .unwrap();
+    c.begin(2, GenerationKind::Incremental, Some(2)).unwrap();
     c.chunk(0, 9); // dropped: the generation is a point
     assert_eq!(c.commit(2, Consistency::Crash, Some([2; 32])), Ok(2), "the same point");
     assert_eq!(c.store.points.len(), 2);
     // Other content under the same generation: divergence, fatal, and the session is over.
-    c.send(Frame::BeginGeneration {
-        disk: DISK.into(),
-        generation: 2,
-        kind: GenerationKind::Incremental,
-        base_point: Some(2),
-    })
-    .unwrap();
+    c.begin(2, GenerationKind::Incremental, Some(2)).unwrap();
     match c.commit(2, Consistency::Crash, Some([7; 32])) {
         Err(e @ SessionError::Refused(_)) => {
             assert!(!e.is_retryable());
@@ -320,13 +288,7 @@ fn a_resync_pipelines_hash_queries_and_resumes_from_its_checkpoint() {
     let mut c = Conn::open(&mut store);
     let st = c.register();
     let latest = st.latest.unwrap();
-    c.send(Frame::BeginGeneration {
-        disk: DISK.into(),
-        generation: 7,
-        kind: GenerationKind::InitialFull,
-        base_point: Some(1),
-    })
-    .unwrap();
+    c.begin(7, GenerationKind::InitialFull, Some(1)).unwrap();
     for region in 0..3u64 {
         let q = Frame::HashQuery {
             disk: DISK.into(),
@@ -355,13 +317,7 @@ fn a_resync_pipelines_hash_queries_and_resumes_from_its_checkpoint() {
     assert_eq!(DiskState::interrupted_resync(st.initial, &latest).map(|i| i.next_offset), Some(3 << 26));
     assert!(DiskState::resumable_resync(st.initial, &latest, 8).is_some());
     assert!(DiskState::resumable_resync(st.initial, &latest, 2).is_none());
-    c.send(Frame::BeginGeneration {
-        disk: DISK.into(),
-        generation: 7,
-        kind: GenerationKind::InitialFull,
-        base_point: Some(1),
-    })
-    .unwrap();
+    c.begin(7, GenerationKind::InitialFull, Some(1)).unwrap();
     assert_eq!(c.commit(7, Consistency::Inconsistent, None), Ok(2));
     assert_eq!(c.agent.latest().map(|l| (l.point, l.generation)), Some((2, 7)));
 }
@@ -372,13 +328,7 @@ fn a_refusal_reaches_the_agent_and_ends_both_sides() {
     let mut c = Conn::open(&mut store);
     c.register();
     // A Known chunk the server lacks, inside a generation: the store refuses it.
-    c.send(Frame::BeginGeneration {
-        disk: DISK.into(),
-        generation: 1,
-        kind: GenerationKind::InitialFull,
-        base_point: None,
-    })
-    .unwrap();
+    c.begin(1, GenerationKind::InitialFull, None).unwrap();
     c.send(Frame::Chunk { offset: 0, len: 4096, hash: [5; 32], data: ChunkData::Known }).unwrap();
     assert!(c.server.is_over() && c.closed);
     match c.recv() {
